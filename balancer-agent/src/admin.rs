@@ -1,0 +1,385 @@
+//! The admin server, on localhost only: readiness, metrics, the configuration in force, and
+//! the JSON API that `balancer-agent inspect` reads. Routes and shapes are documented in
+//! ARCHITECTURE.md. It runs on the control runtime, apart from the data plane.
+#![forbid(unsafe_code)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{config::Config, ebpf::Datapath, metrics::Metrics, proxy::Proxy, state::Store};
+
+/// Whether the agent is ready, and if not, why.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    not_ready: Mutex<Vec<String>>,
+}
+
+impl Readiness {
+    /// Starts not ready for `reasons`.
+    pub fn new(reasons: &[&str]) -> Arc<Self> {
+        Arc::new(Self {
+            not_ready: Mutex::new(reasons.iter().map(|r| r.to_string()).collect()),
+        })
+    }
+
+    /// Marks one reason resolved.
+    pub fn resolve(&self, reason: &str) {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| r != reason);
+    }
+
+    /// Adds a reason not to be ready.
+    pub fn block(&self, reason: &str) {
+        let mut v = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+        if !v.iter().any(|r| r == reason) {
+            v.push(reason.to_string());
+        }
+    }
+
+    /// The reasons not to be ready; empty when ready.
+    pub fn reasons(&self) -> Vec<String> {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What the admin server reads.
+pub struct Admin {
+    /// Services and endpoints.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The proxy (connections, calls).
+    pub proxy: Arc<Proxy>,
+    /// The configuration in force.
+    pub config: Arc<ArcSwap<Config>>,
+    /// The datapath, when it runs.
+    pub datapath: Option<Arc<Datapath>>,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+    /// When the agent started.
+    pub started: Instant,
+    /// Where the configuration came from (a file, Kubernetes).
+    pub source: String,
+}
+
+/// `GET /api/status`.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// Agent version.
+    pub version: &'static str,
+    /// Ready for traffic.
+    pub ready: bool,
+    /// Why not, when not.
+    pub not_ready_reasons: Vec<String>,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+    /// Where services come from.
+    pub source: String,
+    /// The datapath, if loaded.
+    pub datapath: Option<DatapathView>,
+    /// Services known.
+    pub services: usize,
+    /// Endpoints known (all services).
+    pub endpoints: usize,
+    /// Endpoints taking new calls.
+    pub ready_endpoints: usize,
+    /// Client connections open.
+    pub client_connections: usize,
+    /// Calls in flight.
+    pub active_calls: usize,
+}
+
+/// The datapath in `status`.
+#[derive(Debug, Serialize)]
+pub struct DatapathView {
+    /// Programs and the hooks they are attached to.
+    pub programs: Vec<String>,
+    /// Where they are attached.
+    pub cgroup_root: String,
+    /// Where pods are redirected.
+    pub proxy_address: String,
+    /// Where maps are pinned.
+    pub pin_dir: Option<String>,
+    /// The shortcut.
+    pub shortcut: crate::ebpf::ShortcutState,
+}
+
+/// An endpoint in `services`/`endpoints`.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    /// The service.
+    pub service: String,
+    /// IP:port.
+    pub address: String,
+    /// Pod name, if known.
+    pub name: Option<String>,
+    /// Zone.
+    pub zone: Option<String>,
+    /// Node.
+    pub node: Option<String>,
+    /// `ready`, `terminating`, `not-ready`, or `backing-off` after a refused connection.
+    pub health: String,
+    /// Calls in flight.
+    pub in_flight: u32,
+    /// Peak-EWMA latency, ms.
+    pub ewma_ms: f64,
+    /// Calls sent since it appeared.
+    pub calls: u64,
+    /// Calls that failed on it before an answer.
+    pub failures: u64,
+    /// Pooled connections.
+    pub connections: usize,
+}
+
+/// A service in `services`.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    /// Name.
+    pub name: String,
+    /// VIP:ports.
+    pub vips: Vec<String>,
+    /// Authorities.
+    pub authorities: Vec<String>,
+    /// Protocol (always gRPC over HTTP/2 today).
+    pub protocol: &'static str,
+    /// Balancing policy.
+    pub policy: &'static str,
+    /// Endpoints taking new calls.
+    pub ready_endpoints: usize,
+    /// All endpoints.
+    pub endpoints: usize,
+}
+
+impl Admin {
+    /// The status view.
+    pub fn status(&self) -> StatusView {
+        let snap = self.store.snapshot();
+        let reasons = self.readiness.reasons();
+        StatusView {
+            version: env!("CARGO_PKG_VERSION"),
+            ready: reasons.is_empty(),
+            not_ready_reasons: reasons,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            source: self.source.clone(),
+            datapath: self.datapath.as_ref().map(|d| DatapathView {
+                programs: vec![
+                    "blb_connect4 (cgroup/connect4)".into(),
+                    "blb_sock_ops (sockops)".into(),
+                    "blb_sk_msg (sk_msg on BLB_SOCKETS)".into(),
+                ],
+                cgroup_root: d.cgroup_root().display().to_string(),
+                proxy_address: d.proxy().to_string(),
+                pin_dir: d.pin_dir().map(|p| p.display().to_string()),
+                shortcut: d.shortcut().clone(),
+            }),
+            services: snap.services.len(),
+            endpoints: snap.services.values().map(|s| s.endpoints.len()).sum(),
+            ready_endpoints: snap
+                .services
+                .values()
+                .map(|s| s.balancer.ready().len())
+                .sum(),
+            client_connections: self.proxy.connections(),
+            active_calls: self.proxy.active_calls(),
+        }
+    }
+
+    /// Every service.
+    pub fn services(&self) -> Vec<ServiceView> {
+        self.store
+            .snapshot()
+            .services
+            .values()
+            .map(|s| ServiceView {
+                name: s.spec.name.clone(),
+                vips: s.spec.vips.iter().map(|v| v.to_string()).collect(),
+                authorities: s.spec.authorities.clone(),
+                protocol: "grpc",
+                policy: s.spec.policy.as_str(),
+                ready_endpoints: s.balancer.ready().len(),
+                endpoints: s.endpoints.len(),
+            })
+            .collect()
+    }
+
+    /// Endpoints of one service, or of all.
+    pub fn endpoints(&self, service: Option<&str>) -> Vec<EndpointView> {
+        let snap = self.store.snapshot();
+        let backoff = crate::config::ms(self.config.load().pool.failure_backoff_ms);
+        let mut out = Vec::new();
+        for s in snap.services.values() {
+            if service.is_some_and(|n| n != s.spec.name) {
+                continue;
+            }
+            for e in &s.endpoints {
+                let st = &e.endpoint.stats;
+                let health = if e.spec.terminating {
+                    "terminating"
+                } else if !e.spec.ready {
+                    "not-ready"
+                } else if st.backing_off(backoff) {
+                    "backing-off"
+                } else {
+                    "ready"
+                };
+                out.push(EndpointView {
+                    service: s.spec.name.clone(),
+                    address: e.endpoint.addr.to_string(),
+                    name: e.spec.name.clone(),
+                    zone: e.spec.zone.clone(),
+                    node: e.spec.node.clone(),
+                    health: health.into(),
+                    in_flight: st.in_flight.load(Relaxed),
+                    ewma_ms: st.ewma().as_secs_f64() * 1000.0,
+                    calls: st.calls.load(Relaxed),
+                    failures: st.failures.load(Relaxed),
+                    connections: e.endpoint.pool.connections(),
+                });
+            }
+        }
+        out
+    }
+
+    fn bpf(&self) -> serde_json::Value {
+        match &self.datapath {
+            None => json!({"loaded": false}),
+            Some(d) => {
+                let (tuples, cookies) = d.tracked();
+                json!({
+                    "loaded": true,
+                    "counters": d.counters().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    "orig_dst_by_tuple": tuples,
+                    "orig_dst_by_cookie": cookies,
+                    "shortcut_sockets": d.shortcut_sockets(),
+                })
+            }
+        }
+    }
+
+    fn route(&self, method: &Method, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        if method != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+        }
+        match path {
+            "/ready" => {
+                let reasons = self.readiness.reasons();
+                if reasons.is_empty() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", reasons.join("; ")),
+                    )
+                }
+            }
+            "/live" => text(StatusCode::OK, "live\n".into()),
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, self.metrics.render());
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    "text/plain; version=0.0.4".parse().expect("valid"),
+                );
+                r
+            }
+            "/config_dump" => json_response(&*self.config.load_full()),
+            "/api/status" => json_response(&self.status()),
+            "/api/services" => json_response(&self.services()),
+            "/api/endpoints" => {
+                let service = query.and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("service="))
+                        .map(str::to_string)
+                });
+                json_response(&self.endpoints(service.as_deref()))
+            }
+            "/api/connections" => json_response(&self.proxy.registry.connections()),
+            "/api/calls" => json_response(&self.proxy.registry.calls()),
+            "/api/bpf" => json_response(&self.bpf()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "routes: /ready /live /metrics /config_dump /api/{status,services,endpoints,connections,calls,bpf}\n"
+                    .into(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn json_response<T: Serialize + ?Sized>(v: &T) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::OK,
+        serde_json::to_string_pretty(v).expect("serializable") + "\n",
+    );
+    r.headers_mut()
+        .insert(CONTENT_TYPE, "application/json".parse().expect("valid"));
+    r
+}
+
+/// Serves the admin API on `listener` forever.
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    Ok::<_, Infallible>(admin.route(
+                        req.method(),
+                        req.uri().path(),
+                        req.uri().query(),
+                    ))
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+/// Binds the admin address, refusing anything but loopback.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("admin address {addr} is not loopback"),
+        ));
+    }
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,263 @@
+//! Wiring: configuration, store, discovery, datapath, proxy listeners and the admin server.
+//!
+//! Two runtimes, as ztunnel does: the data plane (listeners, calls, pools, and the datapath
+//! heartbeat, so that a stuck data plane stops renewing the lease and pods fail open) runs on
+//! a multi-threaded runtime; control work (discovery, admin, metrics) runs on a current-thread
+//! runtime of its own thread, so a burst of control work never steals the data plane's cores
+//! and a stuck control plane never stops calls.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, Admin, Readiness},
+    config::Config,
+    discovery,
+    ebpf::{self, Datapath},
+    metrics::Metrics,
+    proxy::{self, OrigDstLookup, Proxy},
+    state::Store,
+};
+
+/// How `balancer-agent run` was asked to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// How often the file is checked for changes.
+    pub reload_interval: Duration,
+    /// How long a drain may take on SIGTERM before the agent exits anyway.
+    pub drain_timeout: Duration,
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then drains.
+pub fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let config = Config::from_file(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
+
+    let store = Store::new(config.pool.clone());
+    store.apply(discovery::file::update_of(&config));
+    let metrics = Metrics::new(store.clone(), config.limits.max_methods_per_service);
+    let current = Arc::new(ArcSwap::from_pointee(config.clone()));
+    let readiness = Readiness::new(&["listeners not bound"]);
+
+    let datapath = if config.datapath.enabled {
+        Some(Arc::new(load_datapath(&config)?))
+    } else {
+        None
+    };
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let orig_dst = datapath.clone().map(|d| d as Arc<dyn OrigDstLookup>);
+    let proxy = Proxy::new(
+        store.clone(),
+        metrics.clone(),
+        config.limits.clone(),
+        orig_dst,
+        drain_rx,
+    );
+
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("balancer-proxy")
+        .enable_all()
+        .build()
+        .context("starting the data-plane runtime")?;
+
+    // Bind everything before reporting ready, so a port clash fails the start.
+    let listeners: Vec<(TcpListener, proxy::Listener)> = data_plane.block_on(async {
+        let mut v = Vec::new();
+        for l in &config.listeners {
+            let addr: SocketAddr = l.address.parse().expect("validated");
+            let tcp = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding listener {} on {addr}", l.name))?;
+            info!(listener = %l.name, %addr, "listening");
+            v.push((
+                tcp,
+                proxy::Listener {
+                    name: l.name.as_str().into(),
+                    default_service: l.default_service.as_deref().map(Into::into),
+                },
+            ));
+        }
+        anyhow::Ok(v)
+    })?;
+    for (tcp, l) in listeners {
+        data_plane.spawn(proxy.clone().serve(tcp, l));
+    }
+    readiness.resolve("listeners not bound");
+
+    if let Some(dp) = &datapath {
+        data_plane.spawn(heartbeat(dp.clone()));
+        data_plane.spawn(sync_datapath(
+            dp.clone(),
+            store.clone(),
+            config.datapath.opted_in_cgroups.clone(),
+        ));
+    }
+
+    // The control plane.
+    let admin_addr: SocketAddr = config.admin.address.parse().expect("validated");
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        proxy: proxy.clone(),
+        config: current.clone(),
+        datapath: datapath.clone(),
+        readiness: readiness.clone(),
+        started: Instant::now(),
+        source: format!("file {}", opts.config.display()),
+    });
+    let control = std::thread::Builder::new()
+        .name("balancer-control".into())
+        .spawn({
+            let opts = opts.clone();
+            move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the control runtime")?;
+                rt.block_on(async move {
+                    let listener = admin::bind(admin_addr)
+                        .await
+                        .with_context(|| format!("binding the admin server on {admin_addr}"))?;
+                    info!(%admin_addr, "admin server listening");
+                    tokio::spawn(admin::serve(admin, listener));
+                    discovery::file::watch(
+                        opts.config.clone(),
+                        opts.reload_interval,
+                        store,
+                        current,
+                        metrics,
+                    )
+                    .await;
+                    anyhow::Ok(())
+                })
+            }
+        })
+        .context("starting the control thread")?;
+
+    data_plane.block_on(async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = wait_thread(control) => {}
+        }
+        info!("draining");
+        readiness.block("draining");
+        if let Some(dp) = &datapath {
+            dp.stop_redirecting();
+        }
+        let _ = drain_tx.send(true);
+        let deadline = tokio::time::Instant::now() + opts.drain_timeout;
+        while proxy.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if proxy.connections() > 0 {
+            warn!(
+                connections = proxy.connections(),
+                "drain timeout reached; closing the remaining connections"
+            );
+        }
+    });
+    drop(datapath);
+    info!("stopped");
+    Ok(())
+}
+
+/// Waits for the control thread; it only ends on an error, which is fatal.
+async fn wait_thread(handle: std::thread::JoinHandle<anyhow::Result<()>>) {
+    let r = tokio::task::spawn_blocking(move || handle.join()).await;
+    match r {
+        Ok(Ok(Ok(()))) => error!("the control plane stopped"),
+        Ok(Ok(Err(e))) => error!("the control plane failed: {e:#}"),
+        _ => error!("the control plane panicked"),
+    }
+}
+
+fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
+    let d = &config.datapath;
+    let cgroup_root = if d.cgroup_root.is_empty() {
+        ebpf::cgroup::v2_mount().context("finding the cgroup v2 mount")?
+    } else {
+        PathBuf::from(&d.cgroup_root)
+    };
+    let proxy = match d.proxy_address.parse() {
+        Ok(SocketAddr::V4(a)) => a,
+        _ => bail!("datapath.proxy_address must be an IPv4 IP:port"),
+    };
+    Ok(Datapath::load(ebpf::Options {
+        cgroup_root,
+        proxy,
+        pin_dir: (!d.pin_path.is_empty()).then(|| PathBuf::from(&d.pin_path)),
+        shortcut: d.shortcut.clone(),
+    })?)
+}
+
+/// Renews the datapath lease from the data-plane runtime.
+async fn heartbeat(dp: Arc<Datapath>) {
+    let mut tick = tokio::time::interval(ebpf::HEARTBEAT);
+    loop {
+        tick.tick().await;
+        dp.heartbeat();
+    }
+}
+
+/// Keeps the datapath's services and opted-in maps equal to the store and configuration.
+async fn sync_datapath(dp: Arc<Datapath>, store: Arc<Store>, opted_in: Vec<String>) {
+    let ids: HashSet<u64> = opted_in
+        .iter()
+        .filter_map(|p| {
+            let path = dp.cgroup_root().join(p.trim_start_matches('/'));
+            match ebpf::cgroup::id(&path) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "opted-in cgroup not found");
+                    None
+                }
+            }
+        })
+        .collect();
+    if let Err(e) = dp.sync_opted_in(&ids) {
+        error!("datapath: {e}");
+    }
+    let mut changes = store.subscribe();
+    loop {
+        let snap = store.snapshot();
+        let vips: Vec<_> = snap
+            .services
+            .values()
+            .flat_map(|s| {
+                s.spec.vips.iter().filter_map(move |v| match v {
+                    SocketAddr::V4(v4) => Some((*v4, s.id)),
+                    SocketAddr::V6(_) => None,
+                })
+            })
+            .collect();
+        if let Err(e) = dp.sync_services(&vips) {
+            error!("datapath: {e}");
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,425 @@
+//! Per-call endpoint choice.
+//!
+//! A [`Balancer`] is built for each snapshot of a service (see `state`): an immutable list of
+//! the endpoints that take new calls. Picking reads only atomics and one short per-endpoint
+//! lock (the EWMA); it never blocks on the control plane.
+//!
+//! - [`Policy::P2cEwma`] (default): two endpoints drawn at random, the one with the lower
+//!   `peak-EWMA latency × (pending + 1)` wins. "Pending" counts calls that have not yet seen
+//!   their first response byte, as linkerd does, so a slow endpoint's cost rises at once.
+//! - [`Policy::LeastRequest`]: the fewest calls in flight (a full scan for small sets, two
+//!   random choices for large ones, as Envoy does).
+//! - [`Policy::RoundRobin`]: each endpoint in turn.
+//!
+//! Endpoints that refused a connection recently are skipped while others remain, and a call
+//! that must retry passes the endpoints it already tried in `avoid`.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+pub use crate::config::Policy;
+use crate::state::Endpoint;
+
+/// How fast old latency observations fade (linkerd's default decay).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The latency assumed for an endpoint that has not answered yet.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// Live figures of one endpoint, shared by every snapshot that contains it.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// Calls from pick until the call ends.
+    pub in_flight: AtomicU32,
+    /// Calls from pick until their first response byte (or their end).
+    pub pending: AtomicU32,
+    /// Calls picked for this endpoint.
+    pub calls: AtomicU64,
+    /// Calls that failed on this endpoint before an answer (connect or transport failure).
+    pub failures: AtomicU64,
+    /// When this endpoint last refused a connection, as ms since `epoch`; 0 for never.
+    last_failure_ms: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+    epoch: Instant,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        let now = Instant::now();
+        Self {
+            in_flight: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma::new(now)),
+            epoch: now,
+        }
+    }
+}
+
+impl EndpointStats {
+    /// The current peak-EWMA latency estimate.
+    pub fn ewma(&self) -> Duration {
+        let now = Instant::now();
+        let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        Duration::from_nanos(e.decayed(now) as u64)
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let rtt = self
+            .ewma
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decayed(now);
+        rtt * f64::from(self.pending.load(Relaxed) + 1)
+    }
+
+    /// Records that a connection to the endpoint failed.
+    pub fn connect_failed(&self) {
+        self.failures.fetch_add(1, Relaxed);
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_failure_ms.store(ms.max(1), Relaxed);
+    }
+
+    /// Whether the endpoint refused a connection less than `backoff` ago.
+    pub fn backing_off(&self, backoff: Duration) -> bool {
+        let at = self.last_failure_ms.load(Relaxed);
+        at != 0 && (self.epoch.elapsed().as_millis() as u64) < at + backoff.as_millis() as u64
+    }
+}
+
+/// Peak-sensitive EWMA of latency: a slower observation replaces the estimate at once, faster
+/// ones pull it down with weight `exp(-elapsed/decay)`, and reads decay it toward zero so an
+/// endpoint that was slow once is tried again after a while.
+#[derive(Debug)]
+struct PeakEwma {
+    rtt_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    fn new(now: Instant) -> Self {
+        Self {
+            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+        }
+    }
+
+    fn weight(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.rtt_ns {
+            self.rtt_ns = rtt;
+        } else {
+            let w = self.weight(now);
+            self.rtt_ns = self.rtt_ns * w + rtt * (1.0 - w);
+        }
+        self.stamp = now;
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        self.rtt_ns * self.weight(now)
+    }
+}
+
+/// The endpoints of one service snapshot that take new calls, and how to choose among them.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: Policy,
+    ready: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+    backoff: Duration,
+}
+
+impl Balancer {
+    /// A balancer over `ready` endpoints. `backoff` is how long a refused endpoint is skipped.
+    pub fn new(policy: Policy, ready: Vec<Arc<Endpoint>>, backoff: Duration) -> Self {
+        Self {
+            policy,
+            next: AtomicUsize::new(fastrand::usize(..ready.len().max(1))),
+            ready,
+            backoff,
+        }
+    }
+
+    /// The policy in use.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The endpoints that take new calls.
+    pub fn ready(&self) -> &[Arc<Endpoint>] {
+        &self.ready
+    }
+
+    /// Chooses an endpoint for a call, skipping those in `avoid`. The returned guard counts the
+    /// call as in flight until it is dropped.
+    pub fn pick(&self, avoid: &[SocketAddr]) -> Option<CallGuard> {
+        let ep = self.choose(avoid)?;
+        Some(CallGuard::new(ep))
+    }
+
+    fn choose(&self, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        let n = self.ready.len();
+        if n == 0 {
+            return None;
+        }
+        let usable = |e: &Arc<Endpoint>| !avoid.contains(&e.addr);
+        let healthy = |e: &Arc<Endpoint>| usable(e) && !e.stats.backing_off(self.backoff);
+        let chosen = match self.policy {
+            Policy::RoundRobin => {
+                let start = self.next.fetch_add(1, Relaxed);
+                (0..n)
+                    .map(|i| &self.ready[(start + i) % n])
+                    .find(|e| healthy(e))
+            }
+            Policy::P2cEwma => {
+                let now = Instant::now();
+                self.p2c(|e| e.stats.cost(now), &healthy)
+            }
+            Policy::LeastRequest => {
+                let load = |e: &Arc<Endpoint>| f64::from(e.stats.in_flight.load(Relaxed));
+                if n <= 8 {
+                    let start = fastrand::usize(..n);
+                    (0..n)
+                        .map(|i| &self.ready[(start + i) % n])
+                        .filter(|e| healthy(e))
+                        .min_by(|a, b| load(a).total_cmp(&load(b)))
+                } else {
+                    self.p2c(load, &healthy)
+                }
+            }
+        };
+        // Every healthy endpoint excluded: fall back to one that is merely backing off, since a
+        // refused connection an instant ago may be accepted now.
+        chosen
+            .or_else(|| {
+                let start = fastrand::usize(..n);
+                (0..n)
+                    .map(|i| &self.ready[(start + i) % n])
+                    .find(|e| usable(e))
+            })
+            .cloned()
+    }
+
+    fn p2c(
+        &self,
+        cost: impl Fn(&Arc<Endpoint>) -> f64,
+        healthy: &dyn Fn(&Arc<Endpoint>) -> bool,
+    ) -> Option<&Arc<Endpoint>> {
+        let n = self.ready.len();
+        if n == 1 {
+            return Some(&self.ready[0]).filter(|e| healthy(e));
+        }
+        let i = fastrand::usize(..n);
+        let mut j = fastrand::usize(..n - 1);
+        if j >= i {
+            j += 1;
+        }
+        let (a, b) = (&self.ready[i], &self.ready[j]);
+        match (healthy(a), healthy(b)) {
+            (true, true) => Some(if cost(a) <= cost(b) { a } else { b }),
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => {
+                let start = fastrand::usize(..n);
+                (0..n)
+                    .map(|k| &self.ready[(start + k) % n])
+                    .filter(|e| healthy(e))
+                    .min_by(|x, y| cost(x).total_cmp(&cost(y)))
+            }
+        }
+    }
+}
+
+/// A call in flight on an endpoint: counted in `in_flight` until dropped, and in `pending`
+/// until [`CallGuard::first_byte`].
+#[derive(Debug)]
+pub struct CallGuard {
+    endpoint: Arc<Endpoint>,
+    start: Instant,
+    pending: bool,
+}
+
+impl CallGuard {
+    fn new(endpoint: Arc<Endpoint>) -> Self {
+        let s = &endpoint.stats;
+        s.in_flight.fetch_add(1, Relaxed);
+        s.pending.fetch_add(1, Relaxed);
+        s.calls.fetch_add(1, Relaxed);
+        Self {
+            endpoint,
+            start: Instant::now(),
+            pending: true,
+        }
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// The endpoint answered: its latency feeds the EWMA and the call stops being pending.
+    pub fn first_byte(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            let now = Instant::now();
+            let s = &self.endpoint.stats;
+            s.pending.fetch_sub(1, Relaxed);
+            s.ewma
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(now - self.start, now);
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let s = &self.endpoint.stats;
+        if self.pending {
+            s.pending.fetch_sub(1, Relaxed);
+        }
+        s.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::PoolConfig, state::Endpoint};
+
+    fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
+        let cfg = Arc::new(PoolConfig::default());
+        (0..n)
+            .map(|i| Endpoint::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), cfg.clone()))
+            .collect()
+    }
+
+    fn shares(b: &Balancer, calls: usize) -> Vec<usize> {
+        let mut counts = vec![0; b.ready().len()];
+        for _ in 0..calls {
+            let g = b.pick(&[]).unwrap();
+            let i = b
+                .ready()
+                .iter()
+                .position(|e| Arc::ptr_eq(e, g.endpoint()))
+                .unwrap();
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn round_robin_is_even() {
+        let b = Balancer::new(Policy::RoundRobin, endpoints(4), Duration::from_secs(1));
+        assert_eq!(shares(&b, 400), vec![100; 4]);
+    }
+
+    #[tokio::test]
+    async fn every_policy_honours_avoid_and_empty() {
+        for policy in [Policy::RoundRobin, Policy::P2cEwma, Policy::LeastRequest] {
+            let eps = endpoints(3);
+            let avoid = [eps[0].addr, eps[1].addr];
+            let b = Balancer::new(policy, eps.clone(), Duration::from_secs(1));
+            for _ in 0..50 {
+                assert_eq!(b.pick(&avoid).unwrap().endpoint().addr, eps[2].addr);
+            }
+            let all: Vec<_> = eps.iter().map(|e| e.addr).collect();
+            assert!(b.pick(&all).is_none(), "{policy:?}");
+            assert!(
+                Balancer::new(policy, vec![], Duration::ZERO)
+                    .pick(&[])
+                    .is_none()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn least_request_prefers_idle_endpoints() {
+        let eps = endpoints(4);
+        let b = Balancer::new(Policy::LeastRequest, eps.clone(), Duration::from_secs(1));
+        // Hold calls on three endpoints; the fourth must win every pick.
+        let _held: Vec<_> = eps[..3].iter().map(|e| CallGuard::new(e.clone())).collect();
+        for _ in 0..20 {
+            assert_eq!(b.pick(&[]).unwrap().endpoint().addr, eps[3].addr);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_shuns_a_slow_endpoint() {
+        let eps = endpoints(4);
+        let b = Balancer::new(Policy::P2cEwma, eps.clone(), Duration::from_secs(1));
+        // Teach the balancer that endpoint 0 answers in 50ms and the others in 1ms.
+        for (i, e) in eps.iter().enumerate() {
+            let mut g = CallGuard::new(e.clone());
+            tokio::time::advance(Duration::from_millis(if i == 0 { 50 } else { 1 })).await;
+            g.first_byte();
+        }
+        let counts = shares(&b, 1000);
+        // With two random choices the slowest endpoint can only win when drawn against itself,
+        // which never happens: it gets no call at all.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // Each fast endpoint at least wins every draw against the slow one (1 in 6 draws).
+        assert!(counts[1..].iter().all(|&c| c > 100), "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ewma_decays_so_a_recovered_endpoint_is_tried_again() {
+        let e = endpoints(1).pop().unwrap();
+        let mut g = CallGuard::new(e.clone());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        g.first_byte();
+        drop(g);
+        assert!(e.stats.ewma() >= Duration::from_millis(99));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(
+            e.stats.ewma() < Duration::from_millis(6),
+            "{:?}",
+            e.stats.ewma()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_endpoints_back_off_then_return() {
+        let eps = endpoints(2);
+        let b = Balancer::new(Policy::RoundRobin, eps.clone(), Duration::from_secs(1));
+        eps[0].stats.connect_failed();
+        for _ in 0..10 {
+            assert_eq!(b.pick(&[]).unwrap().endpoint().addr, eps[1].addr);
+        }
+        // Only the backing-off endpoint is left: it is still used rather than failing the call.
+        assert_eq!(b.pick(&[eps[1].addr]).unwrap().endpoint().addr, eps[0].addr);
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        let picked: Vec<_> = (0..4)
+            .map(|_| b.pick(&[]).unwrap().endpoint().addr)
+            .collect();
+        assert!(picked.contains(&eps[0].addr));
+    }
+
+    #[tokio::test]
+    async fn guards_count_in_flight_and_pending() {
+        let e = endpoints(1).pop().unwrap();
+        let mut g = CallGuard::new(e.clone());
+        assert_eq!(e.stats.in_flight.load(Relaxed), 1);
+        assert_eq!(e.stats.pending.load(Relaxed), 1);
+        g.first_byte();
+        assert_eq!(e.stats.pending.load(Relaxed), 0);
+        drop(g);
+        assert_eq!(e.stats.in_flight.load(Relaxed), 0);
+        drop(CallGuard::new(e.clone()));
+        assert_eq!(e.stats.pending.load(Relaxed), 0);
+    }
+}

@@ -1,0 +1,96 @@
+//! The command line: `run`, `inspect`.
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{app, config::Config, inspect};
+
+/// balancer: per-call gRPC load balancing for Kubernetes, once per node, without sidecars.
+#[derive(Debug, Parser)]
+#[command(name = "balancer-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: the proxy, the admin server, and (when enabled) the eBPF datapath.
+    Run(RunArgs),
+    /// Inspect a running agent through its admin API.
+    Inspect(inspect::Args),
+}
+
+/// `balancer-agent run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file (YAML).
+    #[arg(long, short, env = "BALANCER_CONFIG")]
+    pub config: PathBuf,
+    /// Validate the configuration, list every problem, and exit (non-zero if any).
+    #[arg(long)]
+    pub check: bool,
+    /// How often the configuration file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// How long to drain on SIGTERM before exiting anyway, in milliseconds.
+    #[arg(long, default_value_t = 25_000)]
+    pub drain_timeout_ms: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text", env = "BALANCER_LOG_FORMAT")]
+    pub log_format: String,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Inspect(args) => inspect::main(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if args.check {
+        return match Config::from_file(&args.config) {
+            Ok(_) => {
+                println!("{}: valid", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_tracing(&args.log_format);
+    match app::run(app::RunOptions {
+        config: args.config,
+        reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("balancer-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

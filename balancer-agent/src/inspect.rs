@@ -1,0 +1,281 @@
+//! `balancer-agent inspect`: the operator's view of a node, read from the agent's localhost
+//! admin API, as a table or as JSON.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+/// `balancer-agent inspect`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The agent's admin address.
+    #[arg(long, default_value = "127.0.0.1:15000", env = "BALANCER_ADMIN")]
+    pub admin: SocketAddr,
+    /// Output: `table` or `json`.
+    #[arg(long, short, default_value = "table")]
+    pub output: String,
+    /// What to show.
+    #[command(subcommand)]
+    pub what: What,
+}
+
+/// What `inspect` shows.
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// Version, readiness, datapath, counts.
+    Status,
+    /// Services with their VIPs, policy and endpoint counts.
+    Services,
+    /// Endpoints with health, in-flight calls, EWMA latency, calls and failures.
+    Endpoints {
+        /// Only this service.
+        service: Option<String>,
+    },
+    /// Live client connections.
+    Connections,
+    /// Calls in flight.
+    Calls,
+    /// The datapath maps and counters.
+    Bpf,
+    /// The configuration in force.
+    Config,
+}
+
+/// Runs `inspect`.
+pub fn main(args: Args) -> ExitCode {
+    let path = match &args.what {
+        What::Status => "/api/status".to_string(),
+        What::Services => "/api/services".into(),
+        What::Endpoints { service: Some(s) } => format!("/api/endpoints?service={s}"),
+        What::Endpoints { service: None } => "/api/endpoints".into(),
+        What::Connections => "/api/connections".into(),
+        What::Calls => "/api/calls".into(),
+        What::Bpf => "/api/bpf".into(),
+        What::Config => "/config_dump".into(),
+    };
+    let value = match get_json(args.admin, &path) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "balancer-agent inspect: cannot reach the agent's admin API at http://{}{path}: {e}; \
+                 check that the agent runs on this node (kubectl -n balancer-system get pods -o wide) \
+                 and that --admin matches its admin.address",
+                args.admin
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.output == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("serializable")
+        );
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", render(&args.what, &value));
+    ExitCode::SUCCESS
+}
+
+/// GETs a JSON document from the admin API (HTTP/1.0, no dependencies beyond std).
+pub fn get_json(admin: SocketAddr, path: &str) -> Result<Value, String> {
+    let mut s =
+        TcpStream::connect_timeout(&admin, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status != "200" {
+        return Err(format!("HTTP {status}: {}", body.trim()));
+    }
+    serde_json::from_str(body).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// A table with aligned columns.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn rows(v: &Value, keys: &[&str]) -> Vec<Vec<String>> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|item| keys.iter().map(|k| s(&item[*k])).collect())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn render(what: &What, v: &Value) -> String {
+    match what {
+        What::Status => {
+            let mut out = String::new();
+            let ready = if v["ready"] == Value::Bool(true) {
+                "yes".to_string()
+            } else {
+                format!("no ({})", s(&v["not_ready_reasons"]))
+            };
+            out += &format!("version:            {}\n", s(&v["version"]));
+            out += &format!("ready:              {ready}\n");
+            out += &format!("uptime:             {}s\n", s(&v["uptime_seconds"]));
+            out += &format!("source:             {}\n", s(&v["source"]));
+            match &v["datapath"] {
+                Value::Null => out += "datapath:           off (standalone proxy)\n",
+                d => {
+                    out += &format!("datapath:           {}\n", s(&d["programs"]));
+                    out += &format!("  cgroup root:      {}\n", s(&d["cgroup_root"]));
+                    out += &format!("  proxy address:    {}\n", s(&d["proxy_address"]));
+                    out += &format!("  pinned maps:      {}\n", s(&d["pin_dir"]));
+                    let on = if d["shortcut"]["enabled"] == Value::Bool(true) {
+                        "on"
+                    } else {
+                        "off"
+                    };
+                    out += &format!(
+                        "  sk_msg shortcut:  {on} ({})\n",
+                        s(&d["shortcut"]["reason"])
+                    );
+                }
+            }
+            out += &format!(
+                "services:           {}\nendpoints:          {} ready of {}\nclient connections: {}\nactive calls:       {}\n",
+                s(&v["services"]),
+                s(&v["ready_endpoints"]),
+                s(&v["endpoints"]),
+                s(&v["client_connections"]),
+                s(&v["active_calls"])
+            );
+            out
+        }
+        What::Services => table(
+            &[
+                "SERVICE",
+                "VIPS",
+                "AUTHORITIES",
+                "PROTOCOL",
+                "POLICY",
+                "READY",
+                "TOTAL",
+            ],
+            rows(
+                v,
+                &[
+                    "name",
+                    "vips",
+                    "authorities",
+                    "protocol",
+                    "policy",
+                    "ready_endpoints",
+                    "endpoints",
+                ],
+            ),
+        ),
+        What::Endpoints { .. } => table(
+            &[
+                "SERVICE",
+                "ENDPOINT",
+                "NAME",
+                "ZONE",
+                "NODE",
+                "HEALTH",
+                "IN-FLIGHT",
+                "EWMA-MS",
+                "CALLS",
+                "FAILURES",
+                "CONNS",
+            ],
+            rows(
+                v,
+                &[
+                    "service",
+                    "address",
+                    "name",
+                    "zone",
+                    "node",
+                    "health",
+                    "in_flight",
+                    "ewma_ms",
+                    "calls",
+                    "failures",
+                    "connections",
+                ],
+            ),
+        ),
+        What::Connections => table(
+            &[
+                "ID", "CLIENT", "LOCAL", "TARGET", "AGE-S", "ACTIVE", "CALLS",
+            ],
+            rows(
+                v,
+                &[
+                    "id",
+                    "peer",
+                    "local",
+                    "target",
+                    "age_seconds",
+                    "active_calls",
+                    "calls_total",
+                ],
+            ),
+        ),
+        What::Calls => table(
+            &["CONN", "CLIENT", "METHOD", "SERVICE", "ENDPOINT", "AGE-S"],
+            rows(
+                v,
+                &[
+                    "connection",
+                    "peer",
+                    "method",
+                    "service",
+                    "endpoint",
+                    "age_seconds",
+                ],
+            ),
+        ),
+        What::Bpf | What::Config => serde_json::to_string_pretty(v).expect("serializable") + "\n",
+    }
+}

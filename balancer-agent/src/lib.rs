@@ -1,0 +1,23 @@
+//! balancer-agent: the node agent of balancer.
+//!
+//! One module per concern (see ARCHITECTURE.md for the picture):
+//! - [`config`]: the configuration file, its validation and defaults.
+//! - [`state`]: the service/endpoint store; immutable snapshots swapped atomically.
+//! - [`discovery`]: what feeds the store (the static file today; Kubernetes next).
+//! - [`balance`]: per-call endpoint choice (P2C over peak-EWMA, least-request, round-robin).
+//! - [`proxy`]: the HTTP/2 demultiplexer: inbound connections, per-call forwarding, pools.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the localhost admin server.
+//! - [`ebpf`]: loading, attaching and talking to the kernel programs.
+//! - [`app`]: wiring it all together; [`cli`]: the command line; [`inspect`]: the CLI client
+//!   of the admin API.
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod ebpf;
+pub mod inspect;
+pub mod metrics;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,4 @@
+//! The `balancer-agent` binary.
+fn main() -> std::process::ExitCode {
+    balancer_agent::cli::main()
+}

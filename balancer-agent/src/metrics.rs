@@ -1,0 +1,263 @@
+//! Prometheus metrics.
+//!
+//! Per-call figures are recorded once, when the call ends. Per-endpoint figures (in flight,
+//! EWMA, pooled connections) are not updated on the hot path at all: a collector reads them
+//! from the store's live endpoint statistics when `/metrics` is scraped.
+//!
+//! Label cardinality is bounded: a service's distinct method labels are capped
+//! (`limits.max_methods_per_service`); further methods are counted as `other`, so a client
+//! that invents paths cannot grow the proxy's memory.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+use crate::state::Store;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    calls: IntCounterVec,
+    duration: HistogramVec,
+    /// Calls in flight through the proxy.
+    pub active_calls: IntGauge,
+    /// Client connections open.
+    pub client_connections: IntGauge,
+    /// Client connections closed for breaking a limit or the protocol.
+    pub client_connection_errors: IntCounterVec,
+    /// Configuration reloads by result (`ok`, `rejected`).
+    pub config_reloads: IntCounterVec,
+    methods: RwLock<HashMap<String, HashSet<String>>>,
+    max_methods: usize,
+    /// A histogram of how long a discovery change takes to reach the balancer, seconds.
+    pub discovery_lag: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; endpoint figures are read from `store` at scrape time.
+    pub fn new(store: Arc<Store>, max_methods: usize) -> Arc<Self> {
+        let registry = Registry::new();
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "balancer_calls_total",
+                "gRPC calls through the proxy, by service, method and gRPC status.",
+            ),
+            &["service", "method", "grpc_status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "balancer_call_duration_seconds",
+                "Duration of gRPC calls through the proxy, from request headers to the end.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["service", "method"],
+        )
+        .expect("valid metric");
+        let active_calls = IntGauge::new(
+            "balancer_active_calls",
+            "gRPC calls in flight through the proxy.",
+        )
+        .expect("valid metric");
+        let client_connections =
+            IntGauge::new("balancer_client_connections", "Client connections open.")
+                .expect("valid metric");
+        let client_connection_errors = IntCounterVec::new(
+            Opts::new(
+                "balancer_client_connection_errors_total",
+                "Client connections closed by the proxy for a protocol error or a broken limit.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "balancer_config_reloads_total",
+                "Configuration reloads by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let discovery_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "balancer_discovery_apply_seconds",
+                "Time from a discovery event to the balancer using the change.",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(calls.clone()) as Box<dyn Collector>,
+            Box::new(duration.clone()),
+            Box::new(active_calls.clone()),
+            Box::new(client_connections.clone()),
+            Box::new(client_connection_errors.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(discovery_lag.clone()),
+            Box::new(EndpointCollector::new(store)),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Arc::new(Self {
+            registry,
+            calls,
+            duration,
+            active_calls,
+            client_connections,
+            client_connection_errors,
+            config_reloads,
+            methods: RwLock::new(HashMap::new()),
+            max_methods,
+            discovery_lag,
+        })
+    }
+
+    /// Records a finished call.
+    pub fn record_call(&self, service: &str, path: &str, grpc_status: &str, took: Duration) {
+        let method = self.method_label(service, path);
+        self.calls
+            .with_label_values(&[service, method, grpc_status])
+            .inc();
+        self.duration
+            .with_label_values(&[service, method])
+            .observe(took.as_secs_f64());
+    }
+
+    fn method_label<'a>(&self, service: &str, path: &'a str) -> &'a str {
+        {
+            let methods = self.methods.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(set) = methods.get(service) {
+                if set.contains(path) {
+                    return path;
+                }
+                if set.len() >= self.max_methods {
+                    return "other";
+                }
+            }
+        }
+        let mut methods = self.methods.write().unwrap_or_else(|p| p.into_inner());
+        let set = methods.entry(service.to_string()).or_default();
+        if set.len() < self.max_methods {
+            set.insert(path.to_string());
+            path
+        } else {
+            "other"
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to memory");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Reads per-endpoint figures from the store at scrape time.
+struct EndpointCollector {
+    store: Arc<Store>,
+    descs: Vec<Desc>,
+}
+
+const ENDPOINT_LABELS: [&str; 2] = ["service", "endpoint"];
+
+impl EndpointCollector {
+    fn new(store: Arc<Store>) -> Self {
+        let descs = Self::families()
+            .iter()
+            .map(|(name, help)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    ENDPOINT_LABELS.iter().map(|l| l.to_string()).collect(),
+                    HashMap::new(),
+                )
+                .expect("valid desc")
+            })
+            .collect();
+        Self { store, descs }
+    }
+
+    fn families() -> [(&'static str, &'static str); 5] {
+        [
+            (
+                "balancer_endpoint_in_flight",
+                "Calls in flight on an endpoint.",
+            ),
+            (
+                "balancer_endpoint_ewma_seconds",
+                "Peak-EWMA latency estimate of an endpoint.",
+            ),
+            (
+                "balancer_endpoint_calls",
+                "Calls sent to an endpoint since it appeared.",
+            ),
+            (
+                "balancer_endpoint_failures",
+                "Calls that failed on an endpoint before an answer.",
+            ),
+            (
+                "balancer_endpoint_connections",
+                "Pooled HTTP/2 connections to an endpoint.",
+            ),
+        ]
+    }
+}
+
+impl Collector for EndpointCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = self.store.snapshot();
+        let mut gauges: Vec<prometheus::GaugeVec> = Self::families()
+            .iter()
+            .map(|(n, h)| {
+                prometheus::GaugeVec::new(Opts::new(*n, *h), &ENDPOINT_LABELS).expect("valid")
+            })
+            .collect();
+        for service in snapshot.services.values() {
+            for e in &service.endpoints {
+                let ep = &e.endpoint;
+                let addr = ep.addr.to_string();
+                let labels = [service.spec.name.as_str(), addr.as_str()];
+                let s = &ep.stats;
+                let values = [
+                    f64::from(s.in_flight.load(Relaxed)),
+                    s.ewma().as_secs_f64(),
+                    s.calls.load(Relaxed) as f64,
+                    s.failures.load(Relaxed) as f64,
+                    ep.pool.connections() as f64,
+                ];
+                for (g, v) in gauges.iter_mut().zip(values) {
+                    g.with_label_values(&labels).set(v);
+                }
+            }
+        }
+        gauges.iter().flat_map(|g| g.collect()).collect()
+    }
+}

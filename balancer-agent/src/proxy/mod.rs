@@ -1,0 +1,384 @@
+//! The HTTP/2 demultiplexer.
+//!
+//! A client connection is accepted on a listener ([`Proxy::serve`]), its protocol detected
+//! (the HTTP/2 client preface, or plain TCP), and for HTTP/2 every stream, one gRPC call, is
+//! forwarded on its own ([`forward`]) to an endpoint chosen for that call, over pooled
+//! connections ([`pool`]). A connection that is not HTTP/2 is relayed as TCP to one endpoint.
+//!
+//! Which service a connection means: the original destination the datapath recorded
+//! ([`OrigDstLookup`]), else each call's `:authority`, else the listener's default service.
+//!
+//! This module must never let one client affect another: every limit is per connection
+//! (streams, header size, frame size, windows, resets), and a client that breaks one loses its
+//! own connection only.
+#![forbid(unsafe_code)]
+
+pub mod forward;
+pub mod grpc;
+pub mod pool;
+pub mod pump;
+pub mod registry;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Limits, ms},
+    metrics::Metrics,
+    state::{Snapshot, Store},
+};
+
+pub use registry::{ConnInfo, Registry};
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The datapath's answer to "where did this client want to go?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The VIP:port the client dialed.
+    pub addr: SocketAddr,
+}
+
+/// Looks up the original destination of a redirected connection by its 4-tuple. The eBPF
+/// datapath implements it (`ebpf::Datapath`); without a datapath there is none.
+pub trait OrigDstLookup: Send + Sync + 'static {
+    /// `client` is the accepted connection's peer, `local` its local address.
+    fn lookup(&self, client: SocketAddr, local: SocketAddr) -> Option<OrigDst>;
+}
+
+/// What selects the service of a connection's calls.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The datapath recorded the VIP the client dialed.
+    Vip(SocketAddr),
+    /// Each call's `:authority`, falling back to the listener's default service.
+    Authority {
+        /// The listener's default service.
+        default: Option<Arc<str>>,
+    },
+}
+
+impl Target {
+    /// The service for a call with `authority` in `snapshot`.
+    pub fn resolve<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        authority: Option<&str>,
+    ) -> Option<&'s Arc<crate::state::Service>> {
+        match self {
+            Target::Vip(vip) => snapshot.by_vip(vip),
+            Target::Authority { default } => authority
+                .and_then(|a| snapshot.by_authority(a))
+                .or_else(|| default.as_deref().and_then(|d| snapshot.by_name(d))),
+        }
+    }
+
+    /// How this target reads in logs and in `inspect`.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Vip(v) => format!("vip {v}"),
+            Target::Authority { default: Some(d) } => format!("authority (default {d})"),
+            Target::Authority { default: None } => "authority".into(),
+        }
+    }
+}
+
+/// The proxy: shared by every listener, connection and call.
+pub struct Proxy {
+    /// Services and endpoints.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Limits, fixed at start.
+    pub limits: Limits,
+    /// The datapath's original destinations, when the datapath runs.
+    pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
+    /// Live connections and calls, for `inspect`.
+    pub registry: Registry,
+    active_calls: AtomicUsize,
+    connections: AtomicUsize,
+    drain: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("active_calls", &self.active_calls)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One listener's settings.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// Its name.
+    pub name: Arc<str>,
+    /// The default service for calls that match nothing else.
+    pub default_service: Option<Arc<str>>,
+}
+
+impl Proxy {
+    /// A proxy over `store`. Setting `drain` to true makes every connection finish its calls
+    /// and close (GOAWAY), and every listener stop accepting.
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        orig_dst: Option<Arc<dyn OrigDstLookup>>,
+        drain: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            metrics,
+            limits,
+            orig_dst,
+            registry: Registry::default(),
+            active_calls: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            drain,
+        })
+    }
+
+    /// Calls in flight.
+    pub fn active_calls(&self) -> usize {
+        self.active_calls.load(Relaxed)
+    }
+
+    /// Client connections open.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Relaxed)
+    }
+
+    /// Accepts connections on `listener` until drained.
+    pub async fn serve(self: Arc<Self>, tcp: TcpListener, listener: Listener) {
+        let mut drain = self.drain.clone();
+        let listener = Arc::new(listener);
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = tcp.accept() => match r {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(listener = %listener.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = drained(&mut drain) => break,
+            };
+            if self.connections.load(Relaxed) >= self.limits.max_connections {
+                self.metrics
+                    .client_connection_errors
+                    .with_label_values(&["max_connections"])
+                    .inc();
+                drop(stream);
+                continue;
+            }
+            let proxy = self.clone();
+            let listener = listener.clone();
+            tokio::spawn(async move { proxy.connection(stream, peer, listener).await });
+        }
+        info!(listener = %listener.name, "listener stopped");
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, l: Arc<Listener>) {
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let target = match self.orig_dst.as_ref().and_then(|o| o.lookup(peer, local)) {
+            Some(o) => Target::Vip(o.addr),
+            None => Target::Authority {
+                default: l.default_service.clone(),
+            },
+        };
+        self.connections.fetch_add(1, Relaxed);
+        self.metrics.client_connections.inc();
+        let info = self.registry.open_connection(peer, local, &target);
+        let result = match detect_h2(&stream, ms(self.limits.protocol_detect_timeout_ms)).await {
+            Ok(true) => self.clone().serve_h2(stream, target, info.clone()).await,
+            Ok(false) => self.relay_tcp(stream, &target).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
+            debug!(%peer, error = %e, "client connection ended with an error");
+        }
+        self.registry.close_connection(&info);
+        self.metrics.client_connections.dec();
+        self.connections.fetch_sub(1, Relaxed);
+    }
+
+    async fn serve_h2(
+        self: Arc<Self>,
+        stream: TcpStream,
+        target: Target,
+        info: Arc<ConnInfo>,
+    ) -> Result<(), String> {
+        let l = &self.limits;
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(l.initial_stream_window)
+            .initial_connection_window_size(l.initial_connection_window)
+            .max_frame_size(l.max_frame_size)
+            .max_header_list_size(l.max_header_list_size)
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .max_send_buffer_size(l.max_send_buffer)
+            .max_pending_accept_reset_streams(l.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(Some(l.max_local_error_reset_streams))
+            .max_concurrent_reset_streams(l.max_concurrent_reset_streams)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let target = Arc::new(target);
+        // The keepalive task ends only when a PING goes unanswered; it is aborted with the
+        // connection. The connection itself is driven by `accept()` below.
+        let mut keepalive =
+            match conn.ping_pong() {
+                Some(p) if l.keepalive_interval_ms > 0 => Some(AbortOnDrop(tokio::spawn(
+                    keepalive(p, ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
+                ))),
+                _ => None,
+            };
+        let mut drain = self.drain.clone();
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let proxy = self.clone();
+                        let target = target.clone();
+                        let info = info.clone();
+                        tokio::spawn(async move {
+                            forward::call(proxy, target, info, request, respond).await
+                        });
+                    }
+                    Some(Err(e)) => {
+                        let reason = if e.is_go_away() || e.is_reset() { "protocol" } else { "io" };
+                        self.metrics.client_connection_errors.with_label_values(&[reason]).inc();
+                        return Err(format!("client connection: {e}"));
+                    }
+                    None => return Ok(()),
+                },
+                () = drained(&mut drain), if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+                _ = async { (&mut keepalive.as_mut().expect("guarded").0).await },
+                    if keepalive.is_some() => {
+                    keepalive = None;
+                    self.metrics
+                        .client_connection_errors
+                        .with_label_values(&["keepalive_timeout"])
+                        .inc();
+                    // Keep polling accept() so the GOAWAY is written and the streams end.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
+            }
+        }
+    }
+
+    /// A connection that is not HTTP/2: relay it to one endpoint of its service.
+    async fn relay_tcp(&self, mut client: TcpStream, target: &Target) -> Result<(), String> {
+        let snapshot = self.store.snapshot();
+        let Some(service) = target.resolve(&snapshot, None) else {
+            let _ = client.shutdown().await;
+            return Err(format!(
+                "plain TCP connection for {}: no service",
+                target.describe()
+            ));
+        };
+        let mut tried = Vec::new();
+        loop {
+            let Some(guard) = service.balancer.pick(&tried) else {
+                return Err(format!(
+                    "plain TCP connection for service {}: no endpoint accepted it",
+                    service.spec.name
+                ));
+            };
+            let ep = guard.endpoint().clone();
+            match tokio::time::timeout(ep.pool.connect_timeout(), TcpStream::connect(ep.addr)).await
+            {
+                Ok(Ok(mut upstream)) => {
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    return Ok(());
+                }
+                _ => {
+                    ep.stats.connect_failed();
+                    tried.push(ep.addr);
+                }
+            }
+        }
+    }
+}
+
+/// Reads (without consuming) the start of a connection: HTTP/2 if it begins with the client
+/// preface, plain TCP if it does not, or if the client says nothing within `timeout`
+/// (server-speaks-first protocols).
+async fn detect_h2(stream: &TcpStream, timeout: Duration) -> std::io::Result<bool> {
+    let mut buf = [0u8; PREFACE.len()];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(false),
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client closed before sending anything",
+            ));
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A partial preface: wait for the rest to arrive.
+        tokio::select! {
+            r = stream.readable() => r?,
+            _ = tokio::time::sleep_until(deadline) => return Ok(false),
+        }
+        // `readable` fires at once while unread data sits in the buffer: pace the re-peek.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Resolves once the drain signal is set (or its sender is gone).
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Pings every `interval`; returns when a PING goes unanswered for `timeout`.
+async fn keepalive(mut ping_pong: h2::PingPong, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}

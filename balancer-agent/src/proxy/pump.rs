@@ -1,0 +1,151 @@
+//! Moves one direction of an HTTP/2 stream (DATA frames, then trailers) from a receiving
+//! stream to a sending stream, with end-to-end flow control.
+//!
+//! The pump is a poll-based state machine rather than an `async fn` on purpose: its state (the
+//! chunk being forwarded) lives in the struct, so the future that polls it can be dropped and
+//! recreated at any point (in a `select!` loop) without losing a byte.
+//!
+//! Flow control: a chunk's receive window is released only once the chunk has been handed to
+//! the sending stream, and the sending stream accepts data only as its peer's window and h2's
+//! send buffer allow. A slow reader on one side therefore stops the writer on the other side;
+//! the proxy holds at most one chunk per direction per stream plus h2's bounded send buffer.
+#![forbid(unsafe_code)]
+
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::HeaderValue;
+
+/// How a pump failed.
+#[derive(Debug)]
+pub enum PumpError {
+    /// The receiving side failed (its peer reset the stream, or its connection broke).
+    Recv(h2::Error),
+    /// The sending side failed (its peer reset the stream, or its connection broke).
+    Send(h2::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// One direction of a stream.
+#[derive(Debug)]
+pub struct Pump {
+    state: State,
+    chunk: Option<Bytes>,
+    /// `grpc-status` of the trailers forwarded, if any.
+    pub grpc_status: Option<HeaderValue>,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// Whether the stream ended with trailers.
+    pub had_trailers: bool,
+}
+
+impl Pump {
+    /// A pump for a stream whose sender has more to send, or (`ended`) none.
+    pub fn new(ended: bool) -> Self {
+        Self {
+            state: if ended { State::Done } else { State::Data },
+            chunk: None,
+            grpc_status: None,
+            bytes: 0,
+            had_trailers: false,
+        }
+    }
+
+    /// Whether everything was forwarded.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Forwards what can be forwarded now. `on_chunk` sees every DATA chunk received (for replay
+    /// buffers). Ready(Ok) once the end of stream (with or without trailers) was forwarded.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut RecvStream,
+        to: &mut SendStream<Bytes>,
+        on_chunk: &mut dyn FnMut(&Bytes),
+    ) -> Poll<Result<(), PumpError>> {
+        loop {
+            match self.state {
+                State::Done => return Poll::Ready(Ok(())),
+                State::Trailers => {
+                    let trailers = match from.poll_trailers(cx) {
+                        Poll::Ready(r) => r.map_err(PumpError::Recv)?,
+                        Poll::Pending => return self.pending_unless_reset(cx, to),
+                    };
+                    match trailers {
+                        Some(t) => {
+                            self.grpc_status = t.get("grpc-status").cloned();
+                            self.had_trailers = true;
+                            to.send_trailers(t).map_err(PumpError::Send)?;
+                        }
+                        None => to.send_data(Bytes::new(), true).map_err(PumpError::Send)?,
+                    }
+                    self.state = State::Done;
+                }
+                State::Data => {
+                    let Some(chunk) = self.chunk.as_mut() else {
+                        match from.poll_data(cx) {
+                            Poll::Ready(Some(Ok(b))) => {
+                                if !b.is_empty() {
+                                    on_chunk(&b);
+                                    self.chunk = Some(b);
+                                }
+                            }
+                            Poll::Ready(Some(Err(e))) => {
+                                return Poll::Ready(Err(PumpError::Recv(e)));
+                            }
+                            Poll::Ready(None) => self.state = State::Trailers,
+                            Poll::Pending => return self.pending_unless_reset(cx, to),
+                        }
+                        continue;
+                    };
+                    to.reserve_capacity(chunk.len());
+                    if to.capacity() == 0 {
+                        match ready!(to.poll_capacity(cx)) {
+                            Some(Ok(_)) => continue,
+                            Some(Err(e)) => return Poll::Ready(Err(PumpError::Send(e))),
+                            None => {
+                                // The sending stream closed under us: its peer reset it.
+                                return Poll::Ready(Err(PumpError::Send(
+                                    h2::Reason::CANCEL.into(),
+                                )));
+                            }
+                        }
+                    }
+                    let n = to.capacity().min(chunk.len());
+                    let part = chunk.split_to(n);
+                    if chunk.is_empty() {
+                        self.chunk = None;
+                    }
+                    to.send_data(part, false).map_err(PumpError::Send)?;
+                    self.bytes += n as u64;
+                    from.flow_control()
+                        .release_capacity(n)
+                        .map_err(PumpError::Recv)?;
+                }
+            }
+        }
+    }
+
+    /// Nothing to read: still notice if the sending side's peer resets the stream, so a
+    /// cancelled call does not wait on an idle sender.
+    fn pending_unless_reset(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut SendStream<Bytes>,
+    ) -> Poll<Result<(), PumpError>> {
+        match to.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => Poll::Ready(Err(PumpError::Send(reason.into()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(PumpError::Send(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

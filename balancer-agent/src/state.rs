@@ -1,0 +1,456 @@
+//! The service/endpoint store.
+//!
+//! Discovery sources (the file, Kubernetes) speak in [`Update`]s; the store applies them and
+//! publishes an immutable [`Snapshot`] that the proxy reads on every call without taking a lock
+//! (an `ArcSwap` load). An [`Endpoint`] is long-lived: the same `Arc` is reused by every
+//! snapshot that lists its address, so its statistics (EWMA, in-flight) and its connection pool
+//! survive configuration changes, and calls in flight keep it alive after it is removed.
+//!
+//! The store never blocks the data plane: writers rebuild the snapshot under their own mutex.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex, Weak},
+};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::{
+    balance::{Balancer, EndpointStats},
+    config::{Policy, PoolConfig, ServiceConfig, ms},
+    proxy::pool::Pool,
+};
+
+/// A service as discovery describes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// `:authority` values (lowercase) that select it.
+    pub authorities: Vec<String>,
+    /// VIP:port pairs that select it.
+    pub vips: Vec<SocketAddr>,
+    /// Balancing policy.
+    pub policy: Policy,
+    /// Its endpoints, ready or not.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// An endpoint as discovery describes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndpointSpec {
+    /// IP:port.
+    pub addr: SocketAddr,
+    /// Takes new calls.
+    pub ready: bool,
+    /// Shutting down: finishes its calls, takes no new ones.
+    pub terminating: bool,
+    /// Topology zone.
+    pub zone: Option<String>,
+    /// Node name.
+    pub node: Option<String>,
+    /// A name for people (the pod name).
+    pub name: Option<String>,
+}
+
+impl EndpointSpec {
+    /// A ready endpoint with no topology.
+    pub fn ready(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            ready: true,
+            terminating: false,
+            zone: None,
+            node: None,
+            name: None,
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// The spec of a service from a validated configuration file.
+    pub fn from_config(s: &ServiceConfig) -> Self {
+        Self {
+            name: s.name.clone(),
+            authorities: s
+                .authorities
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
+            vips: s.vips.iter().filter_map(|v| v.parse().ok()).collect(),
+            policy: s.policy(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .filter_map(|e| {
+                    Some(EndpointSpec {
+                        addr: e.address.parse().ok()?,
+                        ready: true,
+                        terminating: false,
+                        zone: e.zone.clone(),
+                        node: e.node.clone(),
+                        name: e.name.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A change from a discovery source.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// The source's whole view: services it does not list are removed.
+    Reset(Vec<ServiceSpec>),
+    /// One service added or changed.
+    Upsert(ServiceSpec),
+    /// One service removed, by name.
+    Remove(String),
+}
+
+/// A long-lived endpoint: its address, its live statistics and its connection pool.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// IP:port.
+    pub addr: SocketAddr,
+    /// Live figures.
+    pub stats: EndpointStats,
+    /// Pooled HTTP/2 connections to it.
+    pub pool: Pool,
+}
+
+impl Endpoint {
+    /// A new endpoint with an empty pool.
+    pub fn new(addr: SocketAddr, pool: Arc<PoolConfig>) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            stats: EndpointStats::default(),
+            pool: Pool::new(addr, pool),
+        })
+    }
+}
+
+/// One endpoint of a service in a snapshot, with what discovery said of it.
+#[derive(Debug)]
+pub struct ServiceEndpoint {
+    /// The shared endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// What discovery said.
+    pub spec: EndpointSpec,
+}
+
+/// A service in a snapshot.
+#[derive(Debug)]
+pub struct Service {
+    /// Stable id for the lifetime of the agent (also the datapath's `service_id`).
+    pub id: u32,
+    /// The name, cheap to clone into per-call records.
+    pub name: Arc<str>,
+    /// What discovery said.
+    pub spec: ServiceSpec,
+    /// All endpoints, ready or not.
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// The ready ones and how to choose among them.
+    pub balancer: Balancer,
+}
+
+/// An immutable view of every service.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Incremented on every change.
+    pub version: u64,
+    /// Services by name.
+    pub services: BTreeMap<String, Arc<Service>>,
+    by_vip: HashMap<SocketAddr, Arc<Service>>,
+    by_authority: HashMap<String, Arc<Service>>,
+}
+
+impl Snapshot {
+    /// The service a VIP:port means.
+    pub fn by_vip(&self, vip: &SocketAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(vip)
+    }
+
+    /// The service an `:authority` means: `host:port` first, then `host`, case-insensitively.
+    pub fn by_authority(&self, authority: &str) -> Option<&Arc<Service>> {
+        if let Some(s) = self.by_authority.get(authority) {
+            return Some(s);
+        }
+        let lower;
+        let authority = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = authority.to_ascii_lowercase();
+            if let Some(s) = self.by_authority.get(&lower) {
+                return Some(s);
+            }
+            lower.as_str()
+        } else {
+            authority
+        };
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => return None,
+        };
+        self.by_authority.get(host)
+    }
+
+    /// The service by name.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+}
+
+/// The store: the current snapshot and what is needed to build the next one.
+pub struct Store {
+    current: ArcSwap<Snapshot>,
+    inner: Mutex<Inner>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+struct Inner {
+    specs: BTreeMap<String, ServiceSpec>,
+    ids: HashMap<String, u32>,
+    next_id: u32,
+    endpoints: HashMap<SocketAddr, Weak<Endpoint>>,
+    pool: Arc<PoolConfig>,
+    version: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("version", &self.current.load().version)
+            .finish()
+    }
+}
+
+impl Store {
+    /// An empty store whose endpoints use `pool` settings.
+    pub fn new(pool: PoolConfig) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            inner: Mutex::new(Inner {
+                specs: BTreeMap::new(),
+                ids: HashMap::new(),
+                next_id: 1,
+                endpoints: HashMap::new(),
+                pool: Arc::new(pool),
+                version: 0,
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// The current snapshot. Cheap; call it per call.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// A receiver that sees the snapshot version after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Applies an update and publishes the new snapshot.
+    pub fn apply(&self, update: Update) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match update {
+            Update::Reset(specs) => {
+                inner.specs = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+            }
+            Update::Upsert(spec) => {
+                if inner.specs.get(&spec.name) == Some(&spec) {
+                    return;
+                }
+                inner.specs.insert(spec.name.clone(), spec);
+            }
+            Update::Remove(name) => {
+                if inner.specs.remove(&name).is_none() {
+                    return;
+                }
+            }
+        }
+        let snapshot = inner.build(&self.current.load());
+        let version = snapshot.version;
+        self.current.store(Arc::new(snapshot));
+        drop(inner);
+        self.changed.send_replace(version);
+    }
+}
+
+impl Inner {
+    fn build(&mut self, previous: &Snapshot) -> Snapshot {
+        self.version += 1;
+        self.endpoints.retain(|_, e| e.strong_count() > 0);
+        let mut snap = Snapshot {
+            version: self.version,
+            ..Default::default()
+        };
+        let specs = std::mem::take(&mut self.specs);
+        for spec in specs.values() {
+            // Unchanged services keep their Arc (and their round-robin position).
+            let service = match previous.services.get(&spec.name) {
+                Some(prev) if prev.spec == *spec => prev.clone(),
+                _ => Arc::new(self.service(spec)),
+            };
+            for vip in &spec.vips {
+                snap.by_vip.insert(*vip, service.clone());
+            }
+            for a in &spec.authorities {
+                snap.by_authority.insert(a.clone(), service.clone());
+            }
+            snap.services.insert(spec.name.clone(), service);
+        }
+        self.specs = specs;
+        snap
+    }
+
+    fn service(&mut self, spec: &ServiceSpec) -> Service {
+        let id = match self.ids.get(&spec.name) {
+            Some(id) => *id,
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.ids.insert(spec.name.clone(), id);
+                id
+            }
+        };
+        let endpoints: Vec<ServiceEndpoint> = spec
+            .endpoints
+            .iter()
+            .map(|e| ServiceEndpoint {
+                endpoint: self.endpoint(e.addr),
+                spec: e.clone(),
+            })
+            .collect();
+        let ready = endpoints
+            .iter()
+            .filter(|e| e.spec.ready && !e.spec.terminating)
+            .map(|e| e.endpoint.clone())
+            .collect();
+        Service {
+            id,
+            name: spec.name.as_str().into(),
+            spec: spec.clone(),
+            endpoints,
+            balancer: Balancer::new(spec.policy, ready, ms(self.pool.failure_backoff_ms)),
+        }
+    }
+
+    fn endpoint(&mut self, addr: SocketAddr) -> Arc<Endpoint> {
+        if let Some(e) = self.endpoints.get(&addr).and_then(Weak::upgrade) {
+            return e;
+        }
+        let e = Endpoint::new(addr, self.pool.clone());
+        self.endpoints.insert(addr, Arc::downgrade(&e));
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, vip: &str, eps: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            authorities: vec![format!("{name}.default.svc.cluster.local")],
+            vips: vec![vip.parse().unwrap()],
+            policy: Policy::RoundRobin,
+            endpoints: eps
+                .iter()
+                .map(|e| EndpointSpec::ready(e.parse().unwrap()))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_by_vip_authority_and_name() {
+        let store = Store::new(PoolConfig::default());
+        store.apply(Update::Reset(vec![spec(
+            "a",
+            "10.96.0.1:80",
+            &["10.0.0.1:80"],
+        )]));
+        let s = store.snapshot();
+        assert_eq!(
+            s.by_vip(&"10.96.0.1:80".parse().unwrap())
+                .unwrap()
+                .spec
+                .name,
+            "a"
+        );
+        for a in [
+            "a.default.svc.cluster.local",
+            "a.default.svc.cluster.local:80",
+            "A.Default.svc.cluster.local:8080",
+        ] {
+            assert_eq!(s.by_authority(a).unwrap().spec.name, "a", "{a}");
+        }
+        assert!(s.by_authority("b.default.svc.cluster.local").is_none());
+        assert!(s.by_authority("a.default.svc.cluster.local:x").is_none());
+    }
+
+    #[tokio::test]
+    async fn endpoints_keep_their_state_across_updates() {
+        let store = Store::new(PoolConfig::default());
+        store.apply(Update::Upsert(spec("a", "10.96.0.1:80", &["10.0.0.1:80"])));
+        let before = store.snapshot().by_name("a").unwrap().endpoints[0]
+            .endpoint
+            .clone();
+        let id = store.snapshot().by_name("a").unwrap().id;
+        store.apply(Update::Upsert(spec(
+            "a",
+            "10.96.0.1:80",
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        )));
+        let s = store.snapshot();
+        let a = s.by_name("a").unwrap();
+        assert!(Arc::ptr_eq(&before, &a.endpoints[0].endpoint));
+        assert_eq!(a.id, id);
+        assert_eq!(a.balancer.ready().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn terminating_and_unready_endpoints_take_no_new_calls() {
+        let store = Store::new(PoolConfig::default());
+        let mut s = spec(
+            "a",
+            "10.96.0.1:80",
+            &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
+        );
+        s.endpoints[1].terminating = true;
+        s.endpoints[2].ready = false;
+        store.apply(Update::Upsert(s));
+        let snap = store.snapshot();
+        let a = snap.by_name("a").unwrap();
+        assert_eq!(a.endpoints.len(), 3);
+        let ready: Vec<_> = a
+            .balancer
+            .ready()
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(ready, vec!["10.0.0.1:80"]);
+    }
+
+    #[tokio::test]
+    async fn remove_and_reset_publish_versions() {
+        let store = Store::new(PoolConfig::default());
+        let mut rx = store.subscribe();
+        store.apply(Update::Upsert(spec("a", "10.96.0.1:80", &[])));
+        store.apply(Update::Upsert(spec("b", "10.96.0.2:80", &[])));
+        store.apply(Update::Remove("a".into()));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 3);
+        let s = store.snapshot();
+        assert!(s.by_name("a").is_none() && s.by_vip(&"10.96.0.1:80".parse().unwrap()).is_none());
+        // A no-op update publishes nothing.
+        store.apply(Update::Remove("a".into()));
+        assert!(!rx.has_changed().unwrap());
+        store.apply(Update::Reset(vec![]));
+        assert!(store.snapshot().services.is_empty());
+    }
+}

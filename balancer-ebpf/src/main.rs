@@ -1,0 +1,283 @@
+//! balancer's kernel programs.
+//!
+//! - `blb_connect4` (cgroup `connect4`): a pod that opted in connects to a gRPC Service
+//!   VIP:port; while the agent's lease is fresh the connect is rewritten to the node proxy and
+//!   the original destination is recorded by socket cookie.
+//! - `blb_sock_ops` (`sockops`): once such a connection is established, its original
+//!   destination is re-keyed by the client's 4-tuple (what the proxy sees at accept) and removed
+//!   again when the socket closes; with the shortcut on, both ends go into the socket map.
+//! - `blb_sk_msg` (`sk_msg`): the optional same-node shortcut; a message written on one end is
+//!   put straight on the peer socket's receive queue, bypassing TCP.
+//!
+//! These programs never drop or refuse a connection: every error path lets the connect proceed
+//! untouched (fail open). All addresses and ports are kept in network byte order.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, sk_action::SK_PASS,
+    },
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+use balancer_common::{
+    AGENT_FLAG_REDIRECT, AGENT_FLAG_SHORTCUT, AgentState, COUNTER_COUNT, Counter, MAX_CGROUP_DEPTH,
+    MAX_OPTED_IN_CGROUPS, MAX_SERVICES, MAX_SOCKETS, MAX_TRACKED_CONNECTIONS, OrigDst, ServiceKey,
+    ServiceValue, SockTuple,
+};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+/// A cgroup sock_addr program allows the operation by returning 1.
+const ALLOW: i32 = 1;
+
+#[map(name = "BLB_SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BLB_OPTED_IN")]
+static OPTED_IN: HashMap<u64, u32> = HashMap::with_max_entries(MAX_OPTED_IN_CGROUPS, 0);
+
+#[map(name = "BLB_ORIG_COOKIE")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+#[map(name = "BLB_ORIG_TUPLE")]
+static ORIG_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+#[map(name = "BLB_AGENT")]
+static AGENT: Array<AgentState> = Array::with_max_entries(1, 0);
+
+#[map(name = "BLB_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map(name = "BLB_SOCKETS")]
+static SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per-CPU counters: there is no atomic fetch_add on bpfel with this toolchain, and per-CPU
+/// slots need none.
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from the map lookup and is this CPU's slot.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The agent's state, if its lease is still running.
+#[inline(always)]
+fn live_agent() -> Option<AgentState> {
+    let state = *AGENT.get(0)?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (state.alive_until_ns > now && state.flags & AGENT_FLAG_REDIRECT != 0).then_some(state)
+}
+
+/// Whether the current task's cgroup, or one of its ancestors, opted in. Pods are opted in by
+/// their pod-level cgroup, which covers every container cgroup below it.
+#[inline(always)]
+fn cgroup_opted_in() -> bool {
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: a helper taking a plain integer.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            // Deeper than the current cgroup.
+            return false;
+        }
+        if OPTED_IN.get_ptr(id).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn blb_connect4(ctx: SockAddrContext) -> i32 {
+    count(Counter::Connect4Calls);
+    let _ = try_connect4(&ctx);
+    ALLOW
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
+    let addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program; reads are of 4-byte fields.
+    let (family, sock_type, ip4, port) = unsafe {
+        (
+            (*addr).user_family,
+            (*addr).type_,
+            (*addr).user_ip4,
+            (*addr).user_port,
+        )
+    };
+    if family != AF_INET || sock_type != SOCK_STREAM {
+        return Ok(());
+    }
+    let key = ServiceKey {
+        ip4,
+        port: port as u16,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let service = *unsafe { SERVICES.get(&key) }.ok_or(())?;
+    let Some(agent) = live_agent() else {
+        count(Counter::Connect4AgentDown);
+        return Ok(());
+    };
+    if !cgroup_opted_in() {
+        count(Counter::Connect4NotOptedIn);
+        return Ok(());
+    }
+    // SAFETY: the sock_addr context is a valid argument for bpf_get_socket_cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(addr.cast()) };
+    let orig = OrigDst {
+        ip4,
+        port: port as u16,
+        _pad: 0,
+        service_id: service.service_id,
+        _pad2: 0,
+    };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        // Without a record the proxy could not tell the service: leave the connect alone.
+        count(Counter::MapUpdateFailed);
+        return Ok(());
+    }
+    // SAFETY: writes of 4-byte context fields, each on its own: LLVM may otherwise merge the
+    // two stores into one 8-byte store, which the verifier refuses for this context.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*addr).user_ip4, agent.proxy_ip4);
+        core::ptr::write_volatile(&raw mut (*addr).user_port, u32::from(agent.proxy_port));
+    }
+    count(Counter::Connect4Redirected);
+    Ok(())
+}
+
+/// The port of a `bpf_sock_ops`/`sk_msg_md` `remote_port` field in network byte order: the
+/// kernel stores the big-endian port in the upper half of the word on little-endian hosts
+/// (`sock_ops_convert_ctx_access`, net/core/filter.c).
+#[inline(always)]
+fn remote_port_be(remote_port: u32) -> u16 {
+    (remote_port >> 16) as u16
+}
+
+/// `local_port` of `bpf_sock_ops`/`sk_msg_md` is in host byte order.
+#[inline(always)]
+fn local_port_be(local_port: u32) -> u16 {
+    (local_port as u16).to_be()
+}
+
+#[sock_ops]
+pub fn blb_sock_ops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sock_ops(&ctx);
+    0
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+    if ctx.family() != AF_INET {
+        return Ok(());
+    }
+    // The tuple as this socket sees it: src is the local end.
+    let tuple = SockTuple {
+        src_ip4: ctx.local_ip4(),
+        dst_ip4: ctx.remote_ip4(),
+        src_port: local_port_be(ctx.local_port()),
+        dst_port: remote_port_be(ctx.remote_port()),
+    };
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: the sock_ops context is a valid argument for bpf_get_socket_cookie.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            // SAFETY: the value is copied out at once.
+            let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }.ok_or(())?;
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+            if ORIG_BY_TUPLE.insert(&tuple, &orig, 0).is_err() {
+                count(Counter::MapUpdateFailed);
+                return Err(());
+            }
+            count(Counter::SockOpsTracked);
+            // Ask for state callbacks so the entry goes when the socket closes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            insert_socket(ctx, tuple);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The proxy's end of a redirected connection: only its listening address matters.
+            let agent = live_agent().ok_or(())?;
+            if tuple.src_ip4 == agent.proxy_ip4 && tuple.src_port == agent.proxy_port {
+                insert_socket(ctx, tuple);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE && ORIG_BY_TUPLE.remove(&tuple).is_ok() {
+                count(Counter::SockOpsClosed);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Puts an established socket in the shortcut's map when the agent turned the shortcut on.
+#[inline(always)]
+fn insert_socket(ctx: &SockOpsContext, mut tuple: SockTuple) {
+    let Some(agent) = live_agent() else { return };
+    if agent.flags & AGENT_FLAG_SHORTCUT == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is the kernel's bpf_sock_ops for this callback.
+    if SOCKETS
+        .update(&mut tuple, unsafe { &mut *ctx.ops }, 0)
+        .is_err()
+    {
+        count(Counter::MapUpdateFailed);
+    }
+}
+
+#[sk_msg]
+pub fn blb_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program; 4-byte field reads.
+    let (family, local_ip4, remote_ip4, local_port, remote_port) = unsafe {
+        let md = ctx.msg;
+        (
+            (*md).family,
+            (*md).local_ip4,
+            (*md).remote_ip4,
+            (*md).local_port,
+            (*md).remote_port,
+        )
+    };
+    if family != AF_INET {
+        return SK_PASS;
+    }
+    // The peer socket sees this connection from the other end.
+    let mut peer = SockTuple {
+        src_ip4: remote_ip4,
+        dst_ip4: local_ip4,
+        src_port: remote_port_be(remote_port),
+        dst_port: local_port_be(local_port),
+    };
+    let verdict = SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    if verdict == i64::from(SK_PASS) {
+        count(Counter::SkMsgRedirected);
+    } else {
+        // No peer in the map: let TCP carry it.
+        count(Counter::SkMsgPassed);
+    }
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

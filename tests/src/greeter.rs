@@ -1,0 +1,293 @@
+//! A real tonic greeter backend that reports which backend served each call.
+//!
+//! Knobs in the request (`sleep_ms`, `fail_code`, `count`, `payload`) make it slow, failing,
+//! streaming or large. Request metadata named `x-echo-*` is echoed back in the response
+//! headers, and, for failed calls, in the trailers.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use futures_util::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+
+use crate::pb::{
+    HelloReply, HelloRequest,
+    greeter_server::{Greeter, GreeterServer},
+};
+
+/// The largest message the tests send (the issue asks for at least 4 MiB).
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// What a backend has seen.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Calls started.
+    pub calls: AtomicU64,
+    /// Calls in progress.
+    pub in_flight: AtomicU64,
+    /// Calls whose handler was dropped before it finished (the client cancelled).
+    pub cancelled: AtomicU64,
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    name: Arc<str>,
+    stats: Arc<Stats>,
+}
+
+/// Counts a call in flight, and as cancelled if dropped before [`CallGuard::done`].
+struct CallGuard {
+    stats: Arc<Stats>,
+    done: bool,
+}
+
+impl CallGuard {
+    fn new(stats: &Arc<Stats>) -> Self {
+        stats.calls.fetch_add(1, Relaxed);
+        stats.in_flight.fetch_add(1, Relaxed);
+        Self {
+            stats: stats.clone(),
+            done: false,
+        }
+    }
+
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Relaxed);
+        if !self.done {
+            self.stats.cancelled.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn echo(from: &MetadataMap) -> MetadataMap {
+    let mut out = MetadataMap::new();
+    for kv in from.iter() {
+        match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) if k.as_str().starts_with("x-echo-") => {
+                out.insert(k.clone(), v.clone());
+            }
+            tonic::metadata::KeyAndValueRef::Binary(k, v) if k.as_str().starts_with("x-echo-") => {
+                out.insert_bin(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+impl Backend {
+    fn reply(&self, req: &HelloRequest, index: u32) -> HelloReply {
+        HelloReply {
+            message: format!("Hello {} from {}", req.name, self.name),
+            backend: self.name.to_string(),
+            payload: req.payload.clone(),
+            index,
+        }
+    }
+
+    fn failure(req: &HelloRequest, md: &MetadataMap) -> Option<Status> {
+        (req.fail_code != 0).then(|| {
+            let mut s = Status::new(req.fail_code.into(), req.fail_message.clone());
+            *s.metadata_mut() = echo(md);
+            s
+        })
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Greeter for Backend {
+    async fn say_hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let md = req.metadata().clone();
+        let req = req.into_inner();
+        if req.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(req.sleep_ms.into())).await;
+        }
+        guard.done();
+        if let Some(s) = Self::failure(&req, &md) {
+            return Err(s);
+        }
+        let mut resp = Response::new(self.reply(&req, 0));
+        *resp.metadata_mut() = echo(&md);
+        Ok(resp)
+    }
+
+    type SayHelloStreamStream = ReplyStream;
+
+    async fn say_hello_stream(
+        &self,
+        req: Request<HelloRequest>,
+    ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
+        let md = req.metadata().clone();
+        let req = req.into_inner();
+        let me = self.clone();
+        let guard = CallGuard::new(&self.stats);
+        let stream = async_stream(move |tx| async move {
+            for i in 0..req.count {
+                if req.sleep_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(req.sleep_ms.into())).await;
+                }
+                if tx.send(Ok(me.reply(&req, i))).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(s) = Self::failure(&req, &md) {
+                let _ = tx.send(Err(s)).await;
+            }
+            guard.done();
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn collect_hellos(
+        &self,
+        req: Request<Streaming<HelloRequest>>,
+    ) -> Result<Response<HelloReply>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        let mut stream = req.into_inner();
+        let mut names = Vec::new();
+        let mut bytes = 0;
+        while let Some(m) = stream.next().await {
+            let m = m?;
+            bytes += m.payload.len();
+            names.push(m.name);
+        }
+        guard.done();
+        Ok(Response::new(HelloReply {
+            message: format!(
+                "Hello {} from {} ({bytes} bytes)",
+                names.join(","),
+                self.name
+            ),
+            backend: self.name.to_string(),
+            payload: Vec::new(),
+            index: names.len() as u32,
+        }))
+    }
+
+    type ChatStream = ReplyStream;
+
+    async fn chat(
+        &self,
+        req: Request<Streaming<HelloRequest>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let mut input = req.into_inner();
+        let me = self.clone();
+        let guard = CallGuard::new(&self.stats);
+        let stream = async_stream(move |tx| async move {
+            let mut i = 0;
+            while let Some(m) = input.next().await {
+                match m {
+                    Ok(m) => {
+                        if tx.send(Ok(me.reply(&m, i))).await.is_err() {
+                            return;
+                        }
+                        i += 1;
+                    }
+                    Err(_) => return,
+                }
+            }
+            guard.done();
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task; the task ends when the receiver is dropped.
+fn async_stream<F, Fut>(f: F) -> ReplyStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<HelloReply, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(f(tx));
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    // Abort the producer when the client goes away, so cancellation is observed.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let guard = AbortOnDrop(task);
+    Box::pin(stream.map(move |item| {
+        let _ = &guard;
+        item
+    }))
+}
+
+/// A running in-process backend.
+#[derive(Debug)]
+pub struct Handle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its name.
+    pub name: String,
+    /// What it has seen.
+    pub stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    /// Stops accepting new connections (existing ones are left to tonic).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The tonic service for a backend named `name`.
+pub fn service(name: &str, stats: Arc<Stats>) -> GreeterServer<Backend> {
+    GreeterServer::new(Backend {
+        name: name.into(),
+        stats,
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// Serves a backend on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, name: String, stats: Arc<Stats>) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let _ = tonic::transport::Server::builder()
+        .add_service(service(&name, stats))
+        .serve_with_incoming(incoming)
+        .await;
+}
+
+/// Starts a backend named `name` on `addr` (use port 0 for any).
+pub async fn spawn(addr: &str, name: &str) -> Handle {
+    let listener = TcpListener::bind(addr).await.expect("binding a backend");
+    let addr = listener.local_addr().expect("local addr");
+    let stats = Arc::new(Stats::default());
+    let task = tokio::spawn(serve(listener, name.to_string(), stats.clone()));
+    Handle {
+        addr,
+        name: name.into(),
+        stats,
+        task,
+    }
+}

@@ -1,0 +1,169 @@
+//! The HTTP/2 demultiplexer, end to end: real tonic clients and backends through a real
+//! `balancer-agent` process in standalone mode.
+
+use std::{collections::HashMap, net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
+
+use balancer_tests::{
+    agent::{Agent, metric},
+    free_port, greeter,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+    wait_until,
+};
+use tonic::{Code, transport::Channel};
+
+struct Setup {
+    agent: Agent,
+    backends: Vec<greeter::Handle>,
+    listen: SocketAddr,
+}
+
+fn config(listen: SocketAddr, admin: SocketAddr, policy: &str, endpoints: &[SocketAddr]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|e| format!("      - address: {e}\n"))
+        .collect();
+    format!(
+        r#"
+listeners:
+  - address: {listen}
+    default_service: greeter
+admin:
+  address: {admin}
+services:
+  - name: greeter
+    authorities: [greeter.default.svc.cluster.local]
+    policy: {policy}
+    endpoints:
+{eps}"#
+    )
+}
+
+async fn setup(policy: &str, n: usize) -> Setup {
+    let mut backends = Vec::new();
+    for i in 1..=n {
+        backends.push(greeter::spawn("127.0.0.1:0", &format!("backend-{i}")).await);
+    }
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start(&config(listen, admin, policy, &addrs), admin).await;
+    Setup {
+        agent,
+        backends,
+        listen,
+    }
+}
+
+/// One HTTP/2 connection to the proxy, as a gRPC client keeps it.
+async fn client(addr: SocketAddr) -> GreeterClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to the proxy");
+    GreeterClient::new(channel)
+        .max_decoding_message_size(greeter::MAX_MESSAGE)
+        .max_encoding_message_size(greeter::MAX_MESSAGE)
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+async fn shares(c: &mut GreeterClient<Channel>, calls: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for i in 0..calls {
+        let r = c
+            .say_hello(hello(&format!("call-{i}")))
+            .await
+            .expect("call through the proxy");
+        *counts.entry(r.into_inner().backend).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn round_robin_spreads_one_connection_evenly() {
+    let s = setup("round-robin", 4).await;
+    let mut c = client(s.listen).await;
+    let counts = shares(&mut c, 1000).await;
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    for (backend, n) in &counts {
+        assert!(
+            (200..=300).contains(n),
+            "{backend} got {n} of 1000: {counts:?}"
+        );
+    }
+    // One client connection carried all of it.
+    let conns = s.agent.json("/api/connections");
+    assert_eq!(conns.as_array().unwrap().len(), 1, "{conns}");
+}
+
+#[tokio::test]
+async fn p2c_ewma_reaches_every_backend() {
+    let s = setup("p2c-ewma", 4).await;
+    let mut c = client(s.listen).await;
+    let counts = shares(&mut c, 1000).await;
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert!(counts.values().all(|&n| n > 0), "{counts:?}");
+}
+
+#[tokio::test]
+async fn concurrent_calls_on_one_connection_reach_all_backends() {
+    let s = setup("p2c-ewma", 4).await;
+    let c = client(s.listen).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut req = hello(&format!("c{i}"));
+            req.sleep_ms = 20;
+            c.say_hello(req).await.map(|r| r.into_inner().backend)
+        }));
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap().expect("call")).or_default() += 1;
+    }
+    assert_eq!(counts.values().sum::<usize>(), 200);
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    let _ = &s.backends;
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_service_method_and_status() {
+    let s = setup("round-robin", 2).await;
+    let mut c = client(s.listen).await;
+    for _ in 0..7 {
+        c.say_hello(hello("m")).await.unwrap();
+    }
+    let mut failing = hello("f");
+    failing.fail_code = Code::NotFound as i32;
+    failing.fail_message = "no such greeting".into();
+    for _ in 0..3 {
+        let e = c.say_hello(failing.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(e.message(), "no such greeting");
+    }
+    let m = s.agent.metrics();
+    let ok = metric(
+        &m,
+        "balancer_calls_total",
+        &[
+            "service=\"greeter\"",
+            "method=\"/helloworld.Greeter/SayHello\"",
+            "grpc_status=\"0\"",
+        ],
+    );
+    let not_found = metric(&m, "balancer_calls_total", &["grpc_status=\"5\""]);
+    assert_eq!((ok, not_found), (7.0, 3.0), "{m}");
+    let total_backend_calls: u64 = s.backends.iter().map(|b| b.stats.calls.load(Relaxed)).sum();
+    assert_eq!(total_backend_calls, 10);
+    wait_until("active calls back to 0", Duration::from_secs(5), || {
+        metric(&s.agent.metrics(), "balancer_active_calls", &[]) == 0.0
+    })
+    .await;
+}
