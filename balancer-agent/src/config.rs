@@ -293,12 +293,15 @@ impl Policy {
 }
 
 impl Config {
-    /// Parses and validates YAML text. `source_name` names it in errors.
+    /// Parses and validates YAML text. `source_name` names it in errors. `${VAR}` is replaced
+    /// by the environment variable VAR first (a DaemonSet passes the node's IP that way); an
+    /// unset variable is a problem.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Self, Error> {
         let fail = |problems| Error {
             source_name: source_name.to_string(),
             problems,
         };
+        let text = &expand_env(text, |v| std::env::var(v).ok()).map_err(fail)?;
         let config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
@@ -458,6 +461,40 @@ impl ServiceConfig {
     }
 }
 
+/// Replaces every `${NAME}` with `lookup(NAME)`; lists every unset name.
+fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Vec<String>> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let name = &after[..end];
+        let line = text[..text.len() - rest.len() + start]
+            .matches('\n')
+            .count()
+            + 1;
+        match lookup(name) {
+            Some(v) => out.push_str(&v),
+            None => problems.push(format!(
+                "line {line}: environment variable {name} (written ${{{name}}}) is not set"
+            )),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
 /// Milliseconds as a [`Duration`]; configuration fields are plain integers for readability.
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -519,6 +556,20 @@ admin:
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(e.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn environment_variables_expand() {
+        let env = |v: &str| (v == "NODE_IP").then(|| "10.0.0.5".to_string());
+        assert_eq!(
+            expand_env("proxy_address: ${NODE_IP}:15001", env).unwrap(),
+            "proxy_address: 10.0.0.5:15001"
+        );
+        let e = expand_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
+        assert_eq!(
+            e,
+            vec!["line 2: environment variable NOPE (written ${NOPE}) is not set"]
+        );
     }
 
     #[test]

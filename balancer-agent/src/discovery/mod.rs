@@ -3,3 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod file;
+
+/// The Kubernetes resources the agent watches: (API group, resource). The deployed
+/// ClusterRole grants get/list/watch on exactly these (a test in `tests` checks it).
+pub const WATCHED_RESOURCES: &[(&str, &str)] = &[
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("", "namespaces"),
+    ("", "pods"),
+];
