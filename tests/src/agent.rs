@@ -70,16 +70,41 @@ impl Agent {
         Self::start_with(config_yaml, admin, |_| {}).await
     }
 
-    /// Like [`Agent::start`], letting the caller adjust the command (a cgroup, a namespace).
+    /// Like [`Agent::start`], letting the caller adjust the command (environment, output).
     pub async fn start_with(
         config_yaml: &str,
         admin: SocketAddr,
         adjust: impl FnOnce(&mut Command),
     ) -> Self {
+        Self::launch(config_yaml, admin, None, adjust).await
+    }
+
+    /// Like [`Agent::start`], with the agent's process in the cgroup at `cgroup` (the shell
+    /// that starts it moves itself in, then execs the agent, keeping the pid).
+    pub async fn start_in_cgroup(config_yaml: &str, admin: SocketAddr, cgroup: &Path) -> Self {
+        Self::launch(config_yaml, admin, Some(cgroup), |_| {}).await
+    }
+
+    async fn launch(
+        config_yaml: &str,
+        admin: SocketAddr,
+        cgroup: Option<&Path>,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = TempDir::new("balancer-agent");
         let config_path = dir.0.join("config.yaml");
         std::fs::write(&config_path, config_yaml).expect("writing the config");
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match cgroup {
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+                    .arg(cg)
+                    .arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.args(["run", "--config"])
             .arg(&config_path)
             .args(["--reload-interval-ms", "100", "--drain-timeout-ms", "2000"])
@@ -147,6 +172,13 @@ impl Agent {
         let tmp = self.config_path.with_extension("tmp");
         std::fs::write(&tmp, yaml).expect("writing");
         std::fs::rename(&tmp, &self.config_path).expect("renaming");
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the agent.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -3,11 +3,14 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering::Relaxed},
 };
 
 use balancer_agent::ebpf::cgroup;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A cgroup v2 directory made by a test, removed (after its processes) on drop.
 #[derive(Debug)]
@@ -87,6 +90,376 @@ impl Drop for Cgroup {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A pod: a network namespace with a veth into the node's bridge, and a cgroup.
+#[derive(Debug)]
+pub struct Pod {
+    /// Its name.
+    pub name: String,
+    /// Its network namespace (under /run/netns).
+    pub netns: String,
+    /// Its IP on the node's pod network.
+    pub ip: Ipv4Addr,
+    /// Its cgroup (a child of the node's cgroup).
+    pub cgroup: Cgroup,
+    host_veth: String,
+}
+
+impl Pod {
+    /// A command running `program args` in this pod: in its cgroup, then in its network
+    /// namespace (`nsenter --net`, which, unlike `ip netns exec`, keeps /sys as it is).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let netns = format!("--net=/run/netns/{}", self.netns);
+        let mut full = vec![netns.as_str(), program];
+        full.extend_from_slice(args);
+        let mut c = self.cgroup.command("nsenter", &full);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// The cgroup path relative to `root` (what the agent's `opted_in_cgroups` lists).
+    pub fn cgroup_relative_to(&self, root: &Path) -> String {
+        self.cgroup
+            .path()
+            .strip_prefix(root)
+            .expect("pod cgroups live under the node's")
+            .display()
+            .to_string()
+    }
+}
+
+/// A simulated Kubernetes node: a bridge for the pod network that also holds the Service VIPs
+/// (so that a packet to a VIP is delivered locally and never leaves the machine), a cgroup
+/// the datapath attaches at, and pods. Everything is removed on drop.
+#[derive(Debug)]
+pub struct SimNode {
+    id: String,
+    bridge: String,
+    /// The node's address on the pod network (the pods' default gateway).
+    pub gateway: Ipv4Addr,
+    /// The cgroup the datapath attaches at; pods and the agent live below it.
+    pub cgroup: Cgroup,
+    pods: Vec<Pod>,
+    subnet: [u8; 3],
+}
+
+impl SimNode {
+    /// Builds an empty node. Needs root.
+    pub fn new() -> std::io::Result<Self> {
+        let n = NEXT_NODE.fetch_add(1, Relaxed);
+        let pid = std::process::id();
+        let id = format!("{:x}{n:x}", pid & 0xfff);
+        let subnet = [10, 200 + (pid % 50) as u8, (n % 250) as u8];
+        let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1);
+        let bridge = format!("blbbr{id}");
+        let cgroup = Cgroup::create(&format!("node{id}"))?;
+        let node = Self {
+            id,
+            bridge,
+            gateway,
+            cgroup,
+            pods: Vec::new(),
+            subnet,
+        };
+        ip(&["link", "add", &node.bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{gateway}/24"), "dev", &node.bridge])?;
+        ip(&["link", "set", &node.bridge, "up"])?;
+        Ok(node)
+    }
+
+    /// Adds a pod named `name`.
+    pub fn add_pod(&mut self, name: &str) -> std::io::Result<&Pod> {
+        let n = self.pods.len() + 1;
+        let netns = format!("blb{}p{n}", self.id);
+        let host_veth = format!("blbv{}p{n}", self.id);
+        let peer = format!("blbq{}p{n}", self.id);
+        let [a, b, c] = self.subnet;
+        let ip4 = Ipv4Addr::new(a, b, c, 10 + n as u8);
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &peer,
+        ])?;
+        ip(&["link", "set", &peer, "netns", &netns])?;
+        ip(&["-n", &netns, "link", "set", &peer, "name", "eth0"])?;
+        ip(&["link", "set", &host_veth, "master", &self.bridge, "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway.to_string(),
+        ])?;
+        let cgroup = self.cgroup.child(name)?;
+        self.pods.push(Pod {
+            name: name.into(),
+            netns,
+            ip: ip4,
+            cgroup,
+            host_veth,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Makes `vip` an address of the node (a /32 on the bridge): a packet to it from a pod is
+    /// delivered to the node itself, and nothing ever leaves the machine.
+    pub fn add_vip(&self, vip: Ipv4Addr) -> std::io::Result<()> {
+        ip(&["addr", "add", &format!("{vip}/32"), "dev", &self.bridge])
+    }
+
+    /// A cgroup for the agent under the node's, so the proxy's sockets are seen by sock_ops.
+    pub fn agent_cgroup(&self) -> std::io::Result<Cgroup> {
+        self.cgroup.child("agent")
+    }
+
+    /// A unique name for things this node owns (pins).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        for p in self.pods.drain(..) {
+            drop(p.cgroup);
+            let _ = ip(&["link", "del", &p.host_veth]);
+            let _ = ip(&["netns", "del", &p.netns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// A stand-in for kube-proxy: connections to `vip` (an address of the node) are forwarded to
+/// one of `backends`, per connection, in turn — what a Kubernetes Service does without
+/// balancer. Runs until the runtime stops.
+pub async fn kube_proxy_stand_in(
+    vip: SocketAddr,
+    backends: Vec<SocketAddr>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(vip).await?;
+    tokio::spawn(async move {
+        let mut next = 0;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let backend = backends[next % backends.len()];
+            next += 1;
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Waits for a child and returns its stdout, panicking with its stderr on failure.
+pub fn output_of(child: Child) -> String {
+    let out = child.wait_with_output().expect("waiting for a pod process");
+    assert!(
+        out.status.success(),
+        "pod process failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `balancer-pod` binary (next to the agent's).
+pub fn pod_bin() -> PathBuf {
+    crate::agent::agent_bin().with_file_name("balancer-pod")
+}
+
+/// A node with backend pods serving the greeter, a client pod and an outsider pod, ready for
+/// an agent: the scenario of the datapath tests and the demo.
+#[derive(Debug)]
+pub struct Scenario {
+    /// The node.
+    pub node: SimNode,
+    /// Backend names and their pod addresses (port 50051).
+    pub backends: Vec<(String, SocketAddr)>,
+    /// The backend processes.
+    pub children: Vec<Child>,
+}
+
+/// The port backend pods serve on.
+pub const BACKEND_PORT: u16 = 50051;
+
+impl Scenario {
+    /// Builds the node with `backends` greeter pods (`backend-1`...), a `client` pod and an
+    /// `outsider` pod, and waits until every backend answers.
+    pub async fn new(backends: usize) -> std::io::Result<Self> {
+        let mut node = SimNode::new()?;
+        let mut list = Vec::new();
+        let mut children = Vec::new();
+        for i in 1..=backends {
+            let name = format!("backend-{i}");
+            let pod = node.add_pod(&name)?;
+            let listen = format!("0.0.0.0:{BACKEND_PORT}");
+            let child = pod
+                .command(
+                    pod_bin().to_str().expect("UTF-8 path"),
+                    &["serve", "--name", &name, "--listen", &listen],
+                )
+                .spawn()?;
+            children.push(child);
+            list.push((name, SocketAddr::from((pod.ip, BACKEND_PORT))));
+        }
+        node.add_pod("client")?;
+        node.add_pod("outsider")?;
+        for (name, addr) in &list {
+            let addr = *addr;
+            crate::wait_until_async(
+                &format!("{name} serving on {addr}"),
+                std::time::Duration::from_secs(10),
+                || async move { TcpStream::connect(addr).await.is_ok() },
+            )
+            .await;
+        }
+        Ok(Self {
+            node,
+            backends: list,
+            children,
+        })
+    }
+
+    /// The agent configuration for this node: one service `greeter` on `vip` over every
+    /// backend, the datapath attached at the node's cgroup, the client pod opted in.
+    pub fn agent_config(&self, vip: SocketAddr, admin: SocketAddr, shortcut: &str) -> String {
+        let eps: String = self
+            .backends
+            .iter()
+            .map(|(_, a)| format!("      - address: {a}\n"))
+            .collect();
+        self.config_with_services(
+            &format!("  - name: greeter\n    vips: [\"{vip}\"]\n    policy: round-robin\n    endpoints:\n{eps}"),
+            admin,
+            shortcut,
+        )
+    }
+
+    /// The agent configuration with the given `services:` entries.
+    pub fn config_with_services(
+        &self,
+        services: &str,
+        admin: SocketAddr,
+        shortcut: &str,
+    ) -> String {
+        let root = self.node.cgroup.path();
+        format!(
+            r#"listeners:
+  - address: {gw}:15001
+admin:
+  address: {admin}
+services:
+{services}
+datapath:
+  enabled: true
+  cgroup_root: {root}
+  proxy_address: {gw}:15001
+  shortcut: {shortcut}
+  pin_path: /sys/fs/bpf/balancer-test-{id}
+  opted_in_cgroups: ["{client}"]
+"#,
+            gw = self.node.gateway,
+            root = root.display(),
+            id = self.node.id(),
+            client = self.node.pod("client").cgroup_relative_to(root),
+        )
+    }
+
+    /// Runs `balancer-pod call` in `pod` against `target`; returns its JSON summary.
+    pub async fn call(&self, pod: &str, target: SocketAddr, calls: usize) -> serde_json::Value {
+        let child = self
+            .node
+            .pod(pod)
+            .command(
+                pod_bin().to_str().expect("UTF-8 path"),
+                &[
+                    "call",
+                    "--target",
+                    &target.to_string(),
+                    "--calls",
+                    &calls.to_string(),
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the client");
+        let out = tokio::task::spawn_blocking(move || output_of(child))
+            .await
+            .expect("joining");
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("the client's JSON summary")
+    }
+
+    /// Like [`Scenario::call`], giving up after `timeout`: `None` if the call failed.
+    pub async fn try_call(
+        &self,
+        pod: &str,
+        target: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Option<serde_json::Value> {
+        let mut child = tokio::process::Command::from(self.node.pod(pod).command(
+            pod_bin().to_str().expect("UTF-8 path"),
+            &["call", "--target", &target.to_string(), "--calls", "1"],
+        ));
+        child
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(timeout, child.output())
+            .await
+            .ok()?
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

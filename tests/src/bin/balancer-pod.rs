@@ -1,0 +1,173 @@
+//! What runs inside a simulated pod (tests and demo): a greeter backend, or a gRPC client that
+//! keeps one HTTP/2 connection, as gRPC clients do.
+//!
+//! - `serve --name N --listen ADDR`: a tonic greeter backend named N.
+//! - `call --target ADDR --calls N`: N unary SayHello calls over one HTTP/2 connection, printing
+//!   `#n - Greeting: Hello from backend-k`, then one JSON line with the count per backend and
+//!   the socket's `tcp_info` data segments (0 when the sk_msg shortcut carried everything).
+//!   The client speaks raw HTTP/2 (h2) so that it owns the socket it queries.
+//! - `churn --target ADDR --count N`: N short TCP connections (closed with RST so the client
+//!   keeps no TIME_WAIT), then a JSON line with how many connected.
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpStream as StdTcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use balancer_tests::{
+    greeter,
+    pb::{HelloReply, HelloRequest},
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, Subcommand};
+use prost::Message;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    Call {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        calls: usize,
+        /// Print one line per call.
+        #[arg(long)]
+        print: bool,
+    },
+    Churn {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { name, listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            greeter::serve(listener, name, Default::default()).await;
+            Ok(())
+        }
+        Cmd::Call {
+            target,
+            calls,
+            print,
+        } => call(target, calls, print).await,
+        Cmd::Churn { target, count } => churn(target, count),
+    }
+}
+
+fn grpc_frame(msg: &impl Message) -> Bytes {
+    let body = msg.encode_to_vec();
+    let mut b = BytesMut::with_capacity(5 + body.len());
+    b.put_u8(0);
+    b.put_u32(body.len() as u32);
+    b.put_slice(&body);
+    b.freeze()
+}
+
+async fn call(target: SocketAddr, calls: usize, print: bool) -> anyhow::Result<()> {
+    let std = StdTcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {target}"))?;
+    let probe = std.try_clone()?;
+    std.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(std)?;
+    let (client, conn) = h2::client::handshake(tcp).await?;
+    tokio::spawn(conn);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for n in 1..=calls {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{target}/helloworld.Greeter/SayHello"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let mut sender = client.clone().ready().await?;
+        let (resp, mut send) = sender.send_request(req, false)?;
+        send.send_data(
+            grpc_frame(&HelloRequest {
+                name: "pod".into(),
+                ..Default::default()
+            }),
+            true,
+        )?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .context("no response within 10s")??;
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await?.unwrap_or_default();
+        let status = trailers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        if status != "0" || buf.len() < 5 {
+            bail!("call {n} failed: grpc-status {status}, {trailers:?}");
+        }
+        let reply = HelloReply::decode(&buf[5..])?;
+        if print {
+            println!("#{n} - Greeting: Hello from {}", reply.backend);
+        }
+        *counts.entry(reply.backend).or_default() += 1;
+    }
+    let segs = balancer_agent::ebpf::shortcut::data_segs_out(&probe)?;
+    println!(
+        "{}",
+        serde_json::json!({ "counts": counts, "data_segs_out": segs })
+    );
+    Ok(())
+}
+
+fn churn(target: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for _ in 0..count {
+        match StdTcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(s) => {
+                ok += 1;
+                reset_on_close(&s);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", serde_json::json!({ "ok": ok, "failed": failed }));
+    Ok(())
+}
+
+/// SO_LINGER with a zero timeout: close sends RST, leaving no TIME_WAIT behind.
+fn reset_on_close(s: &StdTcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one `linger` from a valid pointer of the given length.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
