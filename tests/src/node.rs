@@ -394,39 +394,52 @@ datapath:
   cgroup_root: {root}
   proxy_address: {gw}:15001
   shortcut: {shortcut}
-  pin_path: /sys/fs/bpf/balancer-test-{id}
+  pin_path: {pins}
   opted_in_cgroups: ["{client}"]
 "#,
             gw = self.node.gateway,
             root = root.display(),
-            id = self.node.id(),
+            pins = self.pin_path(),
             client = self.node.pod("client").cgroup_relative_to(root),
         )
     }
 
     /// Runs `balancer-pod call` in `pod` against `target`; returns its JSON summary.
     pub async fn call(&self, pod: &str, target: SocketAddr, calls: usize) -> serde_json::Value {
+        let out = self.call_output(pod, target, calls, false).await;
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("the client's JSON summary")
+    }
+
+    /// Runs `balancer-pod call` in `pod` against `target`; returns all it printed (with
+    /// `print`, one `#n - Greeting: ...` line per call, then the JSON summary).
+    pub async fn call_output(
+        &self,
+        pod: &str,
+        target: SocketAddr,
+        calls: usize,
+        print: bool,
+    ) -> String {
+        let (target, calls) = (target.to_string(), calls.to_string());
+        let mut args = vec!["call", "--target", &target, "--calls", &calls];
+        if print {
+            args.push("--print");
+        }
         let child = self
             .node
             .pod(pod)
-            .command(
-                pod_bin().to_str().expect("UTF-8 path"),
-                &[
-                    "call",
-                    "--target",
-                    &target.to_string(),
-                    "--calls",
-                    &calls.to_string(),
-                ],
-            )
+            .command(pod_bin().to_str().expect("UTF-8 path"), &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning the client");
-        let out = tokio::task::spawn_blocking(move || output_of(child))
+        tokio::task::spawn_blocking(move || output_of(child))
             .await
-            .expect("joining");
-        serde_json::from_str(out.lines().last().unwrap_or("")).expect("the client's JSON summary")
+            .expect("joining")
+    }
+
+    /// Where the agent pins its maps for this node (removed with the scenario).
+    pub fn pin_path(&self) -> String {
+        format!("/sys/fs/bpf/balancer-test-{}", self.node.id())
     }
 
     /// Like [`Scenario::call`], giving up after `timeout`: `None` if the call failed.
@@ -461,5 +474,7 @@ impl Drop for Scenario {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // An agent that was killed leaves its pins behind; a clean one removed them.
+        let _ = std::fs::remove_dir_all(self.pin_path());
     }
 }

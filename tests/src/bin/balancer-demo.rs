@@ -1,38 +1,115 @@
-//! `cargo xtask demo`: the problem and the fix, end to end, on this machine.
+//! `cargo xtask demo`: the problem balancer solves, and the fix, end to end.
 //!
-//! Four greeter backends stand behind one service. A gRPC client keeps one HTTP/2 connection,
-//! as gRPC clients do, and makes 20 calls:
-//! 1. through a per-connection (L4) balancer, as a Kubernetes Service does: every call lands
-//!    on the one backend the connection was given;
-//! 2. through `balancer-agent`: each call is balanced on its own and all four backends serve.
+//! As root (the normal case), on a simulated node: four greeter backend pods behind a Service
+//! VIP, and a client pod that keeps one HTTP/2 connection to the VIP, as gRPC clients do. With
+//! `balancer-agent` running, the kernel hands the connection to the agent, which balances every
+//! call; with the agent stopped, the same client goes through a stand-in for kube-proxy and
+//! every call lands on the one backend its connection was given. Everything printed is measured
+//! from the replies. The demo ends by itself and removes every namespace, cgroup, pin and
+//! process it made.
 //!
-//! Everything printed is measured from the replies. The demo stops by itself and leaves
-//! nothing running.
+//! Without root, the same story runs on loopback with the agent as a plain proxy.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use balancer_tests::{
     agent::Agent,
-    free_port, greeter,
+    free_port, greeter, is_root,
+    node::{BACKEND_PORT, Scenario, kube_proxy_stand_in},
     pb::{HelloRequest, greeter_client::GreeterClient},
 };
-use tokio::net::{TcpListener, TcpStream};
 
 const CALLS: usize = 20;
 
+type Counts = BTreeMap<String, usize>;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let (with, without, names) = if is_root() {
+        on_a_node().await?
+    } else {
+        println!(
+            "NOTE: not root: showing the proxy alone on loopback (run as root for the node)\n"
+        );
+        on_loopback().await?
+    };
+    println!("\n== Calls per backend ({CALLS} calls over one client connection each time)");
+    println!(
+        "{:<12} {:>20} {:>22}",
+        "backend", "with balancer-agent", "agent stopped (L4)"
+    );
+    for n in names {
+        println!(
+            "{:<12} {:>20} {:>22}",
+            n,
+            with.get(&n).copied().unwrap_or(0),
+            without.get(&n).copied().unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+fn tally(output: &str) -> Counts {
+    let mut counts = Counts::new();
+    for line in output.lines().filter(|l| l.starts_with('#')) {
+        println!("{line}");
+        if let Some(b) = line.rsplit(' ').next() {
+            *counts.entry(b.to_string()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+async fn on_a_node() -> anyhow::Result<(Counts, Counts, Vec<String>)> {
+    println!("Building a simulated node: 4 greeter backend pods, a client pod, Service greeter");
+    let s = Scenario::new(4).await?;
+    let gw = s.node.gateway.octets();
+    let vip_ip = std::net::Ipv4Addr::new(10, 96, gw[2], 10);
+    s.node.add_vip(vip_ip)?;
+    let vip = SocketAddr::from((vip_ip, BACKEND_PORT));
+    for (name, addr) in &s.backends {
+        println!("  pod {name:<10} {addr}");
+    }
+    println!("  Service greeter VIP {vip} (kube-proxy stand-in: one backend per connection)");
+    kube_proxy_stand_in(vip, s.backends.iter().map(|b| b.1).collect()).await?;
+
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let agent_cg = s.node.agent_cgroup()?;
+    let mut agent =
+        Agent::start_in_cgroup(&s.agent_config(vip, admin, "auto"), admin, agent_cg.path()).await;
+    let status = agent.json("/api/status");
+    println!(
+        "\n== balancer-agent running: eBPF attached at {}, sk_msg shortcut {} ({})",
+        status["datapath"]["cgroup_root"].as_str().unwrap_or("?"),
+        if status["datapath"]["shortcut"]["enabled"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        status["datapath"]["shortcut"]["reason"]
+            .as_str()
+            .unwrap_or("?"),
+    );
+    println!("client pod -> {vip}, one HTTP/2 connection:");
+    let with = tally(&s.call_output("client", vip, CALLS, true).await);
+
+    agent.terminate();
+    drop(agent);
+    println!("\n== balancer-agent stopped: the same client, the same Service");
+    let without = tally(&s.call_output("client", vip, CALLS, true).await);
+    drop(agent_cg);
+    let names = s.backends.iter().map(|b| b.0.clone()).collect();
+    drop(s);
+    println!("\nRemoved the node's namespaces, cgroups, pins and processes.");
+    Ok((with, without, names))
+}
+
+async fn on_loopback() -> anyhow::Result<(Counts, Counts, Vec<String>)> {
     let mut backends = Vec::new();
     for i in 1..=4 {
         backends.push(greeter::spawn("127.0.0.1:0", &format!("backend-{i}")).await);
     }
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-
-    println!("== Without balancer: a per-connection (L4) Service, one HTTP/2 connection");
-    let l4 = l4_balancer(addrs.clone()).await?;
-    let without = run_client(l4).await?;
-
-    println!("\n== With balancer-agent: every call balanced on its own, same single connection");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let eps: String = addrs
@@ -43,28 +120,23 @@ async fn main() -> anyhow::Result<()> {
         "listeners:\n  - address: {listen}\n    default_service: greeter\nadmin:\n  address: {admin}\nservices:\n  - name: greeter\n    policy: round-robin\n    endpoints:\n{eps}"
     );
     let agent = Agent::start(&config, admin).await;
-    let with = run_client(listen).await?;
+    println!("== through balancer-agent, one HTTP/2 connection:");
+    let with = tally(&call_lines(listen).await?);
     drop(agent);
-
-    println!("\n== Calls per backend ({CALLS} calls, one client connection each time)");
-    println!(
-        "{:<12} {:>16} {:>20}",
-        "backend", "without balancer", "with balancer-agent"
-    );
-    for b in &backends {
-        println!(
-            "{:<12} {:>16} {:>20}",
-            b.name,
-            without.get(&b.name).copied().unwrap_or(0),
-            with.get(&b.name).copied().unwrap_or(0)
-        );
-    }
-    Ok(())
+    let vip: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    kube_proxy_stand_in(vip, addrs).await?;
+    println!("\n== through a per-connection (L4) balancer, as a Service without balancer:");
+    let without = tally(&call_lines(vip).await?);
+    Ok((
+        with,
+        without,
+        backends.iter().map(|b| b.name.clone()).collect(),
+    ))
 }
 
-async fn run_client(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, usize>> {
+async fn call_lines(addr: SocketAddr) -> anyhow::Result<String> {
     let mut client = GreeterClient::connect(format!("http://{addr}")).await?;
-    let mut counts = BTreeMap::new();
+    let mut out = String::new();
     for n in 1..=CALLS {
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
@@ -75,28 +147,7 @@ async fn run_client(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, usize>>
         )
         .await??
         .into_inner();
-        println!("#{n} - Greeting: Hello from {}", reply.backend);
-        *counts.entry(reply.backend).or_default() += 1;
+        out += &format!("#{n} - Greeting: Hello from {}\n", reply.backend);
     }
-    Ok(counts)
-}
-
-/// A per-connection TCP balancer, as kube-proxy balances a Service: each new connection goes
-/// to the next backend, and stays there.
-async fn l4_balancer(backends: Vec<SocketAddr>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let mut next = 0;
-        while let Ok((mut client, _)) = listener.accept().await {
-            let backend = backends[next % backends.len()];
-            next += 1;
-            tokio::spawn(async move {
-                if let Ok(mut upstream) = TcpStream::connect(backend).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-        }
-    });
-    Ok(addr)
+    Ok(out)
 }
