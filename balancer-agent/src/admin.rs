@@ -80,6 +80,8 @@ pub struct Admin {
     pub started: Instant,
     /// Where the configuration came from (a file, Kubernetes).
     pub source: String,
+    /// The pods of this node that Kubernetes discovery opted in (`/api/opted_in`).
+    pub opted_in: tokio::sync::watch::Receiver<Arc<crate::discovery::pods::OptedIn>>,
 }
 
 /// `GET /api/status`.
@@ -315,9 +317,10 @@ impl Admin {
             "/api/connections" => json_response(&self.proxy.registry.connections()),
             "/api/calls" => json_response(&self.proxy.registry.calls()),
             "/api/bpf" => json_response(&self.bpf()),
+            "/api/opted_in" => json_response(&**self.opted_in.borrow()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "routes: /ready /live /metrics /config_dump /api/{status,services,endpoints,connections,calls,bpf}\n"
+                "routes: /ready /live /metrics /config_dump /api/{status,services,endpoints,connections,calls,bpf,opted_in}\n"
                     .into(),
             ),
         }

@@ -39,6 +39,17 @@ pub struct RunOptions {
     pub reload_interval: Duration,
     /// How long a drain may take on SIGTERM before the agent exits anyway.
     pub drain_timeout: Duration,
+    /// Kubernetes discovery, when enabled.
+    pub kubernetes: Option<KubernetesOptions>,
+}
+
+/// `--kubernetes`, `--kubeconfig`, `--node-name`.
+#[derive(Clone, Debug)]
+pub struct KubernetesOptions {
+    /// A kubeconfig file; `None` for the in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name.
+    pub node_name: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then drains.
@@ -74,6 +85,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         .build()
         .context("starting the data-plane runtime")?;
 
+    // Kubernetes discovery: its client configuration is checked now, so that a bad kubeconfig
+    // fails the start; it runs on the control runtime and holds readiness until it synced.
+    let (opted_in_tx, opted_in_rx) = watch::channel(Arc::default());
+    let kube = match &opts.kubernetes {
+        Some(k) => {
+            let (kopts, kconfig) = data_plane.block_on(kube_setup(k, &config))?;
+            readiness.block(discovery::kube::NOT_SYNCED);
+            Some((kopts, kconfig))
+        }
+        None => None,
+    };
+
     // Bind everything before reporting ready, so a port clash fails the start.
     let listeners: Vec<(TcpListener, proxy::Listener)> = data_plane.block_on(async {
         let mut v = Vec::new();
@@ -105,6 +128,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             store.clone(),
             config.datapath.opted_in_cgroups.clone(),
         ));
+        if kube.is_some() {
+            data_plane.spawn(sync_opted_in_pods(
+                dp.clone(),
+                config.datapath.opted_in_cgroups.clone(),
+                opted_in_rx.clone(),
+            ));
+        }
     }
 
     // The control plane.
@@ -117,12 +147,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         datapath: datapath.clone(),
         readiness: readiness.clone(),
         started: Instant::now(),
-        source: format!("file {}", opts.config.display()),
+        source: match &kube {
+            Some((k, _)) => format!("file {} + {}", opts.config.display(), k.describe()),
+            None => format!("file {}", opts.config.display()),
+        },
+        opted_in: opted_in_rx,
     });
     let control = std::thread::Builder::new()
         .name("balancer-control".into())
         .spawn({
             let opts = opts.clone();
+            let readiness = readiness.clone();
             move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -134,6 +169,23 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         .with_context(|| format!("binding the admin server on {admin_addr}"))?;
                     info!(%admin_addr, "admin server listening");
                     tokio::spawn(admin::serve(admin, listener));
+                    if let Some((kopts, kconfig)) = kube {
+                        let (store, metrics) = (store.clone(), metrics.clone());
+                        tokio::spawn(async move {
+                            let r = discovery::kube::run(
+                                kconfig,
+                                kopts,
+                                store,
+                                metrics,
+                                readiness,
+                                opted_in_tx,
+                            )
+                            .await;
+                            if let Err(e) = r {
+                                error!("kubernetes discovery stopped: {e}");
+                            }
+                        });
+                    }
                     discovery::file::watch(
                         opts.config.clone(),
                         opts.reload_interval,
@@ -248,6 +300,56 @@ async fn sync_datapath(dp: Arc<Datapath>, store: Arc<Store>, opted_in: Vec<Strin
             error!("datapath: {e}");
         }
         if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The Kubernetes source's options and client configuration.
+async fn kube_setup(
+    k: &KubernetesOptions,
+    config: &Config,
+) -> anyhow::Result<(discovery::kube::Options, kube::Config)> {
+    let cgroup_root = if config.datapath.cgroup_root.is_empty() {
+        // Without a cgroup v2 mount no pod can be redirected anyway; discovery still runs.
+        ebpf::cgroup::v2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
+    } else {
+        PathBuf::from(&config.datapath.cgroup_root)
+    };
+    let opts = discovery::kube::Options {
+        kubeconfig: k.kubeconfig.clone(),
+        node_name: k.node_name.clone(),
+        cgroup_root,
+        cluster_domain: "cluster.local".into(),
+    };
+    let client = discovery::kube::client_config(&opts).await?;
+    info!(source = %opts.describe(), node = ?opts.node_name, "kubernetes discovery");
+    Ok((opts, client))
+}
+
+/// Keeps the datapath's opted-in map equal to the configured cgroups plus the pods that
+/// Kubernetes discovery opted in. It writes only once discovery has synced the pods: until
+/// then `sync_datapath`'s write of the configured cgroups stands.
+async fn sync_opted_in_pods(
+    dp: Arc<Datapath>,
+    configured: Vec<String>,
+    mut pods: watch::Receiver<Arc<discovery::pods::OptedIn>>,
+) {
+    loop {
+        let set = pods.borrow_and_update().clone();
+        if set.synced {
+            let mut ids: HashSet<u64> = configured
+                .iter()
+                .filter_map(|p| {
+                    ebpf::cgroup::id(&dp.cgroup_root().join(p.trim_start_matches('/'))).ok()
+                })
+                .collect();
+            ids.extend(set.cgroup_ids());
+            if let Err(e) = dp.sync_opted_in(&ids) {
+                error!("datapath: {e}");
+            }
+        }
+        if pods.changed().await.is_err() {
             return;
         }
     }

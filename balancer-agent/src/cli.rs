@@ -40,6 +40,18 @@ pub struct RunArgs {
     /// How long to drain on SIGTERM before exiting anyway, in milliseconds.
     #[arg(long, default_value_t = 25_000)]
     pub drain_timeout_ms: u64,
+    /// Discover services, endpoints and opted-in pods from the Kubernetes API, with the
+    /// in-cluster configuration (the pod's service account) unless --kubeconfig is given.
+    /// Services of the configuration file are served beside them.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// A kubeconfig file for the Kubernetes API (implies --kubernetes).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: the pods whose `spec.nodeName` it is may be opted in. The DaemonSet
+    /// sets NODE_NAME from the downward API.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "BALANCER_LOG_FORMAT")]
     pub log_format: String,
@@ -72,6 +84,12 @@ fn run(args: RunArgs) -> ExitCode {
         config: args.config,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        kubernetes: (args.kubernetes || args.kubeconfig.is_some()).then(|| {
+            app::KubernetesOptions {
+                kubeconfig: args.kubeconfig,
+                node_name: args.node_name.filter(|n| !n.is_empty()),
+            }
+        }),
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

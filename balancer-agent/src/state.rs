@@ -100,6 +100,17 @@ impl ServiceSpec {
     }
 }
 
+/// Which discovery source a service came from. Each source has its own set of services: a
+/// source's [`Update::Reset`] replaces only its own. When two sources name the same service,
+/// the file wins (an operator's explicit configuration overrides discovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Source {
+    /// The configuration file (and every caller of [`Store::apply`]).
+    File,
+    /// The Kubernetes API.
+    Kubernetes,
+}
+
 /// A change from a discovery source.
 #[derive(Clone, Debug)]
 pub enum Update {
@@ -210,7 +221,8 @@ pub struct Store {
 }
 
 struct Inner {
-    specs: BTreeMap<String, ServiceSpec>,
+    /// Each source's services by name; `build` merges them, the file first.
+    sources: BTreeMap<Source, BTreeMap<String, ServiceSpec>>,
     ids: HashMap<String, u32>,
     next_id: u32,
     endpoints: HashMap<SocketAddr, Weak<Endpoint>>,
@@ -232,7 +244,7 @@ impl Store {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             inner: Mutex::new(Inner {
-                specs: BTreeMap::new(),
+                sources: BTreeMap::new(),
                 ids: HashMap::new(),
                 next_id: 1,
                 endpoints: HashMap::new(),
@@ -253,24 +265,36 @@ impl Store {
         self.changed.subscribe()
     }
 
-    /// Applies an update and publishes the new snapshot.
+    /// Applies an update from the file source and publishes the new snapshot.
     pub fn apply(&self, update: Update) {
+        self.apply_from(Source::File, [update]);
+    }
+
+    /// Applies a batch of updates from `source` and publishes one new snapshot (none if nothing
+    /// changed). A `Reset` replaces only that source's services.
+    pub fn apply_from(&self, source: Source, updates: impl IntoIterator<Item = Update>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match update {
-            Update::Reset(specs) => {
-                inner.specs = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-            }
-            Update::Upsert(spec) => {
-                if inner.specs.get(&spec.name) == Some(&spec) {
-                    return;
+        let specs = inner.sources.entry(source).or_default();
+        let mut changed = false;
+        for update in updates {
+            match update {
+                Update::Reset(new) => {
+                    let new: BTreeMap<_, _> =
+                        new.into_iter().map(|s| (s.name.clone(), s)).collect();
+                    changed |= *specs != new;
+                    *specs = new;
                 }
-                inner.specs.insert(spec.name.clone(), spec);
-            }
-            Update::Remove(name) => {
-                if inner.specs.remove(&name).is_none() {
-                    return;
+                Update::Upsert(spec) => {
+                    if specs.get(&spec.name) != Some(&spec) {
+                        specs.insert(spec.name.clone(), spec);
+                        changed = true;
+                    }
                 }
+                Update::Remove(name) => changed |= specs.remove(&name).is_some(),
             }
+        }
+        if !changed {
+            return;
         }
         let snapshot = inner.build(&self.current.load());
         let version = snapshot.version;
@@ -288,8 +312,14 @@ impl Inner {
             version: self.version,
             ..Default::default()
         };
-        let specs = std::mem::take(&mut self.specs);
-        for spec in specs.values() {
+        let sources = std::mem::take(&mut self.sources);
+        let file = sources.get(&Source::File);
+        let specs = sources.iter().flat_map(|(source, specs)| {
+            specs.values().filter(move |s| {
+                *source == Source::File || !file.is_some_and(|f| f.contains_key(&s.name))
+            })
+        });
+        for spec in specs {
             // Unchanged services keep their Arc (and their round-robin position).
             let service = match previous.services.get(&spec.name) {
                 Some(prev) if prev.spec == *spec => prev.clone(),
@@ -303,7 +333,7 @@ impl Inner {
             }
             snap.services.insert(spec.name.clone(), service);
         }
-        self.specs = specs;
+        self.sources = sources;
         snap
     }
 
@@ -451,6 +481,33 @@ mod tests {
         store.apply(Update::Remove("a".into()));
         assert!(!rx.has_changed().unwrap());
         store.apply(Update::Reset(vec![]));
+        assert!(store.snapshot().services.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_source_resets_only_its_own_services_and_the_file_wins_a_name() {
+        let store = Store::new(PoolConfig::default());
+        store.apply(Update::Reset(vec![spec("f", "10.96.0.1:80", &[])]));
+        store.apply_from(
+            Source::Kubernetes,
+            [Update::Reset(vec![
+                spec("k", "10.96.0.2:80", &[]),
+                spec("f", "10.96.0.3:80", &["10.0.0.9:80"]),
+            ])],
+        );
+        let s = store.snapshot();
+        assert_eq!(s.services.len(), 2);
+        assert!(
+            s.by_name("f").unwrap().spec.endpoints.is_empty(),
+            "the file wins"
+        );
+        // The file's reload leaves the Kubernetes services alone...
+        store.apply(Update::Reset(vec![]));
+        let s = store.snapshot();
+        assert!(s.by_name("k").is_some());
+        // ...and uncovers the Kubernetes service it hid.
+        assert_eq!(s.by_name("f").unwrap().spec.endpoints.len(), 1);
+        store.apply_from(Source::Kubernetes, [Update::Reset(vec![])]);
         assert!(store.snapshot().services.is_empty());
     }
 }

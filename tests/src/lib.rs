@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod apiserver;
 pub mod greeter;
 pub mod node;
 
