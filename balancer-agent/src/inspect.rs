@@ -15,11 +15,19 @@ use serde_json::Value;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The agent's admin address.
-    #[arg(long, default_value = "127.0.0.1:15000", env = "BALANCER_ADMIN")]
+    #[arg(long, global = true, default_value = "127.0.0.1:15000", env = "BALANCER_ADMIN")]
     pub admin: SocketAddr,
     /// Output: `table` or `json`.
-    #[arg(long, short, default_value = "table")]
+    #[arg(long, short, global = true, default_value = "table")]
     pub output: String,
+    /// Where the datapath's maps are pinned (read by `inspect bpf`).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/sys/fs/bpf/balancer",
+        env = "BALANCER_PIN_PATH"
+    )]
+    pub pin_path: std::path::PathBuf,
     /// What to show.
     #[command(subcommand)]
     pub what: What,
@@ -41,7 +49,7 @@ pub enum What {
     Connections,
     /// Calls in flight.
     Calls,
-    /// The datapath maps and counters.
+    /// The datapath maps and counters, read from the pinned maps.
     Bpf,
     /// The configuration in force.
     Config,
@@ -59,15 +67,23 @@ pub fn main(args: Args) -> ExitCode {
         What::Bpf => "/api/bpf".into(),
         What::Config => "/config_dump".into(),
     };
-    let value = match get_json(args.admin, &path) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!(
+    let fetched = if let What::Bpf = args.what {
+        crate::ebpf::pinned::read(&args.pin_path)
+            .map_err(|e| format!("balancer-agent inspect bpf: {e}"))
+    } else {
+        get_json(args.admin, &path).map_err(|e| {
+            format!(
                 "balancer-agent inspect: cannot reach the agent's admin API at http://{}{path}: {e}; \
                  check that the agent runs on this node (kubectl -n balancer-system get pods -o wide) \
                  and that --admin matches its admin.address",
                 args.admin
-            );
+            )
+        })
+    };
+    let value = match fetched {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
@@ -276,6 +292,53 @@ fn render(what: &What, v: &Value) -> String {
                 ],
             ),
         ),
-        What::Bpf | What::Config => serde_json::to_string_pretty(v).expect("serializable") + "\n",
+        What::Bpf => render_bpf(v),
+        What::Config => serde_json::to_string_pretty(v).expect("serializable") + "\n",
     }
+}
+
+fn render_bpf(v: &Value) -> String {
+    let a = &v["agent"];
+    let mut out = format!(
+        "pinned maps:  {}\nagent lease:  {} ({} ms left), proxy {}, redirect {}, shortcut {}\n\n",
+        s(&v["pin_path"]),
+        if a["alive"] == Value::Bool(true) {
+            "alive"
+        } else {
+            "EXPIRED (pods fail open)"
+        },
+        s(&a["lease_remaining_ms"]),
+        s(&a["proxy_address"]),
+        s(&a["redirect"]),
+        s(&a["shortcut"]),
+    );
+    out += "SERVICES (BLB_SERVICES)\n";
+    out += &table(
+        &["VIP", "SERVICE-ID"],
+        rows(&v["services"], &["vip", "service_id"]),
+    );
+    let opted: Vec<String> = v["opted_in_cgroups"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    out += &format!("\nOPTED-IN CGROUPS (BLB_OPTED_IN): {}\n", opted.join(" "));
+    out += "\nORIGINAL DESTINATIONS (BLB_ORIG_TUPLE)\n";
+    out += &table(
+        &["CLIENT", "PROXY", "ORIGINAL-DESTINATION", "SERVICE-ID"],
+        rows(
+            &v["orig_dst_by_tuple"],
+            &["client", "proxy", "original_destination", "service_id"],
+        ),
+    );
+    out += &format!(
+        "\npending connects (BLB_ORIG_COOKIE): {}\n\nCOUNTERS (BLB_COUNTERS)\n",
+        s(&v["orig_dst_by_cookie"])
+    );
+    if let Some(c) = v["counters"].as_object() {
+        out += &table(
+            &["COUNTER", "VALUE"],
+            c.iter().map(|(k, v)| vec![k.clone(), s(v)]).collect(),
+        );
+    }
+    out
 }

@@ -7,6 +7,14 @@
 //! Label cardinality is bounded: a service's distinct method labels are capped
 //! (`limits.max_methods_per_service`); further methods are counted as `other`, so a client
 //! that invents paths cannot grow the proxy's memory.
+//!
+//! Two families describe calls: our own (`balancer_calls_total`,
+//! `balancer_call_duration_seconds`) and Istio's standard ones (`istio_requests_total` with
+//! `grpc_response_status`, `istio_request_duration_milliseconds`, `istio_request_messages_total`,
+//! `istio_response_messages_total`) with Istio's label names, so existing Istio dashboards work
+//! unchanged. The agent reports as `reporter="source"`: it measures on the client's node.
+//! Handles for a (service, method, status) are cached, so recording a call costs one map
+//! lookup under a read lock and no allocation.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -16,19 +24,24 @@ use std::{
 };
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
-use crate::state::Store;
+use crate::state::{Service, Store};
 
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
     calls: IntCounterVec,
     duration: HistogramVec,
+    istio_requests: IntCounterVec,
+    istio_duration: HistogramVec,
+    istio_request_messages: IntCounterVec,
+    istio_response_messages: IntCounterVec,
+    handles: RwLock<HashMap<String, Arc<CallHandles>>>,
     /// Calls in flight through the proxy.
     pub active_calls: IntGauge,
     /// Client connections open.
@@ -73,6 +86,33 @@ impl Metrics {
             &["service", "method"],
         )
         .expect("valid metric");
+        let istio = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &ISTIO_LABELS).expect("valid metric")
+        };
+        let istio_requests = istio(
+            "istio_requests_total",
+            "Requests (Istio standard metric; gRPC calls through balancer).",
+        );
+        let istio_request_messages = istio(
+            "istio_request_messages_total",
+            "gRPC messages sent by clients (Istio standard metric).",
+        );
+        let istio_response_messages = istio(
+            "istio_response_messages_total",
+            "gRPC messages sent by servers (Istio standard metric).",
+        );
+        let istio_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "istio_request_duration_milliseconds",
+                "Request duration in ms (Istio standard metric).",
+            )
+            .buckets(vec![
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+            ]),
+            &ISTIO_LABELS,
+        )
+        .expect("valid metric");
         let active_calls = IntGauge::new(
             "balancer_active_calls",
             "gRPC calls in flight through the proxy.",
@@ -110,6 +150,10 @@ impl Metrics {
         for c in [
             Box::new(calls.clone()) as Box<dyn Collector>,
             Box::new(duration.clone()),
+            Box::new(istio_requests.clone()),
+            Box::new(istio_duration.clone()),
+            Box::new(istio_request_messages.clone()),
+            Box::new(istio_response_messages.clone()),
             Box::new(active_calls.clone()),
             Box::new(client_connections.clone()),
             Box::new(client_connection_errors.clone()),
@@ -123,6 +167,11 @@ impl Metrics {
             registry,
             calls,
             duration,
+            istio_requests,
+            istio_duration,
+            istio_request_messages,
+            istio_response_messages,
+            handles: RwLock::new(HashMap::new()),
             active_calls,
             client_connections,
             client_connection_errors,
@@ -133,15 +182,69 @@ impl Metrics {
         })
     }
 
-    /// Records a finished call.
-    pub fn record_call(&self, service: &str, path: &str, grpc_status: &str, took: Duration) {
-        let method = self.method_label(service, path);
-        self.calls
-            .with_label_values(&[service, method, grpc_status])
-            .inc();
-        self.duration
-            .with_label_values(&[service, method])
-            .observe(took.as_secs_f64());
+    /// Records a finished call: its service (if one was resolved), `:path`, final gRPC status
+    /// (or `reset`), duration, and gRPC messages (request, response).
+    pub fn record_call(
+        &self,
+        service: Option<&Service>,
+        path: &str,
+        grpc_status: &str,
+        took: Duration,
+        messages: (u64, u64),
+    ) {
+        let name = service.map_or("unknown", |s| &*s.name);
+        let method = self.method_label(name, path);
+        let h = self.handles(service, name, method, grpc_status);
+        h.calls.inc();
+        h.duration.observe(took.as_secs_f64());
+        h.istio_requests.inc();
+        h.istio_duration.observe(took.as_secs_f64() * 1000.0);
+        h.istio_request_messages.inc_by(messages.0);
+        h.istio_response_messages.inc_by(messages.1);
+    }
+
+    fn handles(
+        &self,
+        service: Option<&Service>,
+        name: &str,
+        method: &str,
+        status: &str,
+    ) -> Arc<CallHandles> {
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        KEY.with_borrow_mut(|key| {
+            key.clear();
+            for part in [name, "\0", method, "\0", status] {
+                key.push_str(part);
+            }
+            if let Some(h) = self
+                .handles
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key.as_str())
+            {
+                return h.clone();
+            }
+            let (dest, dest_name, dest_ns) = istio_destination(service, name);
+            let istio = [
+                "source", "unknown", "unknown", &dest, &dest_name, &dest_ns, "unknown", "grpc",
+                "200", status, "-", "unknown",
+            ];
+            let h = Arc::new(CallHandles {
+                calls: self.calls.with_label_values(&[name, method, status]),
+                duration: self.duration.with_label_values(&[name, method]),
+                istio_requests: self.istio_requests.with_label_values(&istio),
+                istio_duration: self.istio_duration.with_label_values(&istio),
+                istio_request_messages: self.istio_request_messages.with_label_values(&istio),
+                istio_response_messages: self.istio_response_messages.with_label_values(&istio),
+            });
+            self.handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), h.clone());
+            h
+        })
     }
 
     fn method_label<'a>(&self, service: &str, path: &'a str) -> &'a str {
@@ -173,6 +276,53 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("encoding to memory");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Metric handles of one (service, method, status).
+struct CallHandles {
+    calls: IntCounter,
+    duration: Histogram,
+    istio_requests: IntCounter,
+    istio_duration: Histogram,
+    istio_request_messages: IntCounter,
+    istio_response_messages: IntCounter,
+}
+
+/// Istio's standard label names, in the order `handles` fills them.
+const ISTIO_LABELS: [&str; 12] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_workload",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Istio's `destination_service` (the FQDN), `destination_service_name` and
+/// `destination_service_namespace`, from the service's cluster-local authority when it has one.
+fn istio_destination(service: Option<&Service>, name: &str) -> (String, String, String) {
+    let fqdn = service.and_then(|s| {
+        s.spec
+            .authorities
+            .iter()
+            .find(|a| a.contains(".svc."))
+            .map(|a| a.split(':').next().unwrap_or(a).to_string())
+    });
+    match fqdn {
+        Some(fqdn) => {
+            let mut parts = fqdn.split('.');
+            let n = parts.next().unwrap_or(name).to_string();
+            let ns = parts.next().unwrap_or("unknown").to_string();
+            (fqdn, n, ns)
+        }
+        None => (name.to_string(), name.to_string(), "unknown".to_string()),
     }
 }
 

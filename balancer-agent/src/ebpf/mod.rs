@@ -13,6 +13,7 @@
 //! with a `SAFETY:` line.
 
 pub mod cgroup;
+pub mod pinned;
 pub mod shortcut;
 
 use std::{

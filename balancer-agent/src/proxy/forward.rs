@@ -72,6 +72,7 @@ pub async fn call(
     let authority = request.uri().authority().map(|a| a.as_str());
     let service = target.resolve(&snapshot, authority).cloned();
     let path = request.uri().path().to_string();
+    let mut messages = (0, 0);
 
     let end = if active >= proxy.limits.max_active_calls {
         reply(
@@ -82,12 +83,17 @@ pub async fn call(
         )
     } else if let Some(service) = &service {
         _call.routed(&service.name, SocketAddr::from(([0, 0, 0, 0], 0)));
-        Call {
+        let c = Call {
             service,
             call: &_call,
-        }
-        .run(request, &mut respond)
-        .await
+            messages: Default::default(),
+        };
+        let end = c.run(request, &mut respond).await;
+        messages = (
+            c.messages[0].load(std::sync::atomic::Ordering::Relaxed),
+            c.messages[1].load(std::sync::atomic::Ordering::Relaxed),
+        );
+        end
     } else {
         let what = match (&*target, authority) {
             (Target::Vip(vip), _) => format!("no service has VIP {vip}"),
@@ -102,10 +108,9 @@ pub async fn call(
         End::ClientCancelled => "1",
         End::Reset => "reset",
     };
-    let name = service.as_ref().map_or("unknown", |s| &*s.name);
     proxy
         .metrics
-        .record_call(name, &path, status, start.elapsed());
+        .record_call(service.as_deref(), &path, status, start.elapsed(), messages);
     proxy.metrics.active_calls.dec();
     proxy
         .active_calls
@@ -122,6 +127,8 @@ fn reply(respond: &mut SendResponse<Bytes>, status: Status) -> End {
 struct Call<'a> {
     service: &'a Arc<Service>,
     call: &'a super::registry::CallHandle,
+    /// gRPC messages of the request and of the response, known when the call ends.
+    messages: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// An upstream stream that carries the call.
@@ -174,7 +181,7 @@ impl Replay {
 }
 
 impl Call<'_> {
-    async fn run(self, request: Request<RecvStream>, respond: &mut SendResponse<Bytes>) -> End {
+    async fn run(&self, request: Request<RecvStream>, respond: &mut SendResponse<Bytes>) -> End {
         let (parts, mut body) = request.into_parts();
         let deadline = parts
             .headers
@@ -250,7 +257,10 @@ impl Call<'_> {
                 .await
             {
                 Phase1::Response(r) => r,
-                Phase1::Done(end) => return end,
+                Phase1::Done(end) => {
+                    self.count_messages(&pump, None);
+                    return end;
+                }
                 Phase1::Refused(e) => {
                     up.lease.broken();
                     // Replayable: nothing sent yet, or the whole body is kept.
@@ -273,6 +283,12 @@ impl Call<'_> {
                 .phase2(up, response, body, pump, respond, deadline)
                 .await;
         }
+    }
+
+    fn count_messages(&self, request: &Pump, response: Option<&Pump>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.messages[0].store(request.messages.count, Relaxed);
+        self.messages[1].store(response.map_or(0, |p| p.messages.count), Relaxed);
     }
 
     fn all_failed(&self, tried: &[SocketAddr], last_error: &str) -> Status {
@@ -359,7 +375,7 @@ impl Call<'_> {
                         up.lease.broken();
                         up.guard.endpoint().stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Phase1::Done(reply(respond, Status::unavailable(format!(
-                            "endpoint {addr}: connection lost before the response: {e}"
+                            "endpoint {addr}: connection lost before the response: {e} STREAM {:?}", up.send.stream_id()
                         ))));
                     }
                 },
@@ -392,33 +408,37 @@ impl Call<'_> {
         let headers_status = ended.then(|| parts.headers.get("grpc-status").cloned());
         let mut client = match respond.send_response(Response::from_parts(parts, ()), ended) {
             Ok(s) => s,
-            Err(_) => return End::ClientCancelled,
+            Err(_) => {
+                self.count_messages(&req_pump, None);
+                return End::ClientCancelled;
+            }
         };
         if let Some(status) = headers_status {
+            self.count_messages(&req_pump, None);
             return End::Status(status.unwrap_or_else(|| HeaderValue::from_static("2")));
         }
         let mut resp_pump = Pump::new(false);
         let sleep = deadline.map(tokio::time::sleep_until);
         tokio::pin!(sleep);
-        loop {
+        let end = loop {
             tokio::select! {
                 biased;
                 _ = async { sleep.as_mut().as_pin_mut().expect("guarded").await }, if deadline.is_some() => {
                     let status = Status::deadline(self.deadline_message());
                     let _ = client.send_trailers(status.trailers());
-                    return End::Status(status.code.header());
+                    break End::Status(status.code.header());
                 }
                 r = poll_fn(|cx| resp_pump.poll(cx, &mut up_body, &mut client, &mut |_| {})) => match r {
                     Ok(()) => {
-                        return End::Status(
+                        break End::Status(
                             resp_pump.grpc_status.clone().unwrap_or_else(|| HeaderValue::from_static("0")),
                         );
                     }
-                    Err(PumpError::Send(_)) => return End::ClientCancelled,
+                    Err(PumpError::Send(_)) => break End::ClientCancelled,
                     Err(PumpError::Recv(e)) => {
                         if let (Some(reason), true) = (e.reason(), e.is_reset() && e.is_remote()) {
                             client.send_reset(reason);
-                            return End::Reset;
+                            break End::Reset;
                         }
                         up.lease.broken();
                         up.guard.endpoint().stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -426,21 +446,23 @@ impl Call<'_> {
                             "endpoint {addr}: connection lost during the response: {e}"
                         ));
                         let _ = client.send_trailers(status.trailers());
-                        return End::Status(status.code.header());
+                        break End::Status(status.code.header());
                     }
                 },
                 r = poll_fn(|cx| req_pump.poll(cx, &mut body, &mut up.send, &mut |_| {})), if !req_pump.is_done() => {
                     match r {
                         Ok(()) => {}
-                        Err(PumpError::Recv(_)) => return End::ClientCancelled,
+                        Err(PumpError::Recv(_)) => break End::ClientCancelled,
                         Err(PumpError::Send(_)) => {
                             // The endpoint no longer reads the request; its response goes on.
-                            req_pump = Pump::new(true);
+                            req_pump.finish();
                         }
                     }
                 }
             }
-        }
+        };
+        self.count_messages(&req_pump, Some(&resp_pump));
+        end
     }
 }
 

@@ -44,6 +44,47 @@ pub struct Pump {
     pub bytes: u64,
     /// Whether the stream ended with trailers.
     pub had_trailers: bool,
+    /// gRPC messages seen (length-prefixed frames), for the message-count metrics.
+    pub messages: MessageCounter,
+}
+
+/// Counts gRPC messages in a byte stream: each is a 1-byte flag and a 4-byte big-endian length,
+/// then that many bytes. Chunks may split a prefix or a message anywhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MessageCounter {
+    /// Messages whose prefix was seen.
+    pub count: u64,
+    /// Prefix bytes still to read (0 means: inside a message body, or at a boundary).
+    prefix_seen: u8,
+    prefix: [u8; 5],
+    /// Body bytes of the current message still to skip.
+    remaining: u64,
+}
+
+impl MessageCounter {
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(b.len());
+                self.remaining -= n as u64;
+                b = &b[n..];
+                continue;
+            }
+            let want = 5 - self.prefix_seen as usize;
+            let n = want.min(b.len());
+            self.prefix[self.prefix_seen as usize..self.prefix_seen as usize + n]
+                .copy_from_slice(&b[..n]);
+            self.prefix_seen += n as u8;
+            b = &b[n..];
+            if self.prefix_seen == 5 {
+                self.count += 1;
+                self.prefix_seen = 0;
+                let p = self.prefix;
+                self.remaining = u64::from(u32::from_be_bytes([p[1], p[2], p[3], p[4]]));
+            }
+        }
+    }
 }
 
 impl Pump {
@@ -55,7 +96,14 @@ impl Pump {
             grpc_status: None,
             bytes: 0,
             had_trailers: false,
+            messages: MessageCounter::default(),
         }
+    }
+
+    /// Stops forwarding (the sending side's peer no longer reads); keeps the counts.
+    pub fn finish(&mut self) {
+        self.state = State::Done;
+        self.chunk = None;
     }
 
     /// Whether everything was forwarded.
@@ -95,6 +143,7 @@ impl Pump {
                         match from.poll_data(cx) {
                             Poll::Ready(Some(Ok(b))) => {
                                 if !b.is_empty() {
+                                    self.messages.feed(&b);
                                     on_chunk(&b);
                                     self.chunk = Some(b);
                                 }
@@ -146,6 +195,30 @@ impl Pump {
             Poll::Ready(Ok(reason)) => Poll::Ready(Err(PumpError::Send(reason.into()))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(PumpError::Send(e))),
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageCounter;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(7u8, len as usize));
+        v
+    }
+
+    #[test]
+    fn counts_messages_across_any_split() {
+        let stream: Vec<u8> = [frame(0), frame(3), frame(70_000), frame(1)].concat();
+        for chunk in [1, 2, 3, 5, 7, 4096, stream.len()] {
+            let mut c = MessageCounter::default();
+            for part in stream.chunks(chunk) {
+                c.feed(part);
+            }
+            assert_eq!(c.count, 4, "chunk size {chunk}");
         }
     }
 }
