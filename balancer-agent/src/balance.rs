@@ -272,6 +272,12 @@ impl CallGuard {
         &self.endpoint
     }
 
+    /// The request left for the endpoint: latency is measured from here, so the time to open a
+    /// pooled connection does not count against a cold endpoint.
+    pub fn sent(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// The endpoint answered: its latency feeds the EWMA and the call stops being pending.
     pub fn first_byte(&mut self) {
         if std::mem::take(&mut self.pending) {

@@ -335,6 +335,8 @@ impl Call<'_> {
             Ok(r) => r,
             Err(e) => return Err(fail(&lease, "cannot open a stream", e)),
         };
+        let mut guard = guard;
+        guard.sent();
         Ok(Upstream {
             guard,
             lease,
@@ -375,7 +377,7 @@ impl Call<'_> {
                         up.lease.broken();
                         up.guard.endpoint().stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Phase1::Done(reply(respond, Status::unavailable(format!(
-                            "endpoint {addr}: connection lost before the response: {e} STREAM {:?}", up.send.stream_id()
+                            "endpoint {addr}: connection lost before the response: {e}"
                         ))));
                     }
                 },
