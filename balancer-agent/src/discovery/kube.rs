@@ -130,6 +130,10 @@ pub async fn client_config(opts: &Options) -> Result<kube::Config, Error> {
     // A control plane that does not answer a connect in 5 s is treated as down (the watch is
     // retried), rather than holding a watcher for kube's default 30 s.
     config.connect_timeout = Some(Duration::from_secs(5));
+    // Retries are the watchers' own, with [`Backoff`]: kube's retry layer would retry a 504
+    // ("too large resource version", a server restored from a backup) 15 times with delays
+    // doubling from 5 ms, minutes before the watcher could see it and start over.
+    config.default_retry = false;
     Ok(config)
 }
 

@@ -1,0 +1,563 @@
+//! Kubernetes discovery, end to end: the real `balancer-agent` (its real kube-rs client) against
+//! the in-process API server fixture (`balancer_tests::apiserver`), with real tonic backends.
+//!
+//! Backends of one Service listen on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...)
+//! and one port, as pods of a Deployment do on their pod IPs, so one EndpointSlice lists them.
+//! Pod cgroups are directory trees laid out as the kubelet lays them out, under the agent's
+//! `datapath.cgroup_root` (no root needed: the opted-in set is read from `/api/opted_in`).
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use balancer_tests::{
+    agent::{Agent, TempDir, http_get, metric},
+    apiserver::{
+        ApiServer, Kind,
+        objects::{Ep, endpoint_slice, namespace, pod, service},
+    },
+    free_port, greeter,
+    pb::{HelloRequest, greeter_client::GreeterClient},
+    wait_until, wait_until_async,
+};
+use serde_json::Value;
+use tonic::{Code, transport::Channel};
+
+const NODE: &str = "node-1";
+const AUTHORITY: &str = "greeter.default.svc.cluster.local:50051";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Env {
+    api: ApiServer,
+    agent: Agent,
+    listen: SocketAddr,
+    dir: TempDir,
+}
+
+impl Env {
+    fn cgroup_root(&self) -> PathBuf {
+        self.dir.0.join("cgroup")
+    }
+}
+
+fn config(listen: SocketAddr, admin: SocketAddr, cgroup_root: &std::path::Path) -> String {
+    format!(
+        "listeners:\n  - address: {listen}\nadmin:\n  address: {admin}\ndatapath:\n  cgroup_root: {}\n",
+        cgroup_root.display()
+    )
+}
+
+/// The fixture, then the agent against it (ready: every cache synced).
+async fn start(api: ApiServer) -> Env {
+    let dir = TempDir::new("balancer-kube");
+    std::fs::create_dir_all(dir.0.join("cgroup")).unwrap();
+    let kubeconfig = api.kubeconfig(&dir.0);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start_with(&config(listen, admin, &dir.0.join("cgroup")), admin, |c| {
+        c.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--node-name", NODE]);
+    })
+    .await;
+    Env {
+        api,
+        agent,
+        listen,
+        dir,
+    }
+}
+
+/// `n` greeter backends on 127.0.0.2.. with one port, named `backend-<i>`.
+async fn backends(n: usize) -> (u16, Vec<greeter::Handle>) {
+    'again: loop {
+        let port = free_port();
+        let mut v = Vec::new();
+        for i in 0..n {
+            let addr = format!("127.0.0.{}:{port}", i + 2);
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => drop(l),
+                Err(_) => continue 'again,
+            }
+            v.push(greeter::spawn(&addr, &format!("backend-{}", i + 1)).await);
+        }
+        return (port, v);
+    }
+}
+
+fn greeter_service() -> Value {
+    service(
+        "default",
+        "greeter",
+        "10.96.0.10",
+        &[("grpc", 50051, None), ("metrics", 9090, None)],
+    )
+}
+
+fn slice_of(port: u16, eps: &[Ep]) -> Value {
+    endpoint_slice(
+        "default",
+        "greeter-abcde",
+        "greeter",
+        &[("grpc", port)],
+        eps,
+    )
+}
+
+fn ready(backends: &[greeter::Handle]) -> Vec<Ep> {
+    backends
+        .iter()
+        .map(|b| Ep::ready(&b.addr.ip().to_string(), &b.name))
+        .collect()
+}
+
+/// A client connection to the proxy that names the Service in `:authority`.
+async fn client(listen: SocketAddr) -> GreeterClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .origin(format!("http://{AUTHORITY}").parse().unwrap())
+        .connect()
+        .await
+        .expect("connecting to the proxy");
+    GreeterClient::new(channel)
+}
+
+fn hello(name: &str) -> HelloRequest {
+    HelloRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// The endpoints the agent knows for the greeter's gRPC port: (address, health).
+fn endpoints(agent: &Agent) -> Vec<(String, String)> {
+    agent
+        .json("/api/endpoints?service=greeter.default:50051")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["health"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn ready_count(agent: &Agent) -> usize {
+    endpoints(agent)
+        .iter()
+        .filter(|(_, h)| h == "ready")
+        .count()
+}
+
+#[tokio::test]
+async fn a_namespace_labelled_at_run_time_opts_its_pods_in_and_out() {
+    let api = ApiServer::start().await;
+    api.apply(namespace("apps", &[]));
+    let uids = [
+        "0f6c1b2a-3d4e-4f50-8a9b-0c1d2e3f4a51",
+        "0f6c1b2a-3d4e-4f50-8a9b-0c1d2e3f4a52",
+        "0f6c1b2a-3d4e-4f50-8a9b-0c1d2e3f4a53",
+        "0f6c1b2a-3d4e-4f50-8a9b-0c1d2e3f4a54",
+        "0f6c1b2a-3d4e-4f50-8a9b-0c1d2e3f4a55",
+    ];
+    api.apply_all([
+        pod("apps", "a", uids[0], NODE, &[], false),
+        pod("apps", "b", uids[1], NODE, &[], false),
+        pod(
+            "apps",
+            "opted-out",
+            uids[2],
+            NODE,
+            &[("balancer.dev/enabled", "false")],
+            false,
+        ),
+        pod("apps", "meshed", uids[3], NODE, &[], true),
+        pod("apps", "elsewhere", uids[4], "node-2", &[], false),
+    ]);
+    let env = start(api).await;
+    // The kubelet's layout: systemd driver for a (Burstable), cgroupfs for b.
+    let root = env.cgroup_root();
+    let a_dir = root.join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uids[0].replace('-', "_")
+    ));
+    let b_dir = root.join(format!("kubepods/burstable/pod{}", uids[1]));
+    for (i, d) in [&a_dir, &b_dir].into_iter().enumerate() {
+        std::fs::create_dir_all(d.join(format!("cri-containerd-{i:064}.scope"))).unwrap();
+    }
+    for u in &uids[2..] {
+        std::fs::create_dir_all(root.join(format!("kubepods/burstable/pod{u}"))).unwrap();
+    }
+    let opted = |env: &Env| -> Vec<(String, Option<u64>)> {
+        let v = env.agent.json("/api/opted_in");
+        assert_eq!(v["synced"], true, "{v}");
+        v["pods"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| {
+                (
+                    p["pod"].as_str().unwrap().to_string(),
+                    p["cgroup_id"].as_u64(),
+                )
+            })
+            .collect()
+    };
+    assert!(opted(&env).is_empty());
+
+    env.api
+        .apply(namespace("apps", &[("balancer.dev/enabled", "true")]));
+    let want = vec![
+        (
+            "apps/a".to_string(),
+            Some(std::fs::metadata(&a_dir).unwrap().ino()),
+        ),
+        (
+            "apps/b".to_string(),
+            Some(std::fs::metadata(&b_dir).unwrap().ino()),
+        ),
+    ];
+    wait_until("pods a and b opted in, with their cgroup ids", WAIT, || {
+        opted(&env) == want
+    })
+    .await;
+
+    // One pod opts out at run time.
+    env.api.apply(pod(
+        "apps",
+        "b",
+        uids[1],
+        NODE,
+        &[("balancer.dev/enabled", "false")],
+        false,
+    ));
+    wait_until("pod b opted out", WAIT, || opted(&env) == want[..1]).await;
+
+    env.api.apply(namespace("apps", &[]));
+    wait_until("every pod out once the label is gone", WAIT, || {
+        opted(&env).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_service_added_routes_and_removed_fails_unavailable() {
+    let (port, b) = backends(2).await;
+    let env = start(ApiServer::start().await).await;
+    let mut c = client(env.listen).await;
+    let e = c.say_hello(hello("before")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b))]);
+    wait_until("the service and its 2 endpoints", WAIT, || {
+        ready_count(&env.agent) == 2
+    })
+    .await;
+    let services = env.agent.json("/api/services");
+    let names: HashSet<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        HashSet::from(["greeter.default:50051"]),
+        "{services}"
+    );
+    let vips = &services[0]["vips"];
+    assert_eq!(vips, &serde_json::json!(["10.96.0.10:50051"]));
+    let mut seen = HashSet::new();
+    for i in 0..40 {
+        let r = c.say_hello(hello(&format!("c{i}"))).await.expect("routed");
+        seen.insert(r.into_inner().backend);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    env.api.delete(Kind::Service, "default", "greeter");
+    wait_until("the service gone", WAIT, || {
+        env.agent
+            .json("/api/services")
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let e = c.say_hello(hello("after")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}
+
+/// Runs `workers` clients calling in a loop until `stop`; counts calls and failures.
+fn load(
+    listen: SocketAddr,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|w| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut c = client(listen).await;
+                let mut i = 0u64;
+                while !stop.load(Relaxed) {
+                    i += 1;
+                    match c.say_hello(hello(&format!("w{w}-{i}"))).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => failed.lock().unwrap().push(format!("{e:?}")),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_scale_1_to_100_to_1_under_load_without_a_failed_call() {
+    let (port, b) = backends(100).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("1 endpoint", WAIT, || ready_count(&env.agent) == 1).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tasks = load(env.listen, 4, stop.clone(), ok.clone(), failed.clone());
+    wait_until("calls flowing", WAIT, || ok.load(Relaxed) > 50).await;
+
+    env.api.apply(slice_of(port, &ready(&b)));
+    wait_until("100 endpoints", WAIT, || ready_count(&env.agent) == 100).await;
+    wait_until(
+        "calls reach at least 90 of the 100 backends",
+        WAIT * 2,
+        || b.iter().filter(|b| b.stats.calls.load(Relaxed) > 0).count() >= 90,
+    )
+    .await;
+
+    env.api.apply(slice_of(port, &ready(&b[..1])));
+    wait_until("back to 1 endpoint", WAIT, || {
+        endpoints(&env.agent).len() == 1
+    })
+    .await;
+    let before: u64 = b[1..].iter().map(|b| b.stats.calls.load(Relaxed)).sum();
+    let first = b[0].stats.calls.load(Relaxed);
+    wait_until("new calls all go to the one left", WAIT, || {
+        b[0].stats.calls.load(Relaxed) > first + 200
+    })
+    .await;
+    let after: u64 = b[1..].iter().map(|b| b.stats.calls.load(Relaxed)).sum();
+    stop.store(true, Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed calls: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // Calls already on their way to a removed endpoint may land; none start after.
+    assert!(
+        after - before <= 4,
+        "{} calls reached removed endpoints",
+        after - before
+    );
+    assert!(ok.load(Relaxed) > 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_endpoint_takes_no_new_calls_and_finishes_its_own() {
+    let (port, b) = backends(2).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("1 endpoint", WAIT, || ready_count(&env.agent) == 1).await;
+
+    let mut c = client(env.listen).await;
+    let mut slow = c.clone();
+    let in_flight = tokio::spawn(async move {
+        let mut req = hello("long");
+        req.sleep_ms = 3000;
+        slow.say_hello(req).await.map(|r| r.into_inner().backend)
+    });
+    wait_until("the long call on backend-1", WAIT, || {
+        b[0].stats.in_flight.load(Relaxed) == 1
+    })
+    .await;
+
+    // backend-1 starts terminating; backend-2 appears.
+    env.api.apply(slice_of(
+        port,
+        &[
+            Ep::terminating(&b[0].addr.ip().to_string(), &b[0].name),
+            Ep::ready(&b[1].addr.ip().to_string(), &b[1].name),
+        ],
+    ));
+    wait_until("backend-1 terminating", WAIT, || {
+        endpoints(&env.agent)
+            .iter()
+            .any(|(a, h)| a == &b[0].addr.to_string() && h == "terminating")
+    })
+    .await;
+    for i in 0..20 {
+        let r = c
+            .say_hello(hello(&format!("n{i}")))
+            .await
+            .expect("new call");
+        assert_eq!(r.into_inner().backend, "backend-2");
+    }
+    assert_eq!(b[0].stats.in_flight.load(Relaxed), 1, "still draining");
+    assert_eq!(
+        in_flight
+            .await
+            .unwrap()
+            .expect("the draining call finishes"),
+        "backend-1"
+    );
+    assert_eq!(b[0].stats.calls.load(Relaxed), 1);
+    assert_eq!(b[0].stats.cancelled.load(Relaxed), 0);
+}
+
+/// Calls until one reaches `backend`, bounded.
+async fn until_served_by(c: &GreeterClient<Channel>, backend: &str) {
+    wait_until_async(&format!("calls served by {backend}"), WAIT, || {
+        let mut c = c.clone();
+        let backend = backend.to_string();
+        async move {
+            c.say_hello(hello("x"))
+                .await
+                .is_ok_and(|r| r.into_inner().backend == backend)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_api_server_restarts_and_the_agent_keeps_then_refreshes_its_endpoints() {
+    let (port, b) = backends(3).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("1 endpoint", WAIT, || ready_count(&env.agent) == 1).await;
+    let mut c = client(env.listen).await;
+
+    env.api.stop().await;
+    wait_until("the watches gone", WAIT, || env.api.watches() == 0).await;
+    for i in 0..20 {
+        let r = c
+            .say_hello(hello(&format!("down{i}")))
+            .await
+            .expect("last known endpoints");
+        assert_eq!(r.into_inner().backend, "backend-1");
+    }
+    assert_eq!(http_get(env.agent.admin, "/ready").unwrap().0, 200);
+    // A change while the server is down is seen after it comes back (relist after 410).
+    env.api.apply(slice_of(port, &ready(&b[1..2])));
+    env.api.start_again().await;
+    until_served_by(&c, "backend-2").await;
+    // And the watches that follow work.
+    env.api.apply(slice_of(port, &ready(&b[2..3])));
+    until_served_by(&c, "backend-3").await;
+}
+
+#[tokio::test]
+async fn dropped_watches_410_and_a_resource_version_going_back_are_recovered() {
+    let (port, b) = backends(3).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("1 endpoint", WAIT, || ready_count(&env.agent) == 1).await;
+    let c = client(env.listen).await;
+    let watches = env.api.watches();
+
+    // Cut mid-stream; the watchers resume from their resourceVersion.
+    env.api.disconnect_watches();
+    env.api.apply(slice_of(port, &ready(&b[1..2])));
+    until_served_by(&c, "backend-2").await;
+
+    // History gone: resuming gets 410 (an ERROR event), the watcher relists.
+    env.api.disconnect_watches();
+    env.api.compact();
+    env.api.apply(slice_of(port, &ready(&b[..1])));
+    until_served_by(&c, "backend-1").await;
+
+    // A restore: the server's resourceVersion goes back below the agent's.
+    env.api.stop().await;
+    env.api.rewind(500);
+    env.api.start_again().await;
+    env.api.apply(slice_of(port, &ready(&b[2..3])));
+    until_served_by(&c, "backend-3").await;
+    wait_until("every watch open again", WAIT, || {
+        env.api.watches() >= watches
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn not_ready_until_every_cache_synced() {
+    let api = ApiServer::start().await;
+    api.stop().await;
+    let dir = TempDir::new("balancer-kube-ready");
+    let kubeconfig = api.kubeconfig(&dir.0);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let yaml = config(listen, admin, &dir.0);
+    let starting = Agent::start_with(&yaml, admin, |c| {
+        c.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--node-name", NODE]);
+    });
+    let api_comes_up = async {
+        wait_until("the agent says why it is not ready", WAIT, || {
+            http_get(admin, "/ready").is_ok_and(|(code, body)| {
+                code == 503 && body.contains("kubernetes caches not synced")
+            })
+        })
+        .await;
+        api.start_again().await;
+    };
+    let (_agent, ()) = tokio::join!(starting, api_comes_up);
+}
+
+#[tokio::test]
+async fn an_endpoint_change_reaches_the_balancer_within_100ms_of_its_watch_event() {
+    let (port, b) = backends(2).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("1 endpoint", WAIT, || ready_count(&env.agent) == 1).await;
+    for i in 0..20 {
+        let n = 1 + (i % 2);
+        env.api.apply(slice_of(port, &ready(&b[..n])));
+        wait_until("the change applied", WAIT, || ready_count(&env.agent) == n).await;
+    }
+    let m = env.agent.metrics();
+    let count = metric(&m, "balancer_discovery_apply_seconds_count", &[]);
+    let within = metric(
+        &m,
+        "balancer_discovery_apply_seconds_bucket",
+        &["le=\"0.1\""],
+    );
+    assert!(count >= 20.0, "{count} observations");
+    assert_eq!(
+        within, count,
+        "every change applied within 100 ms of its event"
+    );
+}
