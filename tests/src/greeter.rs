@@ -2,7 +2,12 @@
 //!
 //! Knobs in the request (`sleep_ms`, `fail_code`, `count`, `payload`) make it slow, failing,
 //! streaming or large. Request metadata named `x-echo-*` is echoed back in the response
-//! headers, and, for failed calls, in the trailers.
+//! headers, and, for failed calls, in the trailers. A unary call that carried a `grpc-timeout`
+//! gets it back as `x-received-grpc-timeout` in the response headers, so tests can see what
+//! deadline reached the backend.
+//!
+//! Per-backend [`Options`] (a delay on every call, a cap on concurrent streams) and a graceful
+//! shutdown ([`Handle::shutdown`]) shape a backend as a whole.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -36,6 +41,10 @@ pub struct Stats {
     pub in_flight: AtomicU64,
     /// Calls whose handler was dropped before it finished (the client cancelled).
     pub cancelled: AtomicU64,
+    /// Messages of server-streaming and bidirectional calls handed to the transport.
+    pub sent: AtomicU64,
+    /// TCP connections accepted (by [`serve_with`] and [`spawn_with`]).
+    pub connections: AtomicU64,
 }
 
 /// The service.
@@ -43,6 +52,16 @@ pub struct Stats {
 pub struct Backend {
     name: Arc<str>,
     stats: Arc<Stats>,
+    delay: Duration,
+}
+
+/// How a whole backend behaves, set when it is spawned.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Every call waits this long before it is handled (a slow backend), ms.
+    pub delay_ms: u64,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the backend advertises; `None` for tonic's default.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// Counts a call in flight, and as cancelled if dropped before [`CallGuard::done`].
@@ -92,6 +111,12 @@ fn echo(from: &MetadataMap) -> MetadataMap {
 }
 
 impl Backend {
+    async fn delay(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+
     fn reply(&self, req: &HelloRequest, index: u32) -> HelloReply {
         HelloReply {
             message: format!("Hello {} from {}", req.name, self.name),
@@ -116,6 +141,7 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>
 impl Greeter for Backend {
     async fn say_hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let guard = CallGuard::new(&self.stats);
+        self.delay().await;
         let md = req.metadata().clone();
         let req = req.into_inner();
         if req.sleep_ms > 0 {
@@ -127,6 +153,10 @@ impl Greeter for Backend {
         }
         let mut resp = Response::new(self.reply(&req, 0));
         *resp.metadata_mut() = echo(&md);
+        if let Some(t) = md.get("grpc-timeout") {
+            resp.metadata_mut()
+                .insert("x-received-grpc-timeout", t.clone());
+        }
         Ok(resp)
     }
 
@@ -136,10 +166,11 @@ impl Greeter for Backend {
         &self,
         req: Request<HelloRequest>,
     ) -> Result<Response<Self::SayHelloStreamStream>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        self.delay().await;
         let md = req.metadata().clone();
         let req = req.into_inner();
         let me = self.clone();
-        let guard = CallGuard::new(&self.stats);
         let stream = async_stream(move |tx| async move {
             for i in 0..req.count {
                 if req.sleep_ms > 0 {
@@ -148,6 +179,7 @@ impl Greeter for Backend {
                 if tx.send(Ok(me.reply(&req, i))).await.is_err() {
                     return;
                 }
+                me.stats.sent.fetch_add(1, Relaxed);
             }
             if let Some(s) = Self::failure(&req, &md) {
                 let _ = tx.send(Err(s)).await;
@@ -162,6 +194,7 @@ impl Greeter for Backend {
         req: Request<Streaming<HelloRequest>>,
     ) -> Result<Response<HelloReply>, Status> {
         let guard = CallGuard::new(&self.stats);
+        self.delay().await;
         let mut stream = req.into_inner();
         let mut names = Vec::new();
         let mut bytes = 0;
@@ -189,9 +222,10 @@ impl Greeter for Backend {
         &self,
         req: Request<Streaming<HelloRequest>>,
     ) -> Result<Response<Self::ChatStream>, Status> {
+        let guard = CallGuard::new(&self.stats);
+        self.delay().await;
         let mut input = req.into_inner();
         let me = self.clone();
-        let guard = CallGuard::new(&self.stats);
         let stream = async_stream(move |tx| async move {
             let mut i = 0;
             while let Some(m) = input.next().await {
@@ -200,6 +234,7 @@ impl Greeter for Backend {
                         if tx.send(Ok(me.reply(&m, i))).await.is_err() {
                             return;
                         }
+                        me.stats.sent.fetch_add(1, Relaxed);
                         i += 1;
                     }
                     Err(_) => return,
@@ -244,12 +279,25 @@ pub struct Handle {
     /// What it has seen.
     pub stats: Arc<Stats>,
     task: tokio::task::JoinHandle<()>,
+    shutdown: Arc<tokio::sync::Notify>,
 }
 
 impl Handle {
     /// Stops accepting new connections (existing ones are left to tonic).
     pub fn stop(&self) {
         self.task.abort();
+    }
+
+    /// Shuts down gracefully, as a pod does on SIGTERM: stops accepting, sends GOAWAY on every
+    /// connection, lets the calls it accepted finish. Returns at once; [`Handle::is_finished`]
+    /// tells when it is done.
+    pub fn shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// Whether the server has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 }
 
@@ -261,9 +309,15 @@ impl Drop for Handle {
 
 /// The tonic service for a backend named `name`.
 pub fn service(name: &str, stats: Arc<Stats>) -> GreeterServer<Backend> {
+    service_with(name, stats, &Options::default())
+}
+
+/// The tonic service for a backend named `name` with `options`.
+pub fn service_with(name: &str, stats: Arc<Stats>, options: &Options) -> GreeterServer<Backend> {
     GreeterServer::new(Backend {
         name: name.into(),
         stats,
+        delay: Duration::from_millis(options.delay_ms),
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE)
@@ -278,16 +332,51 @@ pub async fn serve(listener: TcpListener, name: String, stats: Arc<Stats>) {
         .await;
 }
 
+/// Serves a backend with `options` on `listener` until `shutdown` is notified (then
+/// gracefully) or the task is dropped.
+pub async fn serve_with(
+    listener: TcpListener,
+    name: String,
+    stats: Arc<Stats>,
+    options: Options,
+    shutdown: Arc<tokio::sync::Notify>,
+) {
+    let counted = stats.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |c| {
+        if c.is_ok() {
+            counted.connections.fetch_add(1, Relaxed);
+        }
+    });
+    let _ = tonic::transport::Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .add_service(service_with(&name, stats, &options))
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
+        .await;
+}
+
 /// Starts a backend named `name` on `addr` (use port 0 for any).
 pub async fn spawn(addr: &str, name: &str) -> Handle {
+    spawn_with(addr, name, Options::default()).await
+}
+
+/// Starts a backend named `name` on `addr` with `options`.
+pub async fn spawn_with(addr: &str, name: &str, options: Options) -> Handle {
     let listener = TcpListener::bind(addr).await.expect("binding a backend");
     let addr = listener.local_addr().expect("local addr");
     let stats = Arc::new(Stats::default());
-    let task = tokio::spawn(serve(listener, name.to_string(), stats.clone()));
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let task = tokio::spawn(serve_with(
+        listener,
+        name.to_string(),
+        stats.clone(),
+        options,
+        shutdown.clone(),
+    ));
     Handle {
         addr,
         name: name.into(),
         stats,
         task,
+        shutdown,
     }
 }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod greeter;
+pub mod harness;
 pub mod node;
 
 use std::time::Duration;

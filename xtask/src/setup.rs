@@ -169,6 +169,7 @@ pub fn setup() -> anyhow::Result<()> {
     apt_install(PACKAGES)?;
     bpf_linker()?;
     bpffs()?;
+    python_grpcio()?;
     Ok(())
 }
 
@@ -182,4 +183,27 @@ pub fn bench_peers() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// grpcio, pinned, for the Python interop test (`tests/tests/interop.rs`).
+const GRPCIO: &str = "grpcio==1.76.0";
+
+/// Installs grpcio from PyPI for the interop test, unless `import grpc` already works.
+fn python_grpcio() -> anyhow::Result<()> {
+    let imports = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if imports {
+        return Ok(());
+    }
+    eprintln!("setup: installing {GRPCIO} (the Python gRPC interop test)");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        GRPCIO,
+    ]))
 }

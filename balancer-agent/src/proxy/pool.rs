@@ -13,6 +13,10 @@
 //!   connection ends when no `SendRequest` remains and no stream is open.
 //! - Connects to one endpoint are serialized, so a burst of calls opens one connection rather
 //!   than one per call.
+//! - A connection joins the pool only after the endpoint answered a PING on it. Its SETTINGS
+//!   come first, so the pool knows the endpoint's stream limit before it leases a slot, and a
+//!   socket that only sits in a listen backlog (a server that stopped accepting but has not
+//!   closed its listener yet) is never handed a call it would lose.
 //! - Each connection has a driver task (the h2 connection future, idle timeout) and, with
 //!   keepalive on, a pinger task. Both hold only a `Weak` to the connection.
 #![forbid(unsafe_code)]
@@ -58,6 +62,12 @@ pub enum Error {
         addr: SocketAddr,
         /// The cause.
         source: h2::Error,
+    },
+    /// The endpoint closed the connection before it answered the first PING.
+    #[error("endpoint {addr}: closed the connection before answering HTTP/2")]
+    Closed {
+        /// The endpoint.
+        addr: SocketAddr,
     },
 }
 
@@ -213,7 +223,7 @@ impl Pool {
                 .await
                 .map_err(|source| Error::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);
-            h2::client::Builder::new()
+            let (send, mut connection) = h2::client::Builder::new()
                 .initial_window_size(self.cfg.initial_stream_window)
                 .initial_connection_window_size(self.cfg.initial_connection_window)
                 .max_frame_size(16 * 1024)
@@ -223,9 +233,26 @@ impl Pool {
                 .enable_push(false)
                 .handshake::<_, Bytes>(tcp)
                 .await
-                .map_err(|source| Error::Handshake { addr, source })
+                .map_err(|source| Error::Handshake { addr, source })?;
+            // h2's handshake returns once the client preface is written, before the endpoint
+            // said anything. Wait for its answer to a PING (which follows its SETTINGS): a
+            // call sent on a connection the endpoint never serves (it stopped accepting, the
+            // socket sits in its backlog until the listener closes and resets it) would be
+            // lost with no sign that it was unprocessed, and a burst of calls would all queue
+            // on this connection before its SETTINGS_MAX_CONCURRENT_STREAMS is known.
+            let mut ping_pong = connection.ping_pong().expect("taken once, here");
+            tokio::select! {
+                r = &mut connection => return Err(match r {
+                    Err(source) => Error::Handshake { addr, source },
+                    Ok(()) => Error::Closed { addr },
+                }),
+                r = ping_pong.ping(h2::Ping::opaque()) => {
+                    r.map_err(|source| Error::Handshake { addr, source })?;
+                }
+            }
+            Ok((send, connection, ping_pong))
         };
-        let (send, mut connection) = tokio::time::timeout(timeout, handshake)
+        let (send, connection, ping_pong) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| Error::Timeout { addr, timeout })??;
         self.opened.fetch_add(1, Relaxed);
@@ -238,9 +265,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
         });
-        if self.cfg.keepalive_interval_ms > 0
-            && let Some(ping_pong) = connection.ping_pong()
-        {
+        if self.cfg.keepalive_interval_ms > 0 {
             tokio::spawn(keepalive(
                 ping_pong,
                 Arc::downgrade(&conn),
