@@ -418,6 +418,46 @@ async fn refused_streams_are_replayed_on_another_endpoint() {
     assert!(refused > 0, "the refusing endpoint was never tried");
 }
 
+#[tokio::test]
+async fn refused_streaming_calls_are_replayed_mid_body() {
+    // Streaming calls whose request is still open when the endpoint refuses them: the
+    // first message already went to the refusing endpoint, more are to come. REFUSED_STREAM
+    // says the endpoint processed nothing, so the proxy replays what it sent and goes on.
+    let refuser = RawBackend::spawn(RawMode::Refuse).await;
+    let good = greeter::spawn("127.0.0.1:0", "good").await;
+    let (_agent, listen) = agent("round-robin", &[refuser.addr, good.addr], "").await;
+    let mut c = client(listen).await;
+    for call in 0..6 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(HelloRequest {
+            payload: vec![9; 2000],
+            ..hello(&format!("first-{call}"))
+        })
+        .await
+        .unwrap();
+        let mut replies = timeout(BOUND, c.chat(ReceiverStream::new(rx)))
+            .await
+            .expect("response headers")
+            .unwrap_or_else(|e| panic!("chat {call}: {e:?}"))
+            .into_inner();
+        for i in 0..3u32 {
+            let m = timeout(BOUND, replies.message())
+                .await
+                .expect("a reply")
+                .unwrap_or_else(|e| panic!("chat {call}, message {i}: {e:?}"))
+                .unwrap();
+            assert_eq!(m.index, i);
+            assert_eq!(m.backend, "good");
+            if i < 2 {
+                tx.send(hello(&format!("next-{call}-{i}"))).await.unwrap();
+            }
+        }
+        drop(tx);
+        assert!(replies.message().await.unwrap().is_none());
+    }
+    assert!(refuser.stats.streams.load(Relaxed) > 0);
+}
+
 /// A backend shutting down gracefully (GOAWAY, then close) while calls flow. The proxy must
 /// fail no call the backend had not accepted: those above the GOAWAY's last stream id, or
 /// sent after it, go to the others. Calls the backend had accepted are its own: tonic (hyper)

@@ -14,8 +14,9 @@
 //!    DEADLINE_EXCEEDED; a lost endpoint connection answers UNAVAILABLE.
 //!
 //! A stream the endpoint refused without processing it (REFUSED_STREAM, or above a GOAWAY's
-//! last stream id) is replayed on another endpoint when the whole request body is still held
-//! (at most [`REPLAY_LIMIT`] bytes), so an endpoint shutting down fails no call it had not
+//! last stream id) is replayed on another endpoint when the request body received so far is
+//! still held (at most [`REPLAY_LIMIT`] bytes, complete or not: a streaming call goes on
+//! streaming after the replay), so an endpoint shutting down fails no call it had not
 //! accepted.
 //!
 //! Failures the proxy meets itself are answered as trailers-only gRPC responses with a message
@@ -169,12 +170,12 @@ impl Replay {
         }
     }
 
-    /// Sends the kept (complete) body on a new stream. At most [`REPLAY_LIMIT`] bytes, which h2
-    /// buffers until the endpoint's window takes them.
-    fn resend(&self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+    /// Sends the kept body on a new stream, ending it with the last chunk when `complete`. At
+    /// most [`REPLAY_LIMIT`] bytes, which h2 buffers until the endpoint's window takes them.
+    fn resend(&self, send: &mut SendStream<Bytes>, complete: bool) -> Result<(), h2::Error> {
         let n = self.chunks.len();
         for (i, c) in self.chunks.iter().enumerate() {
-            send.send_data(c.clone(), i + 1 == n)?;
+            send.send_data(c.clone(), complete && i + 1 == n)?;
         }
         Ok(())
     }
@@ -217,7 +218,7 @@ impl Call<'_> {
                     .insert("grpc-timeout", grpc::format_timeout(d - Instant::now()));
             }
             // The request body is either still to be streamed (first attempt, or a retry
-            // before any byte went out), or complete and kept for a replay.
+            // before any byte went out), or kept for a replay (complete, or its start).
             let end_of_stream = pump.is_done() && replay.chunks.is_empty();
             let opened = match deadline {
                 Some(d) => tokio::time::timeout_at(d, self.open(guard, &head, end_of_stream))
@@ -236,9 +237,8 @@ impl Call<'_> {
                     continue;
                 }
             };
-            if pump.is_done()
-                && !replay.chunks.is_empty()
-                && let Err(e) = replay.resend(&mut up.send)
+            if !replay.chunks.is_empty()
+                && let Err(e) = replay.resend(&mut up.send, pump.is_done())
             {
                 up.lease.broken();
                 last_error = format!("endpoint {addr}: cannot replay the call: {e}");
@@ -263,10 +263,17 @@ impl Call<'_> {
                 }
                 Phase1::Refused(e) => {
                     up.lease.broken();
-                    // Replayable: nothing sent yet, or the whole body is kept.
-                    let replayable = pump.bytes == 0 && !pump.is_done()
-                        || pump.is_done() && !replay.overflowed && !pump.had_trailers;
-                    if replayable {
+                    // The endpoint processed nothing, so the call may go elsewhere if every
+                    // byte sent so far can be sent again: nothing was sent, or the body so far
+                    // is kept. It need not be complete: a streaming call whose first messages
+                    // went to a refusing endpoint (one draining, say) replays them on the next
+                    // and streams on from there, instead of failing.
+                    let kept = !replay.overflowed && !pump.had_trailers;
+                    if kept {
+                        // The replay resends the chunk the pump was forwarding, whole.
+                        pump.discard_pending(&mut body);
+                    }
+                    if kept || pump.bytes == 0 && !pump.is_done() {
                         debug!(endpoint = %addr, error = %e, "stream refused; replaying the call");
                         last_error = format!("endpoint {addr} refused the call: {e}");
                         continue;

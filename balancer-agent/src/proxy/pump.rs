@@ -100,6 +100,14 @@ impl Pump {
         }
     }
 
+    /// Drops the chunk being forwarded, if any, and releases its receive window: the caller
+    /// sends it again itself (a replay of a refused stream resends every chunk received).
+    pub fn discard_pending(&mut self, from: &mut RecvStream) {
+        if let Some(c) = self.chunk.take() {
+            let _ = from.flow_control().release_capacity(c.len());
+        }
+    }
+
     /// Stops forwarding (the sending side's peer no longer reads); keeps the counts.
     pub fn finish(&mut self) {
         self.state = State::Done;
