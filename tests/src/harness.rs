@@ -1,7 +1,8 @@
 //! What the end-to-end tests share: an agent in front of greeter backends ([`Setup`]), a gRPC
 //! client with the tests' message limits, backends in their own processes
-//! ([`GreeterProcess`]), HTTP/2 backends that misbehave on purpose ([`RawBackend`]), and the
-//! agent's resident memory.
+//! ([`GreeterProcess`]), HTTP/2 backends that misbehave on purpose ([`RawBackend`], and
+//! [`GoAwayBackend`] on hand-written frames), HTTP/2 frame and HPACK writers for clients that
+//! break the rules, and the agent's resident memory.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -311,5 +312,215 @@ async fn raw_stream(
             tokio::time::sleep(Duration::from_millis(50)).await;
             send.send_reset(reason);
         }
+    }
+}
+
+/// HTTP/2 frame types and flags the hand-written peers use (RFC 9113 §6).
+pub mod frame {
+    /// DATA.
+    pub const DATA: u8 = 0x0;
+    /// HEADERS.
+    pub const HEADERS: u8 = 0x1;
+    /// RST_STREAM.
+    pub const RST_STREAM: u8 = 0x3;
+    /// SETTINGS.
+    pub const SETTINGS: u8 = 0x4;
+    /// PING.
+    pub const PING: u8 = 0x6;
+    /// GOAWAY.
+    pub const GOAWAY: u8 = 0x7;
+    /// CONTINUATION.
+    pub const CONTINUATION: u8 = 0x9;
+    /// END_STREAM (DATA, HEADERS).
+    pub const END_STREAM: u8 = 0x1;
+    /// ACK (SETTINGS, PING).
+    pub const ACK: u8 = 0x1;
+    /// END_HEADERS (HEADERS, CONTINUATION).
+    pub const END_HEADERS: u8 = 0x4;
+
+    /// One frame: 9-byte header, then the payload.
+    pub fn encode(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), high bits of the first byte
+    /// zero.
+    fn hpack_int(out: &mut Vec<u8>, mut v: usize, n: u32) {
+        let max = (1usize << n) - 1;
+        if v < max {
+            out.push(v as u8);
+            return;
+        }
+        out.push(max as u8);
+        v -= max;
+        while v >= 128 {
+            out.push((v % 128 + 128) as u8);
+            v /= 128;
+        }
+        out.push(v as u8);
+    }
+
+    /// A header block of literal fields without indexing (RFC 7541 §6.2.2), no Huffman
+    /// coding: it leaves the decoder's dynamic table alone, so blocks can be sent in any order.
+    pub fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            out.push(0);
+            hpack_int(&mut out, name.len(), 7);
+            out.extend_from_slice(name.as_bytes());
+            hpack_int(&mut out, value.len(), 7);
+            out.extend_from_slice(value.as_bytes());
+        }
+        out
+    }
+
+    /// Reads one frame: (type, flags, stream id, payload); `None` at EOF.
+    pub async fn read(
+        r: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Option<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        r.read_exact(&mut head).await.ok()?;
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0; len];
+        r.read_exact(&mut payload).await.ok()?;
+        let stream = u32::from_be_bytes(head[5..9].try_into().expect("4 bytes")) & 0x7fff_ffff;
+        Some((head[3], head[4], stream, payload))
+    }
+}
+
+/// What a [`GoAwayBackend`] did.
+#[derive(Debug, Default)]
+pub struct GoAwayStats {
+    /// Calls answered (each the first stream of its connection).
+    pub answered: AtomicU64,
+    /// GOAWAY frames sent.
+    pub goaways: AtomicU64,
+    /// Streams above a GOAWAY's last stream id, left unprocessed.
+    pub unprocessed: AtomicU64,
+}
+
+/// An endpoint written on raw frames that serves one call per connection and then goes
+/// away: when a second stream arrives while the first is held, it sends GOAWAY with the first
+/// stream as the last one it processes, answers the first (a SayHello reply from backend
+/// `goaway`), and never looks at the others. (A second stream that does not come within a
+/// second lets it answer and go away anyway.) Streams above the GOAWAY's last stream id are
+/// unprocessed by the protocol's promise; a proxy must send them elsewhere.
+#[derive(Debug)]
+pub struct GoAwayBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it did.
+    pub stats: Arc<GoAwayStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GoAwayBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GoAwayBackend {
+    /// Starts it on a free loopback port.
+    pub async fn spawn() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a GOAWAY backend");
+        let addr = listener.local_addr().expect("local addr");
+        let stats = Arc::new(GoAwayStats::default());
+        let st = stats.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.spawn(goaway_connection(tcp, st.clone()));
+            }
+        });
+        Self { addr, stats, task }
+    }
+}
+
+async fn goaway_connection(tcp: tokio::net::TcpStream, st: Arc<GoAwayStats>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tcp.into_split();
+    let mut preface = [0u8; 24];
+    if r.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    if w.write_all(&frame::encode(frame::SETTINGS, 0, 0, &[]))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    /// Not a frame type: the hold on the first stream ran out.
+    const HOLD_OVER: u8 = 0xff;
+    let mut first: Option<u32> = None;
+    let mut gone = false;
+    let hold = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(hold);
+    loop {
+        let next = tokio::select! {
+            f = frame::read(&mut r) => f,
+            () = &mut hold, if first.is_some() && !gone => Some((HOLD_OVER, 0, 0, Vec::new())),
+        };
+        let Some((kind, flags, stream, payload)) = next else {
+            return;
+        };
+        let mut out = Vec::new();
+        let mut go_away = false;
+        match kind {
+            frame::SETTINGS if flags & frame::ACK == 0 => {
+                out = frame::encode(frame::SETTINGS, frame::ACK, 0, &[]);
+            }
+            frame::PING if flags & frame::ACK == 0 => {
+                out = frame::encode(frame::PING, frame::ACK, 0, &payload);
+            }
+            frame::HEADERS => match first {
+                None => first = Some(stream),
+                Some(_) => {
+                    st.unprocessed.fetch_add(1, Relaxed);
+                    go_away = !gone;
+                }
+            },
+            HOLD_OVER => go_away = true,
+            _ => {}
+        }
+        if go_away {
+            gone = true;
+            let last = first.expect("a first stream");
+            let mut goaway = last.to_be_bytes().to_vec();
+            goaway.extend_from_slice(&0u32.to_be_bytes());
+            out.extend(frame::encode(frame::GOAWAY, 0, 0, &goaway));
+            st.goaways.fetch_add(1, Relaxed);
+            out.extend(frame::encode(
+                frame::HEADERS,
+                frame::END_HEADERS,
+                last,
+                &frame::header_block(&[(":status", "200"), ("content-type", "application/grpc")]),
+            ));
+            let reply = HelloReply {
+                message: "Hello from goaway".into(),
+                backend: "goaway".into(),
+                ..Default::default()
+            };
+            out.extend(frame::encode(frame::DATA, 0, last, &grpc_frame(&reply)));
+            out.extend(frame::encode(
+                frame::HEADERS,
+                frame::END_HEADERS | frame::END_STREAM,
+                last,
+                &frame::header_block(&[("grpc-status", "0")]),
+            ));
+            st.answered.fetch_add(1, Relaxed);
+        }
+        if !out.is_empty() && w.write_all(&out).await.is_err() {
+            return;
+        }
+        // After going away, keep reading until the proxy closes: closing first would reset
+        // the connection and could destroy the answer before the proxy read it.
     }
 }

@@ -7,7 +7,9 @@ use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 use balancer_agent::proxy::grpc::parse_timeout;
 use balancer_tests::{
     greeter,
-    harness::{RawBackend, RawMode, agent, client, hello, local_addr, rss_kib, setup},
+    harness::{
+        GoAwayBackend, RawBackend, RawMode, agent, client, hello, local_addr, rss_kib, setup,
+    },
     pb::HelloRequest,
     wait_until,
 };
@@ -456,6 +458,54 @@ async fn refused_streaming_calls_are_replayed_mid_body() {
         assert!(replies.message().await.unwrap().is_none());
     }
     assert!(refuser.stats.streams.load(Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn streams_above_a_goaway_last_stream_id_go_to_another_endpoint() {
+    // An endpoint that, with one call in hand, answers a second stream with GOAWAY naming the
+    // first as its last: the first call completes there, the others are replayed.
+    let goaway = GoAwayBackend::spawn().await;
+    let good = greeter::spawn("127.0.0.1:0", "good").await;
+    let (_agent, listen) = agent("round-robin", &[goaway.addr, good.addr], "").await;
+    let c = client(listen).await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut by = Vec::new();
+            for i in 0..10 {
+                let r = c
+                    .say_hello(hello(&format!("{t}-{i}")))
+                    .await
+                    .unwrap_or_else(|e| panic!("call {t}-{i}: {e:?}"));
+                by.push(r.into_inner().backend);
+            }
+            by
+        }));
+    }
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    for t in tasks {
+        for b in t.await.unwrap() {
+            *served.entry(b).or_default() += 1;
+        }
+    }
+    let st = &goaway.stats;
+    println!(
+        "{served:?}; the GOAWAY endpoint answered {}, went away {} times, left {} streams unprocessed",
+        st.answered.load(Relaxed),
+        st.goaways.load(Relaxed),
+        st.unprocessed.load(Relaxed)
+    );
+    assert_eq!(served.values().sum::<usize>(), 80);
+    assert_eq!(
+        served.get("goaway").copied().unwrap_or(0) as u64,
+        st.answered.load(Relaxed),
+        "a call the endpoint answered was lost"
+    );
+    assert!(
+        st.unprocessed.load(Relaxed) > 0,
+        "no stream went above a GOAWAY's last id"
+    );
 }
 
 /// A backend shutting down gracefully (GOAWAY, then close) while calls flow. The proxy must

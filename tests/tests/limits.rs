@@ -10,7 +10,14 @@ use std::{
 
 use balancer_tests::{
     agent::metric,
-    harness::{client, hello, local_addr, setup_with},
+    harness::{
+        client,
+        frame::{
+            self, ACK, CONTINUATION, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM,
+            SETTINGS, header_block,
+        },
+        hello, local_addr, setup_with,
+    },
     pb::HelloRequest,
     wait_until,
 };
@@ -21,53 +28,8 @@ use tokio::{
 
 const BOUND: Duration = Duration::from_secs(10);
 
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const COMPRESSION_ERROR: u32 = 0x9;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), first byte's high bits zero.
-fn hpack_int(out: &mut Vec<u8>, mut v: usize, n: u32) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(v as u8);
-        return;
-    }
-    out.push(max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A header block of literal fields without indexing (RFC 7541 §6.2.2), no Huffman coding.
-fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in fields {
-        out.push(0);
-        hpack_int(&mut out, name.len(), 7);
-        out.extend_from_slice(name.as_bytes());
-        hpack_int(&mut out, value.len(), 7);
-        out.extend_from_slice(value.as_bytes());
-    }
-    out
-}
 
 fn request_fields(addr: SocketAddr) -> Vec<(&'static str, String)> {
     vec![
@@ -111,32 +73,25 @@ impl RawClient {
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
             .unwrap();
-        write.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        write
+            .write_all(&frame::encode(SETTINGS, 0, 0, &[]))
+            .await
+            .unwrap();
         let write = Arc::new(tokio::sync::Mutex::new(write));
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (w, s) = (write.clone(), seen.clone());
         tokio::spawn(async move {
-            let mut head = [0u8; 9];
             loop {
-                if read.read_exact(&mut head).await.is_err() {
+                let Some((kind, flags, stream, payload)) = frame::read(&mut read).await else {
                     s.lock().unwrap().closed = true;
                     return;
-                }
-                let len = (usize::from(head[0]) << 16)
-                    | (usize::from(head[1]) << 8)
-                    | usize::from(head[2]);
-                let mut payload = vec![0; len];
-                if read.read_exact(&mut payload).await.is_err() {
-                    s.lock().unwrap().closed = true;
-                    return;
-                }
-                let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
-                match head[3] {
-                    SETTINGS if head[4] & ACK == 0 => {
+                };
+                match kind {
+                    SETTINGS if flags & ACK == 0 => {
                         let _ = w
                             .lock()
                             .await
-                            .write_all(&frame(SETTINGS, ACK, 0, &[]))
+                            .write_all(&frame::encode(SETTINGS, ACK, 0, &[]))
                             .await;
                     }
                     GOAWAY => {
@@ -222,7 +177,7 @@ async fn a_client_opening_too_many_streams_loses_its_connection_only() {
         let block = request_block(listen, &[]);
         let mut flood = Vec::new();
         for i in 0..300u32 {
-            flood.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
+            flood.extend(frame::encode(HEADERS, END_HEADERS, 2 * i + 1, &block));
         }
         abuser.send(&flood).await;
         let code = abuser.wait_for_goaway("a GOAWAY for the abuser").await;
@@ -242,8 +197,8 @@ async fn a_rapid_reset_flood_loses_its_connection_only() {
         let mut flood = Vec::new();
         for i in 0..2000u32 {
             let id = 2 * i + 1;
-            flood.extend(frame(HEADERS, END_HEADERS, id, &block));
-            flood.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+            flood.extend(frame::encode(HEADERS, END_HEADERS, id, &block));
+            flood.extend(frame::encode(RST_STREAM, 0, id, &8u32.to_be_bytes()));
         }
         abuser.send(&flood).await;
         let code = abuser
@@ -270,8 +225,8 @@ async fn oversized_header_lists_are_refused_and_a_flood_of_them_closes_the_conne
         let big = "x".repeat(12 * 1024);
         let block = request_block(listen, &[("x-big-1", &big), ("x-big-2", &big)]);
         let (first, rest) = block.split_at(16 * 1024);
-        let mut bytes = frame(HEADERS, END_STREAM, 1, first);
-        bytes.extend(frame(CONTINUATION, END_HEADERS, 1, rest));
+        let mut bytes = frame::encode(HEADERS, END_STREAM, 1, first);
+        bytes.extend(frame::encode(CONTINUATION, END_HEADERS, 1, rest));
         abuser.send(&bytes).await;
         wait_until("stream 1 refused", BOUND, || {
             abuser.seen.lock().unwrap().answered.contains(&1)
@@ -290,14 +245,14 @@ async fn oversized_header_lists_are_refused_and_a_flood_of_them_closes_the_conne
             .collect();
         let block = request_block(listen, &refs);
         let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
-        let mut bytes = frame(HEADERS, END_STREAM, 3, chunks[0]);
+        let mut bytes = frame::encode(HEADERS, END_STREAM, 3, chunks[0]);
         for (i, c) in chunks[1..].iter().enumerate() {
             let flags = if i + 2 == chunks.len() {
                 END_HEADERS
             } else {
                 0
             };
-            bytes.extend(frame(CONTINUATION, flags, 3, c));
+            bytes.extend(frame::encode(CONTINUATION, flags, 3, c));
         }
         abuser.send(&bytes).await;
         let code = abuser
