@@ -148,18 +148,29 @@ async fn metrics_count_calls_by_service_method_and_status() {
         assert_eq!(e.code(), Code::NotFound);
         assert_eq!(e.message(), "no such greeting");
     }
+    // A call is counted when it ends in the proxy, which may be just after the client saw
+    // its end: wait for the last one.
+    let counts = |m: &str| {
+        let ok = metric(
+            m,
+            "balancer_calls_total",
+            &[
+                "service=\"greeter\"",
+                "method=\"/helloworld.Greeter/SayHello\"",
+                "grpc_status=\"0\"",
+            ],
+        );
+        (
+            ok,
+            metric(m, "balancer_calls_total", &["grpc_status=\"5\""]),
+        )
+    };
+    wait_until("every call counted", Duration::from_secs(5), || {
+        counts(&s.agent.metrics()) >= (7.0, 3.0)
+    })
+    .await;
     let m = s.agent.metrics();
-    let ok = metric(
-        &m,
-        "balancer_calls_total",
-        &[
-            "service=\"greeter\"",
-            "method=\"/helloworld.Greeter/SayHello\"",
-            "grpc_status=\"0\"",
-        ],
-    );
-    let not_found = metric(&m, "balancer_calls_total", &["grpc_status=\"5\""]);
-    assert_eq!((ok, not_found), (7.0, 3.0), "{m}");
+    assert_eq!(counts(&m), (7.0, 3.0), "{m}");
     let total_backend_calls: u64 = s.backends.iter().map(|b| b.stats.calls.load(Relaxed)).sum();
     assert_eq!(total_backend_calls, 10);
     wait_until("active calls back to 0", Duration::from_secs(5), || {
