@@ -325,6 +325,36 @@ async fn the_deadline_is_enforced_and_passed_on() {
 }
 
 #[tokio::test]
+async fn the_deadline_ends_a_stream_already_under_way() {
+    // A server stream that would take 5 s; the deadline (300 ms) falls after its first
+    // replies: the proxy ends it with DEADLINE_EXCEEDED in the trailers and cancels the
+    // backend's side.
+    let s = setup("round-robin", 1).await;
+    let started = Instant::now();
+    let answer = raw_call(
+        s.listen,
+        "SayHelloStream",
+        HelloRequest {
+            count: 100,
+            sleep_ms: 50,
+            ..hello("long stream")
+        },
+        &[("grpc-timeout", "300m")],
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(!answer.trailers_only, "{answer:?}");
+    assert!(answer.body_bytes > 0, "no reply before the deadline");
+    assert_eq!(answer.status(), "4", "{answer:?}");
+    assert!(answer.message().contains("deadline"), "{answer:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    wait_until("the backend to see the stream cancelled", BOUND, || {
+        s.backends[0].stats.cancelled.load(Relaxed) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_proxy_itself_enforces_the_deadline() {
     // A backend that ignores grpc-timeout and never answers: only the proxy can end the call.
     let raw = RawBackend::spawn(RawMode::BlackHole).await;
@@ -681,6 +711,8 @@ struct RawAnswer {
     trailers_only: bool,
     /// The trailers, or the head's headers when trailers-only.
     end: http::HeaderMap,
+    /// Response body bytes.
+    body_bytes: usize,
 }
 
 impl RawAnswer {
@@ -705,13 +737,23 @@ async fn raw_unary(
     request: HelloRequest,
     headers: &[(&str, &str)],
 ) -> RawAnswer {
+    raw_call(addr, "SayHello", request, headers).await
+}
+
+/// A call of `method` with one request message, made with the `h2` crate, read to the end.
+async fn raw_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    request: HelloRequest,
+    headers: &[(&str, &str)],
+) -> RawAnswer {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
     let mut send = send.ready().await.unwrap();
     let mut req = http::Request::builder()
         .method("POST")
-        .uri(format!("http://{addr}/helloworld.Greeter/SayHello"))
+        .uri(format!("http://{addr}/helloworld.Greeter/{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (k, v) in headers {
@@ -724,11 +766,13 @@ async fn raw_unary(
         let resp = resp.await.unwrap();
         let trailers_only = resp.body().is_end_stream();
         let (parts, mut body) = resp.into_parts();
+        let mut body_bytes = 0;
         let end = if trailers_only {
             parts.headers.clone()
         } else {
             while let Some(d) = body.data().await {
                 let d = d.unwrap();
+                body_bytes += d.len();
                 let _ = body.flow_control().release_capacity(d.len());
             }
             body.trailers().await.unwrap().unwrap_or_default()
@@ -737,6 +781,7 @@ async fn raw_unary(
             head: http::Response::from_parts(parts, ()),
             trailers_only,
             end,
+            body_bytes,
         }
     })
     .await
