@@ -190,20 +190,29 @@ const GRPCIO: &str = "grpcio==1.76.0";
 
 /// Installs grpcio from PyPI for the interop test, unless `import grpc` already works.
 fn python_grpcio() -> anyhow::Result<()> {
-    let imports = Command::new("python3")
-        .args(["-c", "import grpc"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if imports {
+    let works = |args: &[&str]| {
+        Command::new("python3")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&["-c", "import grpc"]) {
         return Ok(());
     }
+    if !works(&["-m", "pip", "--version"]) {
+        apt_install(&["python3", "python3-pip"])?;
+    }
     eprintln!("setup: installing {GRPCIO} (the Python gRPC interop test)");
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        GRPCIO,
-    ]))
+    // Debian's python3 is "externally managed" (PEP 668): pip refuses to install into it
+    // unless told to. The variable is ignored where that does not apply (pyenv, a venv).
+    run(Command::new("python3")
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            GRPCIO,
+        ]))
 }
