@@ -7,8 +7,11 @@
 //!   kernel tests, which run as root).
 //! - `demo`: setup, build, then the main job on an embedded default.
 //! - `bench`: setup, build (release), then the end-to-end benchmark beside nginx and haproxy.
+//! - `image`: the agent's container image (static binary, `FROM scratch`) as an OCI archive
+//!   under `target/image/`, built with buildah (no daemon).
 #![forbid(unsafe_code)]
 
+mod image;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -41,6 +44,8 @@ enum Cmd {
         #[arg(long)]
         no_criterion: bool,
     },
+    /// Build the agent's container image into target/image/balancer-agent.oci.tar.
+    Image,
 }
 
 /// The workspace root.
@@ -85,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Bench { no_criterion } => bench(no_criterion),
+        Cmd::Image => image::image().map(|_| ()),
     }
 }
 

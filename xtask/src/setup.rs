@@ -169,8 +169,42 @@ pub fn setup() -> anyhow::Result<()> {
     apt_install(PACKAGES)?;
     bpf_linker()?;
     bpffs()?;
+    kubernetes_validate()?;
     python_grpcio()?;
     Ok(())
+}
+
+/// Debian packages `cargo xtask image` needs: buildah (a daemonless image builder), `file`
+/// (to check that the binary is static) and binutils (`strip`).
+const IMAGE_PACKAGES: &[&str] = &["buildah", "file", "binutils"];
+
+/// Installs the image builder.
+pub fn image_tools() -> anyhow::Result<()> {
+    apt_install(IMAGE_PACKAGES)
+}
+
+/// The Python package that validates the manifests under `deploy/` against the Kubernetes
+/// OpenAPI schemas (it ships them, so validation needs no network).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Installs `kubernetes-validate` from PyPI for `tests/tests/deploy.rs`, unless it imports.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    let imports = Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if imports {
+        return Ok(());
+    }
+    eprintln!("setup: installing {KUBERNETES_VALIDATE} (manifest validation)");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
 }
 
 /// Installs the benchmark's peer proxies (their services stay stopped; the bench runs its own).
