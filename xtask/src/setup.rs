@@ -189,22 +189,31 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// Installs `kubernetes-validate` from PyPI for `tests/tests/deploy.rs`, unless it imports.
 fn kubernetes_validate() -> anyhow::Result<()> {
-    let imports = Command::new("python3")
-        .args(["-c", "import kubernetes_validate"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if imports {
+    let works = |args: &[&str]| {
+        Command::new("python3")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&["-c", "import kubernetes_validate"]) {
         return Ok(());
     }
+    if !works(&["-m", "pip", "--version"]) {
+        apt_install(&["python3", "python3-pip"])?;
+    }
     eprintln!("setup: installing {KUBERNETES_VALIDATE} (manifest validation)");
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        KUBERNETES_VALIDATE,
-    ]))
+    // Debian's own python3 is externally managed (PEP 668); the variable lets pip install
+    // there and is ignored elsewhere (pyenv, a venv).
+    run(Command::new("python3")
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            KUBERNETES_VALIDATE,
+        ]))
 }
 
 /// Installs the benchmark's peer proxies (their services stay stopped; the bench runs its own).
