@@ -153,57 +153,69 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         },
         opted_in: opted_in_rx,
     });
-    let control = std::thread::Builder::new()
+    // The control thread reports how it ended on a channel rather than through a join: the
+    // data plane must be able to stop (drain, unpin, exit) without waiting for it.
+    let (control_end_tx, control_end) = tokio::sync::oneshot::channel::<String>();
+    std::thread::Builder::new()
         .name("balancer-control".into())
         .spawn({
             let opts = opts.clone();
             let readiness = readiness.clone();
-            move || -> anyhow::Result<()> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("starting the control runtime")?;
-                rt.block_on(async move {
-                    let listener = admin::bind(admin_addr)
-                        .await
-                        .with_context(|| format!("binding the admin server on {admin_addr}"))?;
-                    info!(%admin_addr, "admin server listening");
-                    tokio::spawn(admin::serve(admin, listener));
-                    if let Some((kopts, kconfig)) = kube {
-                        let (store, metrics) = (store.clone(), metrics.clone());
-                        tokio::spawn(async move {
-                            let r = discovery::kube::run(
-                                kconfig,
-                                kopts,
-                                store,
-                                metrics,
-                                readiness,
-                                opted_in_tx,
-                            )
-                            .await;
-                            if let Err(e) = r {
-                                error!("kubernetes discovery stopped: {e}");
-                            }
-                        });
-                    }
-                    discovery::file::watch(
-                        opts.config.clone(),
-                        opts.reload_interval,
-                        store,
-                        current,
-                        metrics,
-                    )
-                    .await;
-                    anyhow::Ok(())
-                })
+            move || {
+                let end = match control_plane(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting the control runtime")?;
+                    rt.block_on(async move {
+                        let listener = admin::bind(admin_addr)
+                            .await
+                            .with_context(|| format!("binding the admin server on {admin_addr}"))?;
+                        info!(%admin_addr, "admin server listening");
+                        tokio::spawn(admin::serve(admin, listener));
+                        if let Some((kopts, kconfig)) = kube {
+                            let (store, metrics) = (store.clone(), metrics.clone());
+                            tokio::spawn(async move {
+                                let r = discovery::kube::run(
+                                    kconfig,
+                                    kopts,
+                                    store,
+                                    metrics,
+                                    readiness,
+                                    opted_in_tx,
+                                )
+                                .await;
+                                if let Err(e) = r {
+                                    error!("kubernetes discovery stopped: {e}");
+                                }
+                            });
+                        }
+                        discovery::file::watch(
+                            opts.config.clone(),
+                            opts.reload_interval,
+                            store,
+                            current,
+                            metrics,
+                        )
+                        .await;
+                        anyhow::Ok(())
+                    })
+                }) {
+                    Ok(()) => "the control plane stopped".to_string(),
+                    Err(e) => format!("the control plane failed: {e:#}"),
+                };
+                let _ = control_end_tx.send(end);
             }
         })
         .context("starting the control thread")?;
 
-    data_plane.block_on(async {
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            _ = wait_thread(control) => {}
+    let failure = data_plane.block_on(async {
+        let failure = tokio::select! {
+            _ = shutdown_signal() => None,
+            end = control_end => Some(end.unwrap_or_else(|_| "the control plane panicked".into())),
+        };
+        if let Some(f) = &failure {
+            error!("{f}");
         }
         info!("draining");
         readiness.block("draining");
@@ -221,20 +233,24 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                 "drain timeout reached; closing the remaining connections"
             );
         }
+        failure
     });
-    drop(datapath);
+    // Tasks still hold the datapath (heartbeat, sync, admin): remove the pins now; the
+    // programs detach when the process exits, whoever holds the last handle.
+    if let Some(dp) = &datapath {
+        dp.unpin();
+    }
+    data_plane.shutdown_timeout(Duration::from_secs(1));
     info!("stopped");
-    Ok(())
+    match failure {
+        Some(f) => Err(anyhow::anyhow!(f)),
+        None => Ok(()),
+    }
 }
 
-/// Waits for the control thread; it only ends on an error, which is fatal.
-async fn wait_thread(handle: std::thread::JoinHandle<anyhow::Result<()>>) {
-    let r = tokio::task::spawn_blocking(move || handle.join()).await;
-    match r {
-        Ok(Ok(Ok(()))) => error!("the control plane stopped"),
-        Ok(Ok(Err(e))) => error!("the control plane failed: {e:#}"),
-        _ => error!("the control plane panicked"),
-    }
+/// Runs the control plane; an error ends the agent.
+fn control_plane(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    f()
 }
 
 fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {

@@ -15,7 +15,12 @@ use serde_json::Value;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The agent's admin address.
-    #[arg(long, global = true, default_value = "127.0.0.1:15000", env = "BALANCER_ADMIN")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:15000",
+        env = "BALANCER_ADMIN"
+    )]
     pub admin: SocketAddr,
     /// Output: `table` or `json`.
     #[arg(long, short, global = true, default_value = "table")]

@@ -859,9 +859,6 @@ fn root_agent_attaches_its_programs_with_exactly_the_daemonset_capabilities() {
 /// SIGTERM the agent drains, removes its pins and exits by itself, well before the kubelet's
 /// SIGKILL.
 #[test]
-#[ignore = "the agent does not exit after SIGTERM yet (app::run waits on the control thread, \
-            which never ends, and the Datapath is still shared, so it is never unpinned); \
-            run with --ignored once that is fixed"]
 fn root_agent_exits_on_sigterm_and_removes_its_pins() {
     balancer_tests::require_root!();
     let bin = agent_bin();
