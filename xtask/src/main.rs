@@ -112,8 +112,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let target = root().join("target/release");
+    // The demo measures nothing: the dev profile builds fastest and shares `cargo xtask test`'s.
+    run(cargo().args(["build", "--bins"]))?;
+    let target = root().join("target/debug");
     run(Command::new(target.join("balancer-demo"))
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent")))
 }
@@ -127,6 +128,11 @@ fn bench(no_criterion: bool) -> anyhow::Result<()> {
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
         .arg("--out")
         .arg(root().join("target/bench/results.json")))?;
+    // The datapath: pod -> VIP -> eBPF -> agent, shortcut on and off (root only).
+    run(Command::new(target.join("balancer-bench-datapath"))
+        .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
+        .arg("--out")
+        .arg(root().join("target/bench/datapath.json")))?;
     if !no_criterion {
         // Only the criterion harness: the library's unit tests need no release build here.
         run(cargo().args(["bench", "-p", "balancer-agent", "--bench", "per_call"]))?;

@@ -91,7 +91,9 @@ async fn call(target: SocketAddr, calls: usize, print: bool) -> anyhow::Result<(
     let (client, conn) = h2::client::handshake(tcp).await?;
     tokio::spawn(conn);
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut latencies = Vec::with_capacity(calls);
     for n in 1..=calls {
+        let started = std::time::Instant::now();
         let req = http::Request::builder()
             .method("POST")
             .uri(format!("http://{target}/helloworld.Greeter/SayHello"))
@@ -126,15 +128,28 @@ async fn call(target: SocketAddr, calls: usize, print: bool) -> anyhow::Result<(
             bail!("call {n} failed: grpc-status {status}, {trailers:?}");
         }
         let reply = HelloReply::decode(&buf[5..])?;
+        latencies.push(started.elapsed());
         if print {
             println!("#{n} - Greeting: Hello from {}", reply.backend);
         }
         *counts.entry(reply.backend).or_default() += 1;
     }
     let segs = balancer_agent::ebpf::shortcut::data_segs_out(&probe)?;
+    // Latency percentiles over the calls after the first tenth (the warm-up: connections).
+    let mut steady = latencies.split_off(latencies.len() / 10);
+    steady.sort();
+    let pct = |p: f64| {
+        steady
+            .get(((steady.len() as f64 * p) as usize).min(steady.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
     println!(
         "{}",
-        serde_json::json!({ "counts": counts, "data_segs_out": segs })
+        serde_json::json!({
+            "counts": counts,
+            "data_segs_out": segs,
+            "latency_us": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99) },
+        })
     );
     Ok(())
 }
