@@ -724,6 +724,8 @@ pub async fn run(
             _ = retry.tick(), if unresolved => None,
         };
         let mut lag_from = Vec::new();
+        // Unresolved cgroups are looked for again on the retry tick only, not on every batch.
+        let retry_due = first.is_none();
         let mut batch: Vec<(Instant, Msg)> = first.into_iter().collect();
         while batch.len() < 50_000 {
             match rx.try_recv() {
@@ -747,7 +749,7 @@ pub async fn run(
             }
         }
         if with_pods
-            && (model.pods_dirty || unresolved)
+            && (model.pods_dirty || (unresolved && retry_due))
             && model.namespaces.synced
             && model.pods.synced
         {
