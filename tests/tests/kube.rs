@@ -561,3 +561,58 @@ async fn an_endpoint_change_reaches_the_balancer_within_100ms_of_its_watch_event
         "every change applied within 100 ms of its event"
     );
 }
+
+#[tokio::test]
+async fn file_and_kubernetes_services_are_served_together_across_a_file_reload() {
+    let (port, b) = backends(2).await;
+    let env = start(ApiServer::start().await).await;
+    env.api
+        .apply_all([greeter_service(), slice_of(port, &ready(&b[..1]))]);
+    wait_until("the Kubernetes service", WAIT, || {
+        ready_count(&env.agent) == 1
+    })
+    .await;
+    let names = |agent: &Agent| -> HashSet<String> {
+        agent
+            .json("/api/services")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The file gains a service: a reload (the file source's Reset) keeps the Kubernetes one.
+    let base = std::fs::read_to_string(&env.agent.config_path).unwrap();
+    env.agent.rewrite_config(&format!(
+        "{base}services:\n  - name: static\n    authorities: [static.example]\n    endpoints:\n      - address: {}\n",
+        b[1].addr
+    ));
+    let both = HashSet::from(["static".to_string(), "greeter.default:50051".to_string()]);
+    wait_until("file and Kubernetes services side by side", WAIT, || {
+        names(&env.agent) == both
+    })
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", env.listen))
+        .unwrap()
+        .origin("http://static.example".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let r = GreeterClient::new(channel)
+        .say_hello(hello("s"))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().backend, "backend-2");
+    let r = client(env.listen)
+        .await
+        .say_hello(hello("k"))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().backend, "backend-1");
+    // The file drops it again; the Kubernetes service stays.
+    env.agent.rewrite_config(&base);
+    wait_until("only the Kubernetes service", WAIT, || {
+        names(&env.agent) == HashSet::from(["greeter.default:50051".to_string()])
+    })
+    .await;
+}
