@@ -133,6 +133,11 @@ fn bench(no_criterion: bool) -> anyhow::Result<()> {
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
         .arg("--out")
         .arg(root().join("target/bench/datapath.json")))?;
+    // Discovery at scale: 1,000 services x 10 endpoints from the API server fixture.
+    run(Command::new(target.join("balancer-bench-kube"))
+        .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
+        .arg("--out")
+        .arg(root().join("target/bench/kube.json")))?;
     if !no_criterion {
         // Only the criterion harness: the library's unit tests need no release build here.
         run(cargo().args(["bench", "-p", "balancer-agent", "--bench", "per_call"]))?;
