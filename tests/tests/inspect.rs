@@ -280,6 +280,78 @@ async fn root_inspect_bpf_reads_the_pinned_datapath_maps() {
         "{table}"
     );
 
+    // The other subcommands on the node: the VIP's service, its pod endpoints, and a
+    // redirected connection (held open by a slow call) with its call.
+    let services = inspect_json(admin, &["services"]);
+    assert_eq!(services[0]["vips"][0], vip.to_string());
+    let eps = inspect_json(admin, &["endpoints", "greeter"]);
+    let pod_ips: Vec<String> = s.backends.iter().map(|b| b.1.to_string()).collect();
+    let listed: Vec<String> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, pod_ips);
+    assert_eq!(
+        eps.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["calls"].as_u64().unwrap())
+            .sum::<u64>(),
+        4
+    );
+    let config = inspect_json(admin, &["config"]);
+    assert_eq!(config["datapath"]["enabled"], true);
+    let slow = s
+        .node
+        .pod("client")
+        .command(
+            balancer_tests::node::pod_bin().to_str().unwrap(),
+            &[
+                "call",
+                "--target",
+                &vip.to_string(),
+                "--calls",
+                "1",
+                "--sleep-ms",
+                "3000",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = format!("vip {vip}");
+    wait_until(
+        "the pod's slow call shows in inspect calls",
+        Duration::from_secs(5),
+        || {
+            let calls = inspect_json(admin, &["calls"]);
+            calls.as_array().unwrap().iter().any(|c| {
+                c["service"] == "greeter"
+                    && c["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| pod_ips.iter().any(|p| p == e))
+            })
+        },
+    )
+    .await;
+    let conns = inspect_json(admin, &["connections"]);
+    let conn = &conns.as_array().unwrap()[0];
+    assert_eq!(
+        conn["target"], target,
+        "a redirected connection shows its VIP: {conns}"
+    );
+    assert_eq!(
+        conn["peer"].as_str().unwrap().split(':').next(),
+        Some(s.node.pod("client").ip.to_string().as_str())
+    );
+    let out = tokio::task::spawn_blocking(move || slow.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+
     let status = inspect_json(admin, &["status"]);
     assert_eq!(status["datapath"]["shortcut"]["enabled"], true, "{status}");
     let (_, text, _) = inspect(admin, &["status"]);

@@ -47,6 +47,9 @@ enum Cmd {
         /// Print one line per call.
         #[arg(long)]
         print: bool,
+        /// Ask the backend to wait this long before answering each call.
+        #[arg(long, default_value_t = 0)]
+        sleep_ms: u32,
     },
     Churn {
         #[arg(long)]
@@ -68,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
             target,
             calls,
             print,
-        } => call(target, calls, print).await,
+            sleep_ms,
+        } => call(target, calls, print, sleep_ms).await,
         Cmd::Churn { target, count } => churn(target, count),
     }
 }
@@ -82,7 +86,7 @@ fn grpc_frame(msg: &impl Message) -> Bytes {
     b.freeze()
 }
 
-async fn call(target: SocketAddr, calls: usize, print: bool) -> anyhow::Result<()> {
+async fn call(target: SocketAddr, calls: usize, print: bool, sleep_ms: u32) -> anyhow::Result<()> {
     let std = StdTcpStream::connect_timeout(&target, Duration::from_secs(5))
         .with_context(|| format!("connecting to {target}"))?;
     let probe = std.try_clone()?;
@@ -105,6 +109,7 @@ async fn call(target: SocketAddr, calls: usize, print: bool) -> anyhow::Result<(
         send.send_data(
             grpc_frame(&HelloRequest {
                 name: "pod".into(),
+                sleep_ms,
                 ..Default::default()
             }),
             true,
