@@ -1,77 +1,15 @@
 //! The HTTP/2 demultiplexer, end to end: real tonic clients and backends through a real
 //! `balancer-agent` process in standalone mode.
 
-use std::{collections::HashMap, net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{collections::HashMap, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use balancer_tests::{
-    agent::{Agent, metric},
-    free_port, greeter,
-    pb::{HelloRequest, greeter_client::GreeterClient},
+    agent::metric,
+    harness::{client, hello, setup},
+    pb::greeter_client::GreeterClient,
     wait_until,
 };
 use tonic::{Code, transport::Channel};
-
-struct Setup {
-    agent: Agent,
-    backends: Vec<greeter::Handle>,
-    listen: SocketAddr,
-}
-
-fn config(listen: SocketAddr, admin: SocketAddr, policy: &str, endpoints: &[SocketAddr]) -> String {
-    let eps: String = endpoints
-        .iter()
-        .map(|e| format!("      - address: {e}\n"))
-        .collect();
-    format!(
-        r#"
-listeners:
-  - address: {listen}
-    default_service: greeter
-admin:
-  address: {admin}
-services:
-  - name: greeter
-    authorities: [greeter.default.svc.cluster.local]
-    policy: {policy}
-    endpoints:
-{eps}"#
-    )
-}
-
-async fn setup(policy: &str, n: usize) -> Setup {
-    let mut backends = Vec::new();
-    for i in 1..=n {
-        backends.push(greeter::spawn("127.0.0.1:0", &format!("backend-{i}")).await);
-    }
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let agent = Agent::start(&config(listen, admin, policy, &addrs), admin).await;
-    Setup {
-        agent,
-        backends,
-        listen,
-    }
-}
-
-/// One HTTP/2 connection to the proxy, as a gRPC client keeps it.
-async fn client(addr: SocketAddr) -> GreeterClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connecting to the proxy");
-    GreeterClient::new(channel)
-        .max_decoding_message_size(greeter::MAX_MESSAGE)
-        .max_encoding_message_size(greeter::MAX_MESSAGE)
-}
-
-fn hello(name: &str) -> HelloRequest {
-    HelloRequest {
-        name: name.into(),
-        ..Default::default()
-    }
-}
 
 async fn shares(c: &mut GreeterClient<Channel>, calls: usize) -> HashMap<String, usize> {
     let mut counts = HashMap::new();

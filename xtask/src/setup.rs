@@ -187,21 +187,21 @@ pub fn image_tools() -> anyhow::Result<()> {
 /// OpenAPI schemas (it ships them, so validation needs no network).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
-/// Installs `kubernetes-validate` from PyPI for `tests/tests/deploy.rs`, unless it imports.
-fn kubernetes_validate() -> anyhow::Result<()> {
+/// Installs a pinned Python package from PyPI unless `import module` already works.
+fn pip_install(module: &str, package: &str, what: &str) -> anyhow::Result<()> {
     let works = |args: &[&str]| {
         Command::new("python3")
             .args(args)
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if works(&["-c", "import kubernetes_validate"]) {
+    if works(&["-c", &format!("import {module}")]) {
         return Ok(());
     }
     if !works(&["-m", "pip", "--version"]) {
         apt_install(&["python3", "python3-pip"])?;
     }
-    eprintln!("setup: installing {KUBERNETES_VALIDATE} (manifest validation)");
+    eprintln!("setup: installing {package} ({what})");
     // Debian's own python3 is externally managed (PEP 668); the variable lets pip install
     // there and is ignored elsewhere (pyenv, a venv).
     run(Command::new("python3")
@@ -212,8 +212,17 @@ fn kubernetes_validate() -> anyhow::Result<()> {
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            KUBERNETES_VALIDATE,
+            package,
         ]))
+}
+
+/// `kubernetes-validate` for `tests/tests/deploy.rs`.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    pip_install(
+        "kubernetes_validate",
+        KUBERNETES_VALIDATE,
+        "manifest validation",
+    )
 }
 
 /// Installs the benchmark's peer proxies (their services stay stopped; the bench runs its own).
@@ -231,31 +240,7 @@ pub fn bench_peers() -> anyhow::Result<()> {
 /// grpcio, pinned, for the Python interop test (`tests/tests/interop.rs`).
 const GRPCIO: &str = "grpcio==1.76.0";
 
-/// Installs grpcio from PyPI for the interop test, unless `import grpc` already works.
+/// grpcio for the interop test.
 fn python_grpcio() -> anyhow::Result<()> {
-    let works = |args: &[&str]| {
-        Command::new("python3")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if works(&["-c", "import grpc"]) {
-        return Ok(());
-    }
-    if !works(&["-m", "pip", "--version"]) {
-        apt_install(&["python3", "python3-pip"])?;
-    }
-    eprintln!("setup: installing {GRPCIO} (the Python gRPC interop test)");
-    // Debian's python3 is "externally managed" (PEP 668): pip refuses to install into it
-    // unless told to. The variable is ignored where that does not apply (pyenv, a venv).
-    run(Command::new("python3")
-        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            GRPCIO,
-        ]))
+    pip_install("grpc", GRPCIO, "the Python gRPC interop test")
 }
