@@ -99,6 +99,8 @@ pub struct RunResult {
 
 /// Runs the benchmark, prints the table and writes the JSON.
 pub fn main(opts: Options) -> anyhow::Result<()> {
+    // Counted before this process is pinned (pinning narrows what it reports).
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     if !opts.client_cpus.is_empty() {
         // Before any thread exists, so that every thread of this process inherits it.
         let status = Command::new("taskset")
@@ -186,7 +188,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
             "concurrency": opts.concurrency,
             "connections": "one HTTP/2 connection from the load generator to each proxy; one per backend for direct",
             "backends": backends.len(),
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpus": cpus,
             "noise": noise,
             "nginx": version("nginx", &["-v"]),
             "haproxy": version("haproxy", &["-v"]),
