@@ -7,7 +7,7 @@ use balancer_tests::{
     agent::{Agent, agent_bin, metric},
     free_port, greeter,
     node::Scenario,
-    pb::{HelloRequest, greeter_client::GreeterClient},
+    pb::HelloRequest,
     require_root, wait_until,
 };
 use futures_util::StreamExt;
@@ -66,12 +66,7 @@ fn inspect_json(admin: SocketAddr, args: &[&str]) -> Value {
 async fn every_subcommand_shows_the_running_agent() {
     let s = standalone().await;
     let admin = s.agent.admin;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.listen))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = GreeterClient::new(channel);
+    let mut client = balancer_tests::harness::client(s.listen).await;
     for _ in 0..9 {
         client
             .say_hello(HelloRequest::default())
@@ -182,12 +177,7 @@ async fn a_stopped_agent_gives_a_one_line_error_saying_what_to_check() {
 #[tokio::test]
 async fn istio_compatible_metrics_after_known_traffic() {
     let s = standalone().await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.listen))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = GreeterClient::new(channel);
+    let mut client = balancer_tests::harness::client(s.listen).await;
     for _ in 0..4 {
         client.say_hello(HelloRequest::default()).await.unwrap();
     }
