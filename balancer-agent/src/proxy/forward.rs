@@ -72,7 +72,8 @@ pub async fn call(
     let snapshot = proxy.store.snapshot();
     let authority = request.uri().authority().map(|a| a.as_str());
     let service = target.resolve(&snapshot, authority).cloned();
-    let path = request.uri().path().to_string();
+    // A cheap clone (shared bytes), kept for the metrics once the request is consumed.
+    let uri = request.uri().clone();
     let mut messages = (0, 0);
 
     let end = if active >= proxy.limits.max_active_calls {
@@ -109,9 +110,13 @@ pub async fn call(
         End::ClientCancelled => "1",
         End::Reset => "reset",
     };
-    proxy
-        .metrics
-        .record_call(service.as_deref(), &path, status, start.elapsed(), messages);
+    proxy.metrics.record_call(
+        service.as_deref(),
+        uri.path(),
+        status,
+        start.elapsed(),
+        messages,
+    );
     proxy.metrics.active_calls.dec();
     proxy
         .active_calls
