@@ -1,10 +1,11 @@
 //! Wiring: configuration, store, discovery, datapath, proxy listeners and the admin server.
 //!
-//! Two runtimes, as ztunnel does: the data plane (listeners, calls, pools, and the datapath
-//! heartbeat, so that a stuck data plane stops renewing the lease and pods fail open) runs on
-//! a multi-threaded runtime; control work (discovery, admin, metrics) runs on a current-thread
-//! runtime of its own thread, so a burst of control work never steals the data plane's cores
-//! and a stuck control plane never stops calls.
+//! The data plane (listeners, calls, pools, and the datapath heartbeat, so that a stuck data
+//! plane stops renewing the lease and pods fail open) runs on single-threaded workers, one per
+//! core (`workers`), worker 0 on the main thread; control work (discovery, admin, metrics) runs
+//! on a current-thread runtime of its own thread, as ztunnel separates them, so a burst of
+//! control work never steals the data plane's cores and a stuck control plane never stops
+//! calls.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -28,6 +29,7 @@ use crate::{
     metrics::Metrics,
     proxy::{self, OrigDstLookup, Proxy},
     state::Store,
+    workers::{self, Workers},
 };
 
 /// How `balancer-agent run` was asked to run.
@@ -41,6 +43,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Kubernetes discovery, when enabled.
     pub kubernetes: Option<KubernetesOptions>,
+    /// Data-plane workers (0: one per CPU this process may use).
+    pub workers: usize,
 }
 
 /// `--kubernetes`, `--kubeconfig`, `--node-name`.
@@ -57,6 +61,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = Config::from_file(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
 
+    // First: the pools of the store keep one shard per worker.
+    let (data_plane, workers) = Workers::start(workers::resolve(opts.workers))?;
+    info!(workers = workers.len(), "data-plane workers started");
     let store = Store::new(config.pool.clone());
     store.apply(discovery::file::update_of(&config));
     let metrics = Metrics::new(store.clone(), config.limits.max_methods_per_service);
@@ -76,14 +83,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         metrics.clone(),
         config.limits.clone(),
         orig_dst,
+        workers.clone(),
         drain_rx,
     );
-
-    let data_plane = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("balancer-proxy")
-        .enable_all()
-        .build()
-        .context("starting the data-plane runtime")?;
 
     // Kubernetes discovery: its client configuration is checked now, so that a bad kubeconfig
     // fails the start; it runs on the control runtime and holds readiness until it synced.
@@ -240,6 +242,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(dp) = &datapath {
         dp.unpin();
     }
+    workers.stop();
     data_plane.shutdown_timeout(Duration::from_secs(1));
     info!("stopped");
     match failure {

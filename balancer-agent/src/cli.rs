@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// sets NODE_NAME from the downward API.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Data-plane worker threads; 0 runs one per CPU this process may use (its CPU quota
+    /// counts).
+    #[arg(long, default_value_t = 0, env = "BALANCER_WORKERS")]
+    pub workers: usize,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text", env = "BALANCER_LOG_FORMAT")]
     pub log_format: String,
@@ -84,6 +88,7 @@ fn run(args: RunArgs) -> ExitCode {
         config: args.config,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        workers: args.workers,
         kubernetes: (args.kubernetes || args.kubeconfig.is_some()).then(|| {
             app::KubernetesOptions {
                 kubeconfig: args.kubeconfig,

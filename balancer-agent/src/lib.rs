@@ -8,6 +8,7 @@
 //! - [`proxy`]: the HTTP/2 demultiplexer: inbound connections, per-call forwarding, pools.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the localhost admin server.
 //! - [`ebpf`]: loading, attaching and talking to the kernel programs.
+//! - [`workers`]: the data plane's single-threaded runtimes, one per core.
 //! - [`app`]: wiring it all together; [`cli`]: the command line; [`inspect`]: the CLI client
 //!   of the admin API.
 pub mod admin;
@@ -21,3 +22,4 @@ pub mod inspect;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod workers;

@@ -40,6 +40,7 @@ use crate::{
     config::{Limits, ms},
     metrics::Metrics,
     state::{Snapshot, Store},
+    workers::Workers,
 };
 
 pub use registry::{ConnInfo, Registry};
@@ -110,6 +111,8 @@ pub struct Proxy {
     pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
     /// Live connections and calls, for `inspect`.
     pub registry: Registry,
+    /// The workers that serve accepted connections.
+    workers: Arc<Workers>,
     active_calls: AtomicUsize,
     connections: AtomicUsize,
     drain: watch::Receiver<bool>,
@@ -141,6 +144,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         limits: Limits,
         orig_dst: Option<Arc<dyn OrigDstLookup>>,
+        workers: Arc<Workers>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -149,6 +153,7 @@ impl Proxy {
             limits,
             orig_dst,
             registry: Registry::default(),
+            workers,
             active_calls: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             drain,
@@ -165,7 +170,7 @@ impl Proxy {
         self.connections.load(Relaxed)
     }
 
-    /// Accepts connections on `listener` until drained.
+    /// Accepts connections on `listener` until drained, each served by one of the workers.
     pub async fn serve(self: Arc<Self>, tcp: TcpListener, listener: Listener) {
         let mut drain = self.drain.clone();
         let listener = Arc::new(listener);
@@ -192,7 +197,9 @@ impl Proxy {
             }
             let proxy = self.clone();
             let listener = listener.clone();
-            tokio::spawn(async move { proxy.connection(stream, peer, listener).await });
+            self.workers.dispatch(stream, move |stream| async move {
+                proxy.connection(stream, peer, listener).await;
+            });
         }
         info!(listener = %listener.name, "listener stopped");
     }
@@ -261,9 +268,9 @@ impl Proxy {
                         let proxy = self.clone();
                         let target = target.clone();
                         let info = info.clone();
-                        tokio::spawn(async move {
-                            forward::call(proxy, target, info, request, respond).await
-                        });
+                        // Boxed: a call's future is several KiB, and tokio moves a task's
+                        // future on spawn and again when it completes.
+                        tokio::spawn(Box::pin(forward::call(proxy, target, info, request, respond)));
                     }
                     Some(Err(e)) => {
                         let reason = if e.is_go_away() || e.is_reset() { "protocol" } else { "io" };

@@ -6,6 +6,11 @@
 //! `max_connections_per_endpoint`), and otherwise queues on the least busy one (h2's `ready()`
 //! waits for a slot).
 //!
+//! The pool keeps one shard per data-plane worker (`crate::workers`): a call leases from its
+//! worker's shard, so an upstream connection is driven by the thread whose calls use it and no
+//! call wakes another thread. `max_connections_per_endpoint` applies to each shard, as Envoy's
+//! per-worker pools do.
+//!
 //! Invariants:
 //! - A connection leaves the pool's list when it is closed (peer GOAWAY, error, failed
 //!   keepalive, idle timeout) or retired (max age or max calls); a retired connection finishes
@@ -34,7 +39,10 @@ use bytes::Bytes;
 use tokio::{net::TcpStream, sync::Notify, time::Instant};
 use tracing::debug;
 
-use crate::config::{PoolConfig, ms};
+use crate::{
+    config::{PoolConfig, ms},
+    workers,
+};
 
 /// Why a connection to an endpoint could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -131,9 +139,15 @@ impl Drop for Lease {
 pub struct Pool {
     addr: SocketAddr,
     cfg: Arc<PoolConfig>,
+    shards: Box<[Shard]>,
+    opened: AtomicU64,
+}
+
+/// One worker's connections to the endpoint.
+#[derive(Debug, Default)]
+struct Shard {
     conns: Mutex<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
-    opened: AtomicU64,
 }
 
 impl Pool {
@@ -142,8 +156,7 @@ impl Pool {
         Self {
             addr,
             cfg,
-            conns: Mutex::new(Vec::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            shards: (0..workers::count()).map(|_| Shard::default()).collect(),
             opened: AtomicU64::new(0),
         }
     }
@@ -153,9 +166,14 @@ impl Pool {
         ms(self.cfg.connect_timeout_ms)
     }
 
-    /// Open connections in the pool.
+    /// Open connections in the pool, over every worker.
     pub fn connections(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shards.iter().map(Shard::len).sum()
+    }
+
+    /// This worker's shard.
+    fn shard(&self) -> &Shard {
+        &self.shards[workers::current() % self.shards.len()]
     }
 
     /// Connections opened since start.
@@ -165,22 +183,24 @@ impl Pool {
 
     /// A connection for one call.
     pub async fn lease(&self) -> Result<Lease, Error> {
-        if let Some(lease) = self.try_lease(false) {
+        let shard = self.shard();
+        if let Some(lease) = self.try_lease(shard, false) {
             return Ok(lease);
         }
-        let _connecting = self.connecting.lock().await;
+        let _connecting = shard.connecting.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(lease) = self.try_lease(false) {
+        if let Some(lease) = self.try_lease(shard, false) {
             return Ok(lease);
         }
-        if self.connections() >= self.cfg.max_connections_per_endpoint
-            && let Some(lease) = self.try_lease(true)
+        if shard.len() >= self.cfg.max_connections_per_endpoint
+            && let Some(lease) = self.try_lease(shard, true)
         {
             return Ok(lease);
         }
         let conn = self.connect().await?;
         let lease = Self::take(&conn);
-        self.conns
+        shard
+            .conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(conn);
@@ -188,8 +208,8 @@ impl Pool {
     }
 
     /// A lease on an existing connection: one with room, or with `queue`, the least busy one.
-    fn try_lease(&self, queue: bool) -> Option<Lease> {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+    fn try_lease(&self, shard: &Shard, queue: bool) -> Option<Lease> {
+        let mut conns = shard.conns.lock().unwrap_or_else(|p| p.into_inner());
         let max_age = ms(self.cfg.max_connection_age_ms);
         let max_calls = self.cfg.max_calls_per_connection;
         conns.retain(|c| {
@@ -281,6 +301,12 @@ impl Pool {
         ));
         debug!(%addr, "connected to endpoint");
         Ok(conn)
+    }
+}
+
+impl Shard {
+    fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 

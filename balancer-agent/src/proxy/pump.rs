@@ -17,6 +17,11 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::HeaderValue;
 
+/// The first DATA chunk of a stream, up to this size, is handed to h2 before the stream has
+/// send capacity; h2 keeps it until the window allows. 16 KiB is HTTP/2's default maximum
+/// frame size, so a chunk read from a peer is rarely larger.
+const FIRST_CHUNK_AHEAD: usize = 16 * 1024;
+
 /// How a pump failed.
 #[derive(Debug)]
 pub enum PumpError {
@@ -38,6 +43,9 @@ enum State {
 pub struct Pump {
     state: State,
     chunk: Option<Bytes>,
+    /// The chunk being forwarded is the last of the stream (no trailers follow): its last part
+    /// carries END_STREAM, which saves an empty DATA frame.
+    last: bool,
     /// `grpc-status` of the trailers forwarded, if any.
     pub grpc_status: Option<HeaderValue>,
     /// Bytes forwarded.
@@ -93,6 +101,7 @@ impl Pump {
         Self {
             state: if ended { State::Done } else { State::Data },
             chunk: None,
+            last: false,
             grpc_status: None,
             bytes: 0,
             had_trailers: false,
@@ -154,6 +163,7 @@ impl Pump {
                                     self.messages.feed(&b);
                                     on_chunk(&b);
                                     self.chunk = Some(b);
+                                    self.last = from.is_end_stream();
                                 }
                             }
                             Poll::Ready(Some(Err(e))) => {
@@ -164,29 +174,44 @@ impl Pump {
                         }
                         continue;
                     };
-                    to.reserve_capacity(chunk.len());
-                    if to.capacity() == 0 {
-                        match ready!(to.poll_capacity(cx)) {
-                            Some(Ok(_)) => continue,
-                            Some(Err(e)) => return Poll::Ready(Err(PumpError::Send(e))),
-                            None => {
-                                // The sending stream closed under us: its peer reset it.
-                                return Poll::Ready(Err(PumpError::Send(
-                                    h2::Reason::CANCEL.into(),
-                                )));
+                    // The first chunk goes now, capacity or not: a stream that is still
+                    // opening gets none until its HEADERS were written, and waiting for it
+                    // would split HEADERS and DATA into two writes. h2 holds the chunk until
+                    // the window allows; the bound per stream is unchanged (one chunk).
+                    let ahead = self.bytes == 0 && chunk.len() <= FIRST_CHUNK_AHEAD;
+                    if !ahead {
+                        to.reserve_capacity(chunk.len());
+                        if to.capacity() == 0 {
+                            match ready!(to.poll_capacity(cx)) {
+                                Some(Ok(_)) => continue,
+                                Some(Err(e)) => return Poll::Ready(Err(PumpError::Send(e))),
+                                None => {
+                                    // The sending stream closed under us: its peer reset it.
+                                    return Poll::Ready(Err(PumpError::Send(
+                                        h2::Reason::CANCEL.into(),
+                                    )));
+                                }
                             }
                         }
                     }
-                    let n = to.capacity().min(chunk.len());
+                    let n = if ahead {
+                        chunk.len()
+                    } else {
+                        to.capacity().min(chunk.len())
+                    };
                     let part = chunk.split_to(n);
+                    let end = chunk.is_empty() && self.last;
                     if chunk.is_empty() {
                         self.chunk = None;
                     }
-                    to.send_data(part, false).map_err(PumpError::Send)?;
+                    to.send_data(part, end).map_err(PumpError::Send)?;
                     self.bytes += n as u64;
                     from.flow_control()
                         .release_capacity(n)
                         .map_err(PumpError::Recv)?;
+                    if end {
+                        self.state = State::Done;
+                    }
                 }
             }
         }

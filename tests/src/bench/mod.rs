@@ -7,8 +7,8 @@
 //! - `haproxy`: `mode http`, `proto h2` on the bind line and on the servers, round robin.
 //!
 //! Fairness: every proxy is pinned with `taskset` to the same CPUs (`--proxy-cpus`, default
-//! the last core) with the same number of workers (`--workers`, default 1: tokio worker threads
-//! of the agent through `TOKIO_WORKER_THREADS`, nginx `worker_processes`, haproxy `nbthread`).
+//! the last core) with the same number of workers (`--workers`, default 1: the agent's
+//! data-plane workers (`--workers`), nginx `worker_processes`, haproxy `nbthread`).
 //! The load generator and the backends are pinned to the other CPUs (`--client-cpus`), so the
 //! proxy under test never competes with them for a core.
 //!

@@ -170,7 +170,7 @@ fn finish(
 }
 
 /// balancer-agent, standalone (a static file, no datapath), P2C over peak-EWMA. Its data-plane
-/// runtime gets `placement.workers` threads through tokio's `TOKIO_WORKER_THREADS`.
+/// runtime gets `placement.workers` workers (`--workers`).
 pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-agent");
     let port = free_port();
@@ -194,7 +194,7 @@ pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Re
         // The file is not changed during the run: poll it rarely.
         .args(["--reload-interval-ms", "60000", "--drain-timeout-ms", "500"])
         .env("BALANCER_LOG", "warn")
-        .env("TOKIO_WORKER_THREADS", placement.workers.to_string());
+        .args(["--workers", &placement.workers.to_string()]);
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
