@@ -109,6 +109,8 @@ pub struct StatusView {
     pub client_connections: usize,
     /// Calls in flight.
     pub active_calls: usize,
+    /// Client connections each data-plane worker serves.
+    pub worker_connections: Vec<usize>,
 }
 
 /// The datapath in `status`.
@@ -203,6 +205,7 @@ impl Admin {
                 .sum(),
             client_connections: self.proxy.connections(),
             active_calls: self.proxy.active_calls(),
+            worker_connections: self.proxy.worker_connections(),
         }
     }
 

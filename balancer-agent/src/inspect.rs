@@ -202,12 +202,17 @@ fn render(what: &What, v: &Value) -> String {
                     );
                 }
             }
+            let per_worker: Vec<String> = v["worker_connections"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
             out += &format!(
-                "services:           {}\nendpoints:          {} ready of {}\nclient connections: {}\nactive calls:       {}\n",
+                "services:           {}\nendpoints:          {} ready of {}\nclient connections: {} (per worker: {})\nactive calls:       {}\n",
                 s(&v["services"]),
                 s(&v["ready_endpoints"]),
                 s(&v["endpoints"]),
                 s(&v["client_connections"]),
+                per_worker.join(" "),
                 s(&v["active_calls"])
             );
             out

@@ -118,6 +118,11 @@ impl Workers {
         self.handles.len()
     }
 
+    /// Client connections each worker serves, by worker index.
+    pub fn loads(&self) -> Vec<usize> {
+        self.load.iter().map(|l| l.load(Relaxed)).collect()
+    }
+
     /// Always false: there is at least one worker.
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()

@@ -4,8 +4,9 @@
 use std::{collections::HashMap, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use balancer_tests::{
-    agent::metric,
-    harness::{client, hello, setup},
+    agent::{Agent, metric},
+    greeter,
+    harness::{client, config, hello, local_addr, setup},
     pb::greeter_client::GreeterClient,
     wait_until,
 };
@@ -115,4 +116,49 @@ async fn metrics_count_calls_by_service_method_and_status() {
         metric(&s.agent.metrics(), "balancer_active_calls", &[]) == 0.0
     })
     .await;
+}
+
+#[tokio::test]
+async fn client_connections_spread_over_the_workers_and_each_balances_its_calls() {
+    let backends = [
+        greeter::spawn("127.0.0.1:0", "backend-1").await,
+        greeter::spawn("127.0.0.1:0", "backend-2").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let (listen, admin) = (local_addr(), local_addr());
+    let agent = Agent::start_with(
+        &config(listen, admin, "round-robin", &addrs, ""),
+        admin,
+        |c| {
+            c.args(["--workers", "2"]);
+        },
+    )
+    .await;
+    // Four client connections, opened one after the other: two per worker.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(client(listen).await);
+        let n = clients.len();
+        wait_until(
+            "the agent to count the connection",
+            Duration::from_secs(5),
+            || agent.json("/api/status")["client_connections"] == n,
+        )
+        .await;
+    }
+    let status = agent.json("/api/status");
+    assert_eq!(
+        status["worker_connections"],
+        serde_json::json!([2, 2]),
+        "{status}"
+    );
+    // Every connection's calls, served on either worker, reach both backends.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let counts = shares(c, 20).await;
+        assert_eq!(counts.len(), 2, "connection {i}: {counts:?}");
+    }
+    // Each worker keeps its own pool shard: the backends saw a connection from each.
+    for b in &backends {
+        assert_eq!(b.stats.connections.load(Relaxed), 2, "{}", b.addr);
+    }
 }

@@ -170,6 +170,11 @@ impl Proxy {
         self.connections.load(Relaxed)
     }
 
+    /// Client connections each worker serves.
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.workers.loads()
+    }
+
     /// Accepts connections on `listener` until drained, each served by one of the workers.
     pub async fn serve(self: Arc<Self>, tcp: TcpListener, listener: Listener) {
         let mut drain = self.drain.clone();
