@@ -196,7 +196,8 @@ pub struct PoolConfig {
     pub max_connection_age_ms: u64,
     /// A connection that carried this many calls takes no new ones; 0 disables. Default 0.
     pub max_calls_per_connection: u64,
-    /// Connections per endpoint at most. Default 8.
+    /// Connections per endpoint at most, for each data-plane worker (each keeps its own pool
+    /// shard). Default 8.
     pub max_connections_per_endpoint: usize,
     /// Interval of keepalive PINGs on pooled connections, ms; 0 disables. Default 30000.
     pub keepalive_interval_ms: u64,
