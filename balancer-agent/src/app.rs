@@ -63,7 +63,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // First: the pools of the store keep one shard per worker.
     let (data_plane, workers) = Workers::start(workers::resolve(opts.workers))?;
-    info!(workers = workers.len(), "data-plane workers started");
+    info!(workers = workers::count(), "data-plane workers started");
     let store = Store::new(config.pool.clone());
     store.apply(discovery::file::update_of(&config));
     let metrics = Metrics::new(store.clone(), config.limits.max_methods_per_service);

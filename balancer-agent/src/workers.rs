@@ -113,19 +113,9 @@ impl Workers {
         ))
     }
 
-    /// How many workers run.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
     /// Client connections each worker serves, by worker index.
     pub fn loads(&self) -> Vec<usize> {
         self.load.iter().map(|l| l.load(Relaxed)).collect()
-    }
-
-    /// Always false: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// Runs `serve` for an accepted connection on the worker serving the fewest connections.

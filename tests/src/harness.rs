@@ -128,6 +128,17 @@ pub fn hello(name: &str) -> HelloRequest {
     }
 }
 
+/// `n` requests named `<prefix><i>`, each with `payload` bytes of `fill`: a client stream.
+pub fn hellos(prefix: &str, n: u32, payload: usize, fill: u8) -> Vec<HelloRequest> {
+    (0..n)
+        .map(|i| HelloRequest {
+            name: format!("{prefix}{i}"),
+            payload: vec![fill; payload],
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// Resident memory of a process, KiB (`VmRSS` in `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");

@@ -8,7 +8,8 @@ use balancer_agent::proxy::grpc::parse_timeout;
 use balancer_tests::{
     greeter,
     harness::{
-        GoAwayBackend, RawBackend, RawMode, agent, client, hello, local_addr, rss_kib, setup,
+        GoAwayBackend, RawBackend, RawMode, agent, client, hello, hellos, local_addr, rss_kib,
+        setup,
     },
     pb::HelloRequest,
     wait_until,
@@ -44,13 +45,7 @@ async fn unary_and_every_streaming_kind_pass_through() {
     assert_eq!(indexes, (0..50).collect::<Vec<u32>>());
 
     // Client streaming: the backend saw every message and byte.
-    let msgs: Vec<HelloRequest> = (0..20)
-        .map(|i| HelloRequest {
-            name: format!("n{i}"),
-            payload: vec![7; 1000],
-            ..Default::default()
-        })
-        .collect();
+    let msgs = hellos("n", 20, 1000, 7);
     let r = c
         .collect_hellos(tokio_stream::iter(msgs))
         .await
@@ -434,13 +429,7 @@ async fn refused_streams_are_replayed_on_another_endpoint() {
     }
     // Client streaming with a small, complete body: replayed whole.
     for i in 0..20 {
-        let msgs: Vec<HelloRequest> = (0..4)
-            .map(|j| HelloRequest {
-                name: format!("c{i}-{j}"),
-                payload: vec![1; 4096],
-                ..Default::default()
-            })
-            .collect();
+        let msgs = hellos(&format!("c{i}-"), 4, 4096, 1);
         let r = c.collect_hellos(tokio_stream::iter(msgs)).await;
         let r = r.unwrap_or_else(|e| panic!("client-streaming call {i}: {e:?}"));
         assert_eq!(r.into_inner().index, 4);

@@ -64,7 +64,7 @@ pub async fn call(
     mut respond: SendResponse<Bytes>,
 ) {
     let start = Instant::now();
-    let _call = conn.start_call(request.uri().path_and_query());
+    let registration = conn.start_call(request.uri().path_and_query());
     let active = proxy
         .active_calls
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -84,10 +84,9 @@ pub async fn call(
             )),
         )
     } else if let Some(service) = &service {
-        _call.routed(&service.name, SocketAddr::from(([0, 0, 0, 0], 0)));
         let c = Call {
             service,
-            call: &_call,
+            call: &registration,
             messages: Default::default(),
         };
         let end = c.run(request, &mut respond).await;

@@ -88,6 +88,10 @@ pub struct RunResult {
     /// The proxy's time on a CPU per call from the scheduler's exact clock
     /// (`/proc/<pid>/task/*/schedstat`), µs: a cross-check of the tick-sampled figure.
     pub proxy_sched_us_per_call: Option<f64>,
+    /// The proxy's `write`/`writev` system calls per call (`syscw` of `/proc/<pid>/io`): how
+    /// well it batches frames into writes. `send`/`sendmsg` are not counted by the kernel
+    /// there, so a proxy that sends with them (haproxy) shows about 0.
+    pub proxy_writev_per_call: Option<f64>,
     /// The proxy's CPU use in the window, in cores (1.0 = one core busy).
     pub proxy_cpu_cores: Option<f64>,
     /// The highest VmRSS sampled (every 100 ms) in the window, summed over the proxy's
@@ -221,10 +225,11 @@ async fn run_one(
     // Samples the proxy's CPU at both ends of the window, and its RSS in between.
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(window_start.into()).await;
-        let (t0, cpu0, sched0) = (
+        let (t0, cpu0, sched0, writes0) = (
             Instant::now(),
             procfs::cpu_ticks_of(&pids),
             procfs::sched_ns_of(&pids),
+            procfs::write_calls_of(&pids),
         );
         let mut rss_max = procfs::rss_kib(&pids);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -232,22 +237,24 @@ async fn run_one(
             tick.tick().await;
             rss_max = rss_max.max(procfs::rss_kib(&pids));
         }
-        let (t1, cpu1, sched1) = (
+        let (t1, cpu1, sched1, writes1) = (
             Instant::now(),
             procfs::cpu_ticks_of(&pids),
             procfs::sched_ns_of(&pids),
+            procfs::write_calls_of(&pids),
         );
         (
             t0,
             t1,
             cpu1.saturating_sub(cpu0),
             sched1.saturating_sub(sched0),
+            writes1.saturating_sub(writes0),
             rss_max,
         )
     });
     let authority = "greeter.bench";
     let samples = loadgen::run(addrs, authority, concurrency, window_end).await?;
-    let (t0, t1, cpu, sched, rss_max) = sampler.await?;
+    let (t0, t1, cpu, sched, writes, rss_max) = sampler.await?;
     let mut lat: Vec<Duration> = samples
         .calls
         .iter()
@@ -280,6 +287,7 @@ async fn run_one(
         proxy_cpu_s: proxy.map(|_| cpu_s),
         proxy_cpu_us_per_call: proxy.map(|_| cpu_s * 1e6 / calls.max(1) as f64),
         proxy_sched_us_per_call: proxy.map(|_| sched as f64 / 1e3 / calls.max(1) as f64),
+        proxy_writev_per_call: proxy.map(|_| writes as f64 / calls.max(1) as f64),
         proxy_cpu_cores: proxy.map(|_| cpu_s / window),
         proxy_rss_max_mib: proxy.map(|_| mib(rss_max)),
         proxy_hwm_mib: proxy.map(|p| mib(p.hwm_kib())),
@@ -374,7 +382,7 @@ impl<'a> Report<'a> {
             opts.placement.proxy_cpus, opts.placement.workers
         ));
         s.push_str(&format!(
-            "{:<8} {:>6} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>7}\n",
+            "{:<8} {:>6} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
             "target",
             "conc",
             "calls/s",
@@ -383,6 +391,7 @@ impl<'a> Report<'a> {
             "p99 us",
             "cpu us/call",
             "sched us/c",
+            "writev/c",
             "cpu cores",
             "RSS MiB",
             "HWM MiB",
@@ -390,7 +399,7 @@ impl<'a> Report<'a> {
         ));
         for r in self.results {
             s.push_str(&format!(
-                "{:<8} {:>6} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12} {:>9} {:>9} {:>9} {:>7}\n",
+                "{:<8} {:>6} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
                 r.target,
                 r.concurrency,
                 r.calls_per_s,
@@ -399,12 +408,17 @@ impl<'a> Report<'a> {
                 r.p99_us,
                 opt(r.proxy_cpu_us_per_call, 1),
                 opt(r.proxy_sched_us_per_call, 1),
+                opt(r.proxy_writev_per_call, 2),
                 opt(r.proxy_cpu_cores, 2),
                 opt(r.proxy_rss_max_mib, 1),
                 opt(r.proxy_hwm_mib, 1),
                 r.errors
             ));
         }
+        s.push_str(
+            "(writev/c: write and writev system calls per call; the kernel does not count send(2) \
+             there, which haproxy uses)\n",
+        );
         s.push_str("\n== agent vs peers (ratio < 1: the agent is cheaper or faster)\n\n");
         s.push_str(&format!(
             "{:>6} {:<8} {:>13} {:>15} {:>7} {:>7} {:>9}\n",

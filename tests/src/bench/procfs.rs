@@ -107,3 +107,21 @@ pub fn sched_ns(pid: u32) -> u64 {
 pub fn sched_ns_of(pids: &[u32]) -> u64 {
     pids.iter().map(|&p| sched_ns(p)).sum()
 }
+
+/// `write(2)`/`writev(2)` calls of one process (`syscw` of `/proc/<pid>/io`, all its threads).
+/// The kernel counts only the file-style calls here: `send(2)`/`sendmsg(2)` are not in it.
+pub fn write_calls(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("syscw:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// [`write_calls`] summed over `pids`.
+pub fn write_calls_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| write_calls(p)).sum()
+}
