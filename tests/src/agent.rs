@@ -85,6 +85,16 @@ impl Agent {
         Self::launch(config_yaml, admin, Some(cgroup), |_| {}).await
     }
 
+    /// [`Agent::start_in_cgroup`] and [`Agent::start_with`] together.
+    pub async fn start_in_cgroup_with(
+        config_yaml: &str,
+        admin: SocketAddr,
+        cgroup: &Path,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::launch(config_yaml, admin, Some(cgroup), adjust).await
+    }
+
     async fn launch(
         config_yaml: &str,
         admin: SocketAddr,

@@ -184,8 +184,15 @@ impl SimNode {
         Ok(node)
     }
 
-    /// Adds a pod named `name`.
+    /// Adds a pod named `name`, its cgroup `<node cgroup>/<name>`.
     pub fn add_pod(&mut self, name: &str) -> std::io::Result<&Pod> {
+        self.add_pod_in_cgroup(name, name)
+    }
+
+    /// Adds a pod named `name` whose processes run in the cgroup at `cgroup` (relative to the
+    /// node's, e.g. laid out as the kubelet lays out a pod's container). Parent directories
+    /// are created here and removed with the node's cgroup.
+    pub fn add_pod_in_cgroup(&mut self, name: &str, cgroup: &str) -> std::io::Result<&Pod> {
         let n = self.pods.len() + 1;
         let netns = format!("blb{}p{n}", self.id);
         let host_veth = format!("blbv{}p{n}", self.id);
@@ -219,7 +226,7 @@ impl SimNode {
             "via",
             &self.gateway.to_string(),
         ])?;
-        let cgroup = self.cgroup.child(name)?;
+        let cgroup = self.cgroup.child(cgroup)?;
         self.pods.push(Pod {
             name: name.into(),
             netns,

@@ -4,11 +4,12 @@
 //! Backends of one Service listen on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...)
 //! and one port, as pods of a Deployment do on their pod IPs, so one EndpointSlice lists them.
 //! Pod cgroups are directory trees laid out as the kubelet lays them out, under the agent's
-//! `datapath.cgroup_root` (no root needed: the opted-in set is read from `/api/opted_in`).
+//! `datapath.cgroup_root` (no root needed: the opted-in set is read from `/api/opted_in`),
+//! except in the last test (`root_...`), which runs the whole product on the simulated node.
 
 use std::{
     collections::HashSet,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{
@@ -25,8 +26,9 @@ use balancer_tests::{
         objects::{Ep, endpoint_slice, namespace, pod, service},
     },
     free_port, greeter,
+    node::{BACKEND_PORT, Scenario, kube_proxy_stand_in},
     pb::{HelloRequest, greeter_client::GreeterClient},
-    wait_until, wait_until_async,
+    require_root, wait_until, wait_until_async,
 };
 use serde_json::Value;
 use tonic::{Code, transport::Channel};
@@ -615,4 +617,145 @@ async fn file_and_kubernetes_services_are_served_together_across_a_file_reload()
         names(&env.agent) == HashSet::from(["greeter.default:50051".to_string()])
     })
     .await;
+}
+
+/// The whole product on the simulated node, fed by Kubernetes alone: a pod whose namespace is
+/// labelled has its connection to the Service's ClusterIP redirected by the real eBPF programs
+/// and its calls balanced over every endpoint of the EndpointSlice; unlabelled, it reaches
+/// the Service through kube-proxy (its stand-in here), one backend per connection. The pod's
+/// cgroup sits where the kubelet puts it (systemd driver), found by the pod's UID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call() {
+    require_root!();
+    const UID: &str = "5a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let mut s = Scenario::new(4).await.unwrap();
+    // The container ID the pod fixture reports for this UID.
+    let cid = format!("{:0>64}", UID.replace('-', ""));
+    s.node
+        .add_pod_in_cgroup(
+            "app",
+            &format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+                UID.replace('-', "_")
+            ),
+        )
+        .unwrap();
+    let gw = s.node.gateway.octets();
+    let vip_ip = Ipv4Addr::new(10, 96, gw[2], 30);
+    s.node.add_vip(vip_ip).unwrap();
+    let vip = SocketAddr::from((vip_ip, BACKEND_PORT));
+    let pod_ips: Vec<SocketAddr> = s.backends.iter().map(|b| b.1).collect();
+    kube_proxy_stand_in(vip, pod_ips).await.unwrap();
+
+    let api = ApiServer::start().await;
+    let eps: Vec<Ep> = s
+        .backends
+        .iter()
+        .map(|(name, addr)| Ep::ready(&addr.ip().to_string(), name))
+        .collect();
+    api.apply_all([
+        namespace("apps", &[]),
+        service(
+            "apps",
+            "greeter",
+            &vip_ip.to_string(),
+            &[("grpc", BACKEND_PORT, None)],
+        ),
+        endpoint_slice(
+            "apps",
+            "greeter-abcde",
+            "greeter",
+            &[("grpc", BACKEND_PORT)],
+            &eps,
+        ),
+        pod("apps", "app", UID, NODE, &[], false),
+    ]);
+    let dir = TempDir::new("balancer-kube-node");
+    let kubeconfig = api.kubeconfig(&dir.0);
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // No services and no opted-in cgroups in the file: both come from Kubernetes.
+    let config = format!(
+        "listeners:\n  - address: {gw}:15001\nadmin:\n  address: {admin}\ndatapath:\n  enabled: true\n  cgroup_root: {root}\n  proxy_address: {gw}:15001\n  shortcut: off\n  pin_path: {pins}\n",
+        gw = s.node.gateway,
+        root = s.node.cgroup.path().display(),
+        pins = s.pin_path(),
+    );
+    let cg = s.node.agent_cgroup().unwrap();
+    let agent = Agent::start_in_cgroup_with(&config, admin, cg.path(), |c| {
+        c.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--node-name", NODE]);
+    })
+    .await;
+    std::mem::forget(cg); // removed with the node's cgroup tree, after the agent
+    let counts = |v: &Value| -> Vec<u64> {
+        let mut c: Vec<u64> = v["counts"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        c.sort_unstable();
+        c
+    };
+    let redirected = |agent: &Agent| {
+        agent.json("/api/bpf")["counters"]["connect4_redirected"]
+            .as_u64()
+            .unwrap()
+    };
+    let opted_in = |agent: &Agent| -> Vec<String> {
+        agent.json("/api/opted_in")["pods"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| p["pod"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until("the Service's ClusterIP in the datapath", WAIT, || {
+        ready_count_of(&agent, "greeter.apps:50051") == 4
+    })
+    .await;
+
+    // The namespace is not labelled: kube-proxy's one backend per connection.
+    assert_eq!(counts(&s.call("app", vip, 20).await), vec![20]);
+    assert_eq!(redirected(&agent), 0);
+
+    label_apps(&api, true);
+    wait_until("the pod opted in", WAIT, || {
+        opted_in(&agent) == ["apps/app"]
+    })
+    .await;
+    let out = s.call("app", vip, 200).await;
+    let c = counts(&out);
+    assert_eq!(c.len(), 4, "every endpoint of the slice served: {out}");
+    assert_eq!(c.iter().sum::<u64>(), 200, "{out}");
+    assert_eq!(redirected(&agent), 1, "one connection, redirected once");
+    let ok = metric(
+        &agent.metrics(),
+        "balancer_calls_total",
+        &["service=\"greeter.apps:50051\"", "grpc_status=\"0\""],
+    );
+    assert_eq!(ok, 200.0);
+
+    // The label goes: the pod's next connection is left to kube-proxy again.
+    label_apps(&api, false);
+    wait_until("the pod opted out", WAIT, || opted_in(&agent).is_empty()).await;
+    assert_eq!(counts(&s.call("app", vip, 20).await), vec![20]);
+    assert_eq!(redirected(&agent), 1);
+}
+
+fn label_apps(api: &ApiServer, enabled: bool) {
+    let labels: &[(&str, &str)] = if enabled {
+        &[("balancer.dev/enabled", "true")]
+    } else {
+        &[]
+    };
+    api.apply(namespace("apps", labels));
+}
+
+fn ready_count_of(agent: &Agent, service: &str) -> usize {
+    agent
+        .json(&format!("/api/endpoints?service={service}"))
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|e| e["health"] == "ready").count())
 }
