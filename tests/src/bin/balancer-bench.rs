@@ -27,6 +27,10 @@ struct Args {
     /// Calls in flight on the client connection, one run each.
     #[arg(long, value_delimiter = ',', default_value = "1,64,1000")]
     concurrency: Vec<usize>,
+    /// Rounds of every target at each concurrency; the agent's ratios to a peer are taken
+    /// within a round and reported as the median over the rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Targets: direct, agent, nginx, haproxy.
     #[arg(
         long,
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(a.duration_secs),
         warmup: Duration::from_secs_f64(a.warmup_secs),
         concurrency: a.concurrency,
+        rounds: a.rounds,
         targets: a.targets,
         placement: bench::peers::Placement {
             proxy_cpus,
