@@ -15,7 +15,8 @@
 //!
 //! Not part of `cargo xtask test`: from a clean tree the static release build takes 8 to 12
 //! minutes on 2 cores (a second target directory, thin LTO), far above what a test run should
-//! add. `tests/tests/deploy.rs` checks the archive when it exists and says SKIPPED otherwise.
+//! add. `tests/tests/deploy.rs` checks the archive when it exists and says SKIPPED otherwise;
+//! CI (`.ci/run`) builds it before `cargo xtask test`, so there the image test runs.
 
 use std::{
     path::{Path, PathBuf},
