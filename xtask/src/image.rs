@@ -13,9 +13,9 @@
 //!
 //! Nothing here touches the machine's own container storage or needs a Docker daemon.
 //!
-//! Not part of `cargo xtask test`: from a clean tree the static release build takes 8 to 12
-//! minutes on 2 cores (a second target directory, thin LTO), far above what a test run should
-//! add. `tests/tests/deploy.rs` checks the archive when it exists and says SKIPPED otherwise;
+//! Not part of `cargo xtask test`: from a clean tree the static release build takes minutes on
+//! 2 cores (a second target directory, thin LTO; 196 s for the whole image on a fresh clone),
+//! more than a developer's test run should add. `tests/tests/deploy.rs` checks the archive when it exists and says SKIPPED otherwise;
 //! CI (`.ci/run`) builds it before `cargo xtask test`, so there the image test runs.
 
 use std::{
