@@ -12,7 +12,7 @@
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use balancer_agent::{
-    balance::{Balancer, Policy},
+    balance::{Balancer, FailurePolicy, Policy},
     config::PoolConfig,
     metrics::Metrics,
     proxy::grpc,
@@ -35,7 +35,11 @@ fn pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("balancer_pick");
     for policy in [Policy::P2cEwma, Policy::LeastRequest, Policy::RoundRobin] {
         for n in [4, 100] {
-            let b = Balancer::new(policy, endpoints(n), Duration::from_secs(1));
+            let b = Balancer::new(
+                policy,
+                endpoints(n),
+                FailurePolicy::from_config(&PoolConfig::default()),
+            );
             g.bench_with_input(BenchmarkId::new(policy.as_str(), n), &b, |bench, b| {
                 bench.iter(|| {
                     let mut guard = b.pick(black_box(&[])).expect("an endpoint");

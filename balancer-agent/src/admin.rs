@@ -141,7 +141,8 @@ pub struct EndpointView {
     pub zone: Option<String>,
     /// Node.
     pub node: Option<String>,
-    /// `ready`, `terminating`, `not-ready`, or `backing-off` after a refused connection.
+    /// `ready`, `terminating`, `not-ready`, `backing-off` after a refused connection, or
+    /// `ejected` by outlier detection.
     pub health: String,
     /// Calls in flight.
     pub in_flight: u32,
@@ -151,6 +152,8 @@ pub struct EndpointView {
     pub calls: u64,
     /// Calls that failed on it before an answer.
     pub failures: u64,
+    /// Times outlier detection ejected it.
+    pub ejections: u64,
     /// Pooled connections.
     pub connections: usize,
 }
@@ -242,6 +245,8 @@ impl Admin {
                     "terminating"
                 } else if !e.spec.ready {
                     "not-ready"
+                } else if st.ejected() {
+                    "ejected"
                 } else if st.backing_off(backoff) {
                     "backing-off"
                 } else {
@@ -258,6 +263,7 @@ impl Admin {
                     ewma_ms: st.ewma().as_secs_f64() * 1000.0,
                     calls: st.calls.load(Relaxed),
                     failures: st.failures.load(Relaxed),
+                    ejections: st.ejections.load(Relaxed),
                     connections: e.endpoint.pool.connections(),
                 });
             }

@@ -13,6 +13,15 @@
 //!
 //! Endpoints that refused a connection recently are skipped while others remain, and a call
 //! that must retry passes the endpoints it already tried in `avoid`.
+//!
+//! Outlier detection (linkerd's "failure accrual", Envoy's consecutive gateway failures): an
+//! endpoint whose last [`FailurePolicy::consecutive_failures`] calls failed (a transport
+//! failure, or a gRPC status that says the server is broken: UNKNOWN, INTERNAL, UNAVAILABLE,
+//! DATA_LOSS) is ejected for a while that doubles with each ejection in a row. Once the time
+//! is up it takes calls again, and its first failure ejects it at once (half-open); its first
+//! success clears the record. Without that, a pod failing fast would look like the fastest
+//! pod to peak-EWMA and draw ever more calls. If every endpoint is ejected or backing off,
+//! calls still go to one of them rather than fail in the proxy.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -27,7 +36,7 @@ use std::{
 use tokio::time::Instant;
 
 pub use crate::config::Policy;
-use crate::state::Endpoint;
+use crate::{config::PoolConfig, state::Endpoint};
 
 /// How fast old latency observations fade (linkerd's default decay).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -47,6 +56,14 @@ pub struct EndpointStats {
     pub failures: AtomicU64,
     /// When this endpoint last refused a connection, as ms since `epoch`; 0 for never.
     last_failure_ms: AtomicU64,
+    /// Calls in a row that failed (outlier detection).
+    consecutive_failures: AtomicU32,
+    /// Ejections in a row (no success in between): the next one lasts twice as long.
+    ejections_in_a_row: AtomicU32,
+    /// Until when the endpoint is ejected, as ms since `epoch`; 0 for never.
+    ejected_until_ms: AtomicU64,
+    /// Times the endpoint was ejected since it appeared.
+    pub ejections: AtomicU64,
     ewma: Mutex<PeakEwma>,
     epoch: Instant,
 }
@@ -60,6 +77,10 @@ impl Default for EndpointStats {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections_in_a_row: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
             ewma: Mutex::new(PeakEwma::new(now)),
             epoch: now,
         }
@@ -93,8 +114,78 @@ impl EndpointStats {
     /// Whether the endpoint refused a connection less than `backoff` ago.
     pub fn backing_off(&self, backoff: Duration) -> bool {
         let at = self.last_failure_ms.load(Relaxed);
-        at != 0 && (self.epoch.elapsed().as_millis() as u64) < at + backoff.as_millis() as u64
+        at != 0 && self.now_ms() < at + backoff.as_millis() as u64
     }
+
+    /// Whether outlier detection ejected the endpoint and its time is not up.
+    pub fn ejected(&self) -> bool {
+        self.now_ms() < self.ejected_until_ms.load(Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Records how a call on this endpoint ended, for outlier detection.
+    fn record(&self, failed: bool, policy: &FailurePolicy) {
+        if !failed {
+            if self.consecutive_failures.load(Relaxed) != 0 {
+                self.consecutive_failures.store(0, Relaxed);
+            }
+            if self.ejections_in_a_row.load(Relaxed) != 0 {
+                self.ejections_in_a_row.store(0, Relaxed);
+            }
+            return;
+        }
+        let threshold = policy.consecutive_failures;
+        let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        if threshold == 0 || failures < threshold || self.ejected() {
+            return;
+        }
+        let n = self.ejections_in_a_row.fetch_add(1, Relaxed).min(16);
+        let time = policy
+            .base_ejection
+            .saturating_mul(1 << n)
+            .min(policy.max_ejection.max(policy.base_ejection));
+        self.ejected_until_ms
+            .store(self.now_ms() + time.as_millis() as u64, Relaxed);
+        self.ejections.fetch_add(1, Relaxed);
+        // Half-open: once readmitted, one more failure ejects it again.
+        self.consecutive_failures.store(threshold - 1, Relaxed);
+    }
+}
+
+/// How the balancer treats endpoints that fail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FailurePolicy {
+    /// An endpoint that refused a connection is skipped this long.
+    pub connect_backoff: Duration,
+    /// Calls in a row that must fail to eject an endpoint; 0 disables outlier detection.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts; each one in a row doubles it.
+    pub base_ejection: Duration,
+    /// The longest ejection.
+    pub max_ejection: Duration,
+}
+
+impl FailurePolicy {
+    /// From the `pool` section of the configuration.
+    pub fn from_config(pool: &PoolConfig) -> Self {
+        let o = &pool.outlier_detection;
+        Self {
+            connect_backoff: Duration::from_millis(pool.failure_backoff_ms),
+            consecutive_failures: o.consecutive_failures,
+            base_ejection: Duration::from_millis(o.base_ejection_ms),
+            max_ejection: Duration::from_millis(o.max_ejection_ms),
+        }
+    }
+}
+
+/// Whether a gRPC status from an endpoint says the endpoint is broken (not that the call was
+/// wrong): UNKNOWN (2), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). An answer without a
+/// status (HTTP/2 that is not gRPC) is not counted against the endpoint.
+pub fn is_endpoint_failure(grpc_status: Option<&[u8]>) -> bool {
+    matches!(grpc_status, Some(b"2" | b"13" | b"14" | b"15"))
 }
 
 /// Peak-sensitive EWMA of latency: a slower observation replaces the estimate at once, faster
@@ -141,17 +232,17 @@ pub struct Balancer {
     policy: Policy,
     ready: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
-    backoff: Duration,
+    failures: FailurePolicy,
 }
 
 impl Balancer {
-    /// A balancer over `ready` endpoints. `backoff` is how long a refused endpoint is skipped.
-    pub fn new(policy: Policy, ready: Vec<Arc<Endpoint>>, backoff: Duration) -> Self {
+    /// A balancer over `ready` endpoints, skipping those that `failures` says to.
+    pub fn new(policy: Policy, ready: Vec<Arc<Endpoint>>, failures: FailurePolicy) -> Self {
         Self {
             policy,
             next: AtomicUsize::new(fastrand::usize(..ready.len().max(1))),
             ready,
-            backoff,
+            failures,
         }
     }
 
@@ -169,7 +260,9 @@ impl Balancer {
     /// call as in flight until it is dropped.
     pub fn pick(&self, avoid: &[SocketAddr]) -> Option<CallGuard> {
         let ep = self.choose(avoid)?;
-        Some(CallGuard::new(ep))
+        let mut guard = CallGuard::new(ep);
+        guard.failures = self.failures;
+        Some(guard)
     }
 
     fn choose(&self, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
@@ -178,7 +271,9 @@ impl Balancer {
             return None;
         }
         let usable = |e: &Arc<Endpoint>| !avoid.contains(&e.addr);
-        let healthy = |e: &Arc<Endpoint>| usable(e) && !e.stats.backing_off(self.backoff);
+        let healthy = |e: &Arc<Endpoint>| {
+            usable(e) && !e.stats.backing_off(self.failures.connect_backoff) && !e.stats.ejected()
+        };
         let chosen = match self.policy {
             Policy::RoundRobin => {
                 let start = self.next.fetch_add(1, Relaxed);
@@ -203,8 +298,9 @@ impl Balancer {
                 }
             }
         };
-        // Every healthy endpoint excluded: fall back to one that is merely backing off, since a
-        // refused connection an instant ago may be accepted now.
+        // Every healthy endpoint excluded: fall back to one that is merely backing off or
+        // ejected, since a refused connection an instant ago may be accepted now, and a call
+        // tried beats a call failed in the proxy.
         chosen
             .or_else(|| {
                 let start = fastrand::usize(..n);
@@ -252,6 +348,7 @@ pub struct CallGuard {
     endpoint: Arc<Endpoint>,
     start: Instant,
     pending: bool,
+    failures: FailurePolicy,
 }
 
 impl CallGuard {
@@ -264,6 +361,7 @@ impl CallGuard {
             endpoint,
             start: Instant::now(),
             pending: true,
+            failures: FailurePolicy::from_config(&PoolConfig::default()),
         }
     }
 
@@ -292,6 +390,22 @@ impl CallGuard {
     }
 }
 
+impl CallGuard {
+    /// The endpoint answered the call with this gRPC status (`None`: it sent none).
+    pub fn answered(&self, grpc_status: Option<&[u8]>) {
+        self.endpoint
+            .stats
+            .record(is_endpoint_failure(grpc_status), &self.failures);
+    }
+
+    /// The call failed on the endpoint without an answer (its connection broke).
+    pub fn failed(&self) {
+        let s = &self.endpoint.stats;
+        s.failures.fetch_add(1, Relaxed);
+        s.record(true, &self.failures);
+    }
+}
+
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let s = &self.endpoint.stats;
@@ -314,6 +428,13 @@ mod tests {
             .collect()
     }
 
+    fn backoff(connect_backoff: Duration) -> FailurePolicy {
+        FailurePolicy {
+            connect_backoff,
+            ..FailurePolicy::from_config(&PoolConfig::default())
+        }
+    }
+
     fn shares(b: &Balancer, calls: usize) -> Vec<usize> {
         let mut counts = vec![0; b.ready().len()];
         for _ in 0..calls {
@@ -330,7 +451,11 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_is_even() {
-        let b = Balancer::new(Policy::RoundRobin, endpoints(4), Duration::from_secs(1));
+        let b = Balancer::new(
+            Policy::RoundRobin,
+            endpoints(4),
+            backoff(Duration::from_secs(1)),
+        );
         assert_eq!(shares(&b, 400), vec![100; 4]);
     }
 
@@ -339,14 +464,14 @@ mod tests {
         for policy in [Policy::RoundRobin, Policy::P2cEwma, Policy::LeastRequest] {
             let eps = endpoints(3);
             let avoid = [eps[0].addr, eps[1].addr];
-            let b = Balancer::new(policy, eps.clone(), Duration::from_secs(1));
+            let b = Balancer::new(policy, eps.clone(), backoff(Duration::from_secs(1)));
             for _ in 0..50 {
                 assert_eq!(b.pick(&avoid).unwrap().endpoint().addr, eps[2].addr);
             }
             let all: Vec<_> = eps.iter().map(|e| e.addr).collect();
             assert!(b.pick(&all).is_none(), "{policy:?}");
             assert!(
-                Balancer::new(policy, vec![], Duration::ZERO)
+                Balancer::new(policy, vec![], backoff(Duration::ZERO))
                     .pick(&[])
                     .is_none()
             );
@@ -356,7 +481,11 @@ mod tests {
     #[tokio::test]
     async fn least_request_prefers_idle_endpoints() {
         let eps = endpoints(4);
-        let b = Balancer::new(Policy::LeastRequest, eps.clone(), Duration::from_secs(1));
+        let b = Balancer::new(
+            Policy::LeastRequest,
+            eps.clone(),
+            backoff(Duration::from_secs(1)),
+        );
         // Hold calls on three endpoints; the fourth must win every pick.
         let _held: Vec<_> = eps[..3].iter().map(|e| CallGuard::new(e.clone())).collect();
         for _ in 0..20 {
@@ -367,7 +496,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn p2c_ewma_shuns_a_slow_endpoint() {
         let eps = endpoints(4);
-        let b = Balancer::new(Policy::P2cEwma, eps.clone(), Duration::from_secs(1));
+        let b = Balancer::new(
+            Policy::P2cEwma,
+            eps.clone(),
+            backoff(Duration::from_secs(1)),
+        );
         // Teach the balancer that endpoint 0 answers in 50ms and the others in 1ms.
         for (i, e) in eps.iter().enumerate() {
             let mut g = CallGuard::new(e.clone());
@@ -401,7 +534,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refused_endpoints_back_off_then_return() {
         let eps = endpoints(2);
-        let b = Balancer::new(Policy::RoundRobin, eps.clone(), Duration::from_secs(1));
+        let b = Balancer::new(
+            Policy::RoundRobin,
+            eps.clone(),
+            backoff(Duration::from_secs(1)),
+        );
         eps[0].stats.connect_failed();
         for _ in 0..10 {
             assert_eq!(b.pick(&[]).unwrap().endpoint().addr, eps[1].addr);
@@ -427,5 +564,88 @@ mod tests {
         assert_eq!(e.stats.in_flight.load(Relaxed), 0);
         drop(CallGuard::new(e.clone()));
         assert_eq!(e.stats.pending.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_an_endpoint_for_a_doubling_while() {
+        let eps = endpoints(2);
+        let policy = FailurePolicy {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(3),
+            ..backoff(Duration::from_secs(1))
+        };
+        let b = Balancer::new(Policy::RoundRobin, eps.clone(), policy);
+        let fail = |times: usize| {
+            for _ in 0..times {
+                let g = b.pick(&[eps[1].addr]).unwrap();
+                assert_eq!(g.endpoint().addr, eps[0].addr);
+                g.answered(Some(b"14"));
+            }
+        };
+        // Application errors and a success in between do not count.
+        fail(2);
+        b.pick(&[eps[1].addr]).unwrap().answered(Some(b"5"));
+        b.pick(&[eps[1].addr]).unwrap().answered(Some(b"0"));
+        fail(2);
+        assert!(!eps[0].stats.ejected());
+        fail(1);
+        assert!(eps[0].stats.ejected(), "three UNAVAILABLE in a row");
+        assert_eq!(eps[0].stats.ejections.load(Relaxed), 1);
+        for _ in 0..10 {
+            assert_eq!(b.pick(&[]).unwrap().endpoint().addr, eps[1].addr);
+        }
+        // Every endpoint out: the ejected one still takes calls rather than none.
+        assert_eq!(b.pick(&[eps[1].addr]).unwrap().endpoint().addr, eps[0].addr);
+
+        // Readmitted after 1 s; one more failure ejects it again, for 2 s this time.
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(!eps[0].stats.ejected());
+        let g = b.pick(&[eps[1].addr]).unwrap();
+        g.failed();
+        assert!(eps[0].stats.ejected(), "half-open: one failure is enough");
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(eps[0].stats.ejected(), "the second ejection lasts 2 s");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(!eps[0].stats.ejected());
+
+        // A success clears the record: the next ejection needs three failures and lasts 1 s.
+        b.pick(&[eps[1].addr]).unwrap().answered(Some(b"0"));
+        fail(2);
+        assert!(!eps[0].stats.ejected());
+        fail(1);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(!eps[0].stats.ejected());
+        assert_eq!(eps[0].stats.ejections.load(Relaxed), 3);
+        assert_eq!(
+            eps[0].stats.failures.load(Relaxed),
+            1,
+            "one transport failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_broken_server_statuses_are_failures() {
+        for s in ["2", "13", "14", "15"] {
+            assert!(is_endpoint_failure(Some(s.as_bytes())), "{s}");
+        }
+        for s in ["0", "1", "3", "4", "5", "7", "8", "12", "16", "x"] {
+            assert!(!is_endpoint_failure(Some(s.as_bytes())), "{s}");
+        }
+        assert!(!is_endpoint_failure(None));
+    }
+
+    #[tokio::test]
+    async fn disabled_outlier_detection_never_ejects() {
+        let eps = endpoints(1);
+        let policy = FailurePolicy {
+            consecutive_failures: 0,
+            ..backoff(Duration::from_secs(1))
+        };
+        let b = Balancer::new(Policy::P2cEwma, eps.clone(), policy);
+        for _ in 0..100 {
+            b.pick(&[]).unwrap().answered(Some(b"14"));
+        }
+        assert!(!eps[0].stats.ejected());
     }
 }

@@ -209,6 +209,33 @@ pub struct PoolConfig {
     pub initial_stream_window: u32,
     /// Initial connection window towards endpoints, bytes. Default 4 MiB.
     pub initial_connection_window: u32,
+    /// Ejection of endpoints whose calls keep failing.
+    pub outlier_detection: OutlierDetection,
+}
+
+/// Outlier detection (linkerd's failure accrual, Istio's `outlierDetection`): an endpoint whose
+/// last calls all failed with a transport failure or a gRPC status that says the server is
+/// broken (UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS) takes no new calls for a while.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Calls in a row that must fail to eject an endpoint; 0 disables. Default 7.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts, ms; each ejection in a row (no success between)
+    /// doubles it. Default 1000.
+    pub base_ejection_ms: u64,
+    /// The longest ejection, ms. Default 60000.
+    pub max_ejection_ms: u64,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 7,
+            base_ejection_ms: 1_000,
+            max_ejection_ms: 60_000,
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -224,6 +251,7 @@ impl Default for PoolConfig {
             failure_backoff_ms: 1_000,
             initial_stream_window: 1024 * 1024,
             initial_connection_window: 4 * 1024 * 1024,
+            outlier_detection: OutlierDetection::default(),
         }
     }
 }
@@ -428,6 +456,16 @@ impl Config {
         }
         if self.pool.max_connections_per_endpoint == 0 {
             p.push("pool.max_connections_per_endpoint: must be at least 1".into());
+        }
+        let o = &self.pool.outlier_detection;
+        if o.consecutive_failures > 0 && o.base_ejection_ms == 0 {
+            p.push("pool.outlier_detection.base_ejection_ms: must be at least 1 (or set consecutive_failures to 0 to disable)".into());
+        }
+        if o.consecutive_failures > 0 && o.max_ejection_ms < o.base_ejection_ms {
+            p.push(format!(
+                "pool.outlier_detection.max_ejection_ms: {} is below base_ejection_ms {}",
+                o.max_ejection_ms, o.base_ejection_ms
+            ));
         }
         if self.pool.connect_timeout_ms == 0 {
             p.push("pool.connect_timeout_ms: must be at least 1".into());

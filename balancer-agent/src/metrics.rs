@@ -351,7 +351,7 @@ impl EndpointCollector {
         Self { store, descs }
     }
 
-    fn families() -> [(&'static str, &'static str); 5] {
+    fn families() -> [(&'static str, &'static str); 7] {
         [
             (
                 "balancer_endpoint_in_flight",
@@ -372,6 +372,14 @@ impl EndpointCollector {
             (
                 "balancer_endpoint_connections",
                 "Pooled HTTP/2 connections to an endpoint.",
+            ),
+            (
+                "balancer_endpoint_ejected",
+                "1 while outlier detection keeps an endpoint out of the balancer, else 0.",
+            ),
+            (
+                "balancer_endpoint_ejections",
+                "Times outlier detection ejected an endpoint since it appeared.",
             ),
         ]
     }
@@ -402,6 +410,8 @@ impl Collector for EndpointCollector {
                     s.calls.load(Relaxed) as f64,
                     s.failures.load(Relaxed) as f64,
                     ep.pool.connections() as f64,
+                    f64::from(u8::from(s.ejected())),
+                    s.ejections.load(Relaxed) as f64,
                 ];
                 for (g, v) in gauges.iter_mut().zip(values) {
                     g.with_label_values(&labels).set(v);

@@ -19,8 +19,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::{
-    balance::{Balancer, EndpointStats},
-    config::{Policy, PoolConfig, ServiceConfig, ms},
+    balance::{Balancer, EndpointStats, FailurePolicy},
+    config::{Policy, PoolConfig, ServiceConfig},
     proxy::pool::Pool,
 };
 
@@ -365,7 +365,7 @@ impl Inner {
             name: spec.name.as_str().into(),
             spec: spec.clone(),
             endpoints,
-            balancer: Balancer::new(spec.policy, ready, ms(self.pool.failure_backoff_ms)),
+            balancer: Balancer::new(spec.policy, ready, FailurePolicy::from_config(&self.pool)),
         }
     }
 

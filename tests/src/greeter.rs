@@ -53,6 +53,7 @@ pub struct Backend {
     name: Arc<str>,
     stats: Arc<Stats>,
     delay: Duration,
+    fail_code: i32,
 }
 
 /// How a whole backend behaves, set when it is spawned.
@@ -62,6 +63,8 @@ pub struct Options {
     pub delay_ms: u64,
     /// SETTINGS_MAX_CONCURRENT_STREAMS the backend advertises; `None` for tonic's default.
     pub max_concurrent_streams: Option<u32>,
+    /// Non-zero: every unary call fails at once with this gRPC status (a broken pod).
+    pub fail_code: i32,
 }
 
 /// Counts a call in flight, and as cancelled if dropped before [`CallGuard::done`].
@@ -148,6 +151,12 @@ impl Greeter for Backend {
             tokio::time::sleep(Duration::from_millis(req.sleep_ms.into())).await;
         }
         guard.done();
+        if self.fail_code != 0 {
+            return Err(Status::new(
+                self.fail_code.into(),
+                format!("{} is broken", self.name),
+            ));
+        }
         if let Some(s) = Self::failure(&req, &md) {
             return Err(s);
         }
@@ -318,6 +327,7 @@ pub fn service_with(name: &str, stats: Arc<Stats>, options: &Options) -> Greeter
         name: name.into(),
         stats,
         delay: Duration::from_millis(options.delay_ms),
+        fail_code: options.fail_code,
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE)

@@ -187,3 +187,80 @@ async fn an_endpoint_refusing_connections_is_avoided_before_any_request_byte() {
     let served: u64 = good.iter().map(|b| b.stats.calls.load(Relaxed)).sum();
     assert_eq!(served, 200);
 }
+
+/// Outlier detection: a pod that fails every call at once (UNAVAILABLE) answers as fast as a
+/// healthy one, so latency-aware balancing alone keeps sending it calls. Without ejection it
+/// fails its whole share (a third, under round robin); with the default (7 failures in a row)
+/// it is ejected after its seventh failure and takes no call until its time is up.
+#[tokio::test]
+async fn a_backend_failing_every_call_is_ejected_after_consecutive_failures() {
+    let backends = [
+        greeter::spawn_with(
+            "127.0.0.1:0",
+            "broken",
+            greeter::Options {
+                fail_code: Code::Unavailable as i32,
+                ..Default::default()
+            },
+        )
+        .await,
+        greeter::spawn("127.0.0.1:0", "ok-1").await,
+        greeter::spawn("127.0.0.1:0", "ok-2").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let broken = addrs[0].to_string();
+    let run = |extra: &'static str| {
+        let addrs = addrs.clone();
+        async move {
+            let (agent, listen) = agent("round-robin", &addrs, extra).await;
+            let mut c = client(listen).await;
+            let mut failed = 0;
+            for i in 0..300 {
+                match c.say_hello(hello(&format!("c{i}"))).await {
+                    Ok(_) => {}
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                        assert!(
+                            s.message().contains("broken"),
+                            "the backend's own status: {s:?}"
+                        );
+                        failed += 1;
+                    }
+                }
+            }
+            (agent, failed)
+        }
+    };
+
+    // Disabled: the broken pod keeps its share of the calls, each one failed.
+    let (_agent, failed) = run("pool:\n  outlier_detection:\n    consecutive_failures: 0\n").await;
+    assert_eq!(failed, 100, "without ejection, the broken pod's third");
+
+    // Default, with a long ejection so that it cannot end during the run.
+    let (agent, failed) = run(
+        "pool:\n  outlier_detection:\n    base_ejection_ms: 600000\n    max_ejection_ms: 600000\n",
+    )
+    .await;
+    assert_eq!(failed, 7, "ejected after seven failures in a row");
+    let ep = agent
+        .json("/api/endpoints")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == broken.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(ep["health"], "ejected", "{ep}");
+    assert_eq!(ep["ejections"], 1, "{ep}");
+    assert_eq!(ep["calls"], 7, "no call after the ejection: {ep}");
+    let m = agent.metrics();
+    assert_eq!(
+        balancer_tests::agent::metric(
+            &m,
+            "balancer_endpoint_ejected",
+            &[&format!("endpoint=\"{broken}\"")]
+        ),
+        1.0,
+        "{m}"
+    );
+}

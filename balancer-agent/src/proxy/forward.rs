@@ -386,7 +386,7 @@ impl Call<'_> {
                             return Phase1::Done(End::Reset);
                         }
                         up.lease.broken();
-                        up.guard.endpoint().stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        up.guard.failed();
                         return Phase1::Done(reply(respond, Status::unavailable(format!(
                             "endpoint {addr}: connection lost before the response: {e}"
                         ))));
@@ -428,6 +428,8 @@ impl Call<'_> {
         };
         if let Some(status) = headers_status {
             self.count_messages(&req_pump, None);
+            up.guard
+                .answered(status.as_ref().map(HeaderValue::as_bytes));
             return End::Status(status.unwrap_or_else(|| HeaderValue::from_static("2")));
         }
         let mut resp_pump = Pump::new(false);
@@ -443,6 +445,7 @@ impl Call<'_> {
                 }
                 r = poll_fn(|cx| resp_pump.poll(cx, &mut up_body, &mut client, &mut |_| {})) => match r {
                     Ok(()) => {
+                        up.guard.answered(resp_pump.grpc_status.as_ref().map(HeaderValue::as_bytes));
                         break End::Status(
                             resp_pump.grpc_status.clone().unwrap_or_else(|| HeaderValue::from_static("0")),
                         );
@@ -454,7 +457,7 @@ impl Call<'_> {
                             break End::Reset;
                         }
                         up.lease.broken();
-                        up.guard.endpoint().stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        up.guard.failed();
                         let status = Status::unavailable(format!(
                             "endpoint {addr}: connection lost during the response: {e}"
                         ));
