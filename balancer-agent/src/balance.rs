@@ -117,9 +117,11 @@ impl EndpointStats {
         at != 0 && self.now_ms() < at + backoff.as_millis() as u64
     }
 
-    /// Whether outlier detection ejected the endpoint and its time is not up.
+    /// Whether outlier detection ejected the endpoint and its time is not up. Reads the clock
+    /// only for an endpoint that was ever ejected (this runs for every candidate of a pick).
     pub fn ejected(&self) -> bool {
-        self.now_ms() < self.ejected_until_ms.load(Relaxed)
+        let until = self.ejected_until_ms.load(Relaxed);
+        until != 0 && self.now_ms() < until
     }
 
     fn now_ms(&self) -> u64 {
@@ -260,9 +262,7 @@ impl Balancer {
     /// call as in flight until it is dropped.
     pub fn pick(&self, avoid: &[SocketAddr]) -> Option<CallGuard> {
         let ep = self.choose(avoid)?;
-        let mut guard = CallGuard::new(ep);
-        guard.failures = self.failures;
-        Some(guard)
+        Some(CallGuard::new(ep, self.failures))
     }
 
     fn choose(&self, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
@@ -352,7 +352,7 @@ pub struct CallGuard {
 }
 
 impl CallGuard {
-    fn new(endpoint: Arc<Endpoint>) -> Self {
+    fn new(endpoint: Arc<Endpoint>, failures: FailurePolicy) -> Self {
         let s = &endpoint.stats;
         s.in_flight.fetch_add(1, Relaxed);
         s.pending.fetch_add(1, Relaxed);
@@ -361,7 +361,7 @@ impl CallGuard {
             endpoint,
             start: Instant::now(),
             pending: true,
-            failures: FailurePolicy::from_config(&PoolConfig::default()),
+            failures,
         }
     }
 
@@ -388,9 +388,7 @@ impl CallGuard {
                 .observe(now - self.start, now);
         }
     }
-}
 
-impl CallGuard {
     /// The endpoint answered the call with this gRPC status (`None`: it sent none).
     pub fn answered(&self, grpc_status: Option<&[u8]>) {
         self.endpoint
@@ -433,6 +431,11 @@ mod tests {
             connect_backoff,
             ..FailurePolicy::from_config(&PoolConfig::default())
         }
+    }
+
+    /// A call on `e` outside any balancer.
+    fn guard(e: &Arc<Endpoint>) -> CallGuard {
+        CallGuard::new(e.clone(), backoff(Duration::from_secs(1)))
     }
 
     fn shares(b: &Balancer, calls: usize) -> Vec<usize> {
@@ -487,7 +490,7 @@ mod tests {
             backoff(Duration::from_secs(1)),
         );
         // Hold calls on three endpoints; the fourth must win every pick.
-        let _held: Vec<_> = eps[..3].iter().map(|e| CallGuard::new(e.clone())).collect();
+        let _held: Vec<_> = eps[..3].iter().map(guard).collect();
         for _ in 0..20 {
             assert_eq!(b.pick(&[]).unwrap().endpoint().addr, eps[3].addr);
         }
@@ -503,7 +506,7 @@ mod tests {
         );
         // Teach the balancer that endpoint 0 answers in 50ms and the others in 1ms.
         for (i, e) in eps.iter().enumerate() {
-            let mut g = CallGuard::new(e.clone());
+            let mut g = guard(e);
             tokio::time::advance(Duration::from_millis(if i == 0 { 50 } else { 1 })).await;
             g.first_byte();
         }
@@ -518,7 +521,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ewma_decays_so_a_recovered_endpoint_is_tried_again() {
         let e = endpoints(1).pop().unwrap();
-        let mut g = CallGuard::new(e.clone());
+        let mut g = guard(&e);
         tokio::time::advance(Duration::from_millis(100)).await;
         g.first_byte();
         drop(g);
@@ -555,14 +558,14 @@ mod tests {
     #[tokio::test]
     async fn guards_count_in_flight_and_pending() {
         let e = endpoints(1).pop().unwrap();
-        let mut g = CallGuard::new(e.clone());
+        let mut g = guard(&e);
         assert_eq!(e.stats.in_flight.load(Relaxed), 1);
         assert_eq!(e.stats.pending.load(Relaxed), 1);
         g.first_byte();
         assert_eq!(e.stats.pending.load(Relaxed), 0);
         drop(g);
         assert_eq!(e.stats.in_flight.load(Relaxed), 0);
-        drop(CallGuard::new(e.clone()));
+        drop(guard(&e));
         assert_eq!(e.stats.pending.load(Relaxed), 0);
     }
 

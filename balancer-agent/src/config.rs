@@ -598,6 +598,36 @@ admin:
     }
 
     #[test]
+    fn outlier_detection_settings_are_checked() {
+        let e = Config::from_yaml(
+            "listeners:\n  - address: 127.0.0.1:15001\npool:\n  outlier_detection:\n    base_ejection_ms: 0\n",
+            "a.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                "pool.outlier_detection.base_ejection_ms: must be at least 1 (or set consecutive_failures to 0 to disable)"
+            ]
+        );
+        let e = Config::from_yaml(
+            "listeners:\n  - address: 127.0.0.1:15001\npool:\n  outlier_detection:\n    base_ejection_ms: 5000\n    max_ejection_ms: 1000\n",
+            "b.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.problems,
+            ["pool.outlier_detection.max_ejection_ms: 1000 is below base_ejection_ms 5000"]
+        );
+        // Disabled, the times are not used and not checked.
+        Config::from_yaml(
+            "listeners:\n  - address: 127.0.0.1:15001\npool:\n  outlier_detection:\n    consecutive_failures: 0\n    base_ejection_ms: 0\n",
+            "c.yaml",
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn environment_variables_expand() {
         let env = |v: &str| (v == "NODE_IP").then(|| "10.0.0.5".to_string());
         assert_eq!(

@@ -14,19 +14,24 @@ pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BALANCER_AGENT_BIN") {
         return p.into();
     }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> or target/<profile>/<bin>
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("balancer-agent");
+    let bin = workspace_bin("balancer-agent");
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build -p balancer-agent`; `cargo xtask test` does)",
         bin.display()
     );
     bin
+}
+
+/// Where a binary of this workspace named `name` sits beside the running test or binary:
+/// `target/<profile>/<name>` (tests run from `target/<profile>/deps/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 /// A running agent.
@@ -163,6 +168,13 @@ impl Agent {
     /// GET on the admin API: (status, body).
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         http_get(self.admin, path)
+    }
+
+    /// A counter of the datapath's programs (`/api/bpf`), e.g. `connect4_redirected`.
+    pub fn bpf_counter(&self, name: &str) -> u64 {
+        self.json("/api/bpf")["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
     }
 
     /// A JSON document from the admin API.

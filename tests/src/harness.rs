@@ -160,12 +160,7 @@ pub struct GreeterProcess {
 impl GreeterProcess {
     /// Starts `greeter --name NAME --delay-ms DELAY` on a free port and waits until it listens.
     pub fn spawn(name: &str, delay_ms: u64) -> Self {
-        let exe = std::env::current_exe().expect("current exe");
-        let mut dir = exe.parent().expect("exe dir").to_path_buf();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
-        let bin = dir.join("greeter");
+        let bin = crate::agent::workspace_bin("greeter");
         assert!(
             bin.exists(),
             "{} is missing: `cargo test -p balancer-tests` builds it",

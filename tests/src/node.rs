@@ -381,33 +381,42 @@ impl Scenario {
         )
     }
 
-    /// The agent configuration with the given `services:` entries.
+    /// The agent configuration with the given `services:` entries, the client pod opted in.
     pub fn config_with_services(
         &self,
         services: &str,
         admin: SocketAddr,
         shortcut: &str,
     ) -> String {
-        let root = self.node.cgroup.path();
+        let client = self
+            .node
+            .pod("client")
+            .cgroup_relative_to(self.node.cgroup.path());
+        format!(
+            "{}  opted_in_cgroups: [\"{client}\"]\nservices:\n{services}",
+            self.kubernetes_config(admin, shortcut)
+        )
+    }
+
+    /// The agent configuration with no services and no opted-in cgroups (both to come from
+    /// Kubernetes): the listener, the admin server and the datapath attached at the node's
+    /// cgroup, its `datapath:` section last.
+    pub fn kubernetes_config(&self, admin: SocketAddr, shortcut: &str) -> String {
         format!(
             r#"listeners:
   - address: {gw}:15001
 admin:
   address: {admin}
-services:
-{services}
 datapath:
   enabled: true
   cgroup_root: {root}
   proxy_address: {gw}:15001
   shortcut: {shortcut}
   pin_path: {pins}
-  opted_in_cgroups: ["{client}"]
 "#,
             gw = self.node.gateway,
-            root = root.display(),
+            root = self.node.cgroup.path().display(),
             pins = self.pin_path(),
-            client = self.node.pod("client").cgroup_relative_to(root),
         )
     }
 

@@ -26,12 +26,6 @@ fn counts(v: &Value) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn counter(agent: &Agent, name: &str) -> u64 {
-    agent.json("/api/bpf")["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name}"))
-}
-
 /// A VIP for this scenario: an address of the node (so nothing ever leaves the machine).
 fn vip(s: &Scenario, last: u8) -> SocketAddr {
     let gw = s.node.gateway.octets();
@@ -65,7 +59,7 @@ async fn root_an_opted_in_pod_dialing_a_vip_is_balanced_per_call() {
         "round-robin over one connection: {c:?}"
     );
     assert_eq!(
-        counter(&agent, "connect4_redirected"),
+        agent.bpf_counter("connect4_redirected"),
         1,
         "one connection, redirected once"
     );
@@ -93,8 +87,8 @@ async fn root_pods_not_opted_in_and_other_destinations_are_left_alone() {
     // A pod that did not opt in: its one connection lands on one backend, as without us.
     let out = s.call("outsider", vip, 20).await;
     assert_eq!(counts(&out).len(), 1, "not redirected: {out}");
-    assert_eq!(counter(&agent, "connect4_redirected"), 0);
-    assert_eq!(counter(&agent, "connect4_not_opted_in"), 1);
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 0);
+    assert_eq!(agent.bpf_counter("connect4_not_opted_in"), 1);
 
     // The opted-in pod dialing a pod IP (not a VIP) reaches that pod directly.
     let out = s.call("client", backends[2], 20).await;
@@ -102,7 +96,7 @@ async fn root_pods_not_opted_in_and_other_destinations_are_left_alone() {
         counts(&out),
         BTreeMap::from([("backend-3".to_string(), 20)])
     );
-    assert_eq!(counter(&agent, "connect4_redirected"), 0);
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +147,7 @@ async fn root_the_sk_msg_shortcut_bypasses_tcp_with_identical_results() {
                 segs, 0,
                 "with the shortcut, no data segment went over TCP: {out}"
             );
-            assert!(counter(&agent, "sk_msg_redirected") > 0);
+            assert!(agent.bpf_counter("sk_msg_redirected") > 0);
         } else {
             assert!(!enabled);
             assert!(
@@ -266,7 +260,7 @@ async fn root_100k_short_connections_leave_the_maps_bounded() {
         .unwrap();
     let out: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(out["ok"].as_u64(), Some(n), "{out}");
-    assert!(counter(&agent, "connect4_redirected") >= n);
+    assert!(agent.bpf_counter("connect4_redirected") >= n);
     balancer_tests::wait_until(
         "closed connections leave the maps",
         Duration::from_secs(10),
@@ -278,5 +272,5 @@ async fn root_100k_short_connections_leave_the_maps_bounded() {
         },
     )
     .await;
-    assert!(counter(&agent, "sock_ops_closed") >= n - 16);
+    assert!(agent.bpf_counter("sock_ops_closed") >= n - 16);
 }

@@ -2,7 +2,7 @@
 //! backends: every call kind, metadata both ways, flow control, cancellation, deadlines,
 //! large messages, refused streams and the proxy's own failures.
 
-use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use balancer_agent::proxy::grpc::parse_timeout;
 use balancer_tests::{
@@ -606,16 +606,22 @@ async fn a_backend_shutting_down_gracefully_fails_no_call_it_did_not_accept() {
     }
 }
 
-#[tokio::test]
-async fn proxy_failures_are_trailers_only_statuses_a_person_can_act_on() {
-    // No endpoint at all.
-    let (_a, listen) = agent("round-robin", &[], "").await;
+/// One call through the proxy at `listen`, which must fail with UNAVAILABLE.
+async fn unavailable(listen: SocketAddr) -> tonic::Status {
     let e = client(listen)
         .await
         .say_hello(hello("x"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    e
+}
+
+#[tokio::test]
+async fn proxy_failures_are_trailers_only_statuses_a_person_can_act_on() {
+    // No endpoint at all.
+    let (_a, listen) = agent("round-robin", &[], "").await;
+    let e = unavailable(listen).await;
     assert!(
         e.message().contains("greeter") && e.message().contains("no ready endpoint"),
         "{e:?}"
@@ -630,12 +636,7 @@ async fn proxy_failures_are_trailers_only_statuses_a_person_can_act_on() {
     // An endpoint with nothing listening.
     let dead = local_addr();
     let (_a, listen) = agent("round-robin", &[dead], "").await;
-    let e = client(listen)
-        .await
-        .say_hello(hello("x"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let e = unavailable(listen).await;
     assert!(e.message().contains(&dead.to_string()), "{e:?}");
     let answer = raw_unary(listen, hello("raw"), &[]).await;
     assert!(

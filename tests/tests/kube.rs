@@ -139,10 +139,18 @@ fn hello(name: &str) -> HelloRequest {
     }
 }
 
+/// The balanced service the greeter Service's gRPC port becomes.
+const GREETER: &str = "greeter.default:50051";
+
 /// The endpoints the agent knows for the greeter's gRPC port: (address, health).
 fn endpoints(agent: &Agent) -> Vec<(String, String)> {
+    endpoints_of(agent, GREETER)
+}
+
+/// The endpoints the agent knows for `service`: (address, health).
+fn endpoints_of(agent: &Agent, service: &str) -> Vec<(String, String)> {
     agent
-        .json("/api/endpoints?service=greeter.default:50051")
+        .json(&format!("/api/endpoints?service={service}"))
         .as_array()
         .unwrap()
         .iter()
@@ -156,7 +164,11 @@ fn endpoints(agent: &Agent) -> Vec<(String, String)> {
 }
 
 fn ready_count(agent: &Agent) -> usize {
-    endpoints(agent)
+    ready_count_of(agent, GREETER)
+}
+
+fn ready_count_of(agent: &Agent, service: &str) -> usize {
+    endpoints_of(agent, service)
         .iter()
         .filter(|(_, h)| h == "ready")
         .count()
@@ -274,11 +286,7 @@ async fn a_service_added_routes_and_removed_fails_unavailable() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        names,
-        HashSet::from(["greeter.default:50051"]),
-        "{services}"
-    );
+    assert_eq!(names, HashSet::from([GREETER]), "{services}");
     let vips = &services[0]["vips"];
     assert_eq!(vips, &serde_json::json!(["10.96.0.10:50051"]));
     let mut seen = HashSet::new();
@@ -589,7 +597,7 @@ async fn file_and_kubernetes_services_are_served_together_across_a_file_reload()
         "{base}services:\n  - name: static\n    authorities: [static.example]\n    endpoints:\n      - address: {}\n",
         b[1].addr
     ));
-    let both = HashSet::from(["static".to_string(), "greeter.default:50051".to_string()]);
+    let both = HashSet::from(["static".to_string(), GREETER.to_string()]);
     wait_until("file and Kubernetes services side by side", WAIT, || {
         names(&env.agent) == both
     })
@@ -614,7 +622,7 @@ async fn file_and_kubernetes_services_are_served_together_across_a_file_reload()
     // The file drops it again; the Kubernetes service stays.
     env.agent.rewrite_config(&base);
     wait_until("only the Kubernetes service", WAIT, || {
-        names(&env.agent) == HashSet::from(["greeter.default:50051".to_string()])
+        names(&env.agent) == HashSet::from([GREETER.to_string()])
     })
     .await;
 }
@@ -674,12 +682,7 @@ async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call(
     let kubeconfig = api.kubeconfig(&dir.0);
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // No services and no opted-in cgroups in the file: both come from Kubernetes.
-    let config = format!(
-        "listeners:\n  - address: {gw}:15001\nadmin:\n  address: {admin}\ndatapath:\n  enabled: true\n  cgroup_root: {root}\n  proxy_address: {gw}:15001\n  shortcut: off\n  pin_path: {pins}\n",
-        gw = s.node.gateway,
-        root = s.node.cgroup.path().display(),
-        pins = s.pin_path(),
-    );
+    let config = s.kubernetes_config(admin, "off");
     let cg = s.node.agent_cgroup().unwrap();
     let agent = Agent::start_in_cgroup_with(&config, admin, cg.path(), |c| {
         c.arg("--kubeconfig")
@@ -698,11 +701,6 @@ async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call(
         c.sort_unstable();
         c
     };
-    let redirected = |agent: &Agent| {
-        agent.json("/api/bpf")["counters"]["connect4_redirected"]
-            .as_u64()
-            .unwrap()
-    };
     let opted_in = |agent: &Agent| -> Vec<String> {
         agent.json("/api/opted_in")["pods"]
             .as_object()
@@ -718,7 +716,7 @@ async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call(
 
     // The namespace is not labelled: kube-proxy's one backend per connection.
     assert_eq!(counts(&s.call("app", vip, 20).await), vec![20]);
-    assert_eq!(redirected(&agent), 0);
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 0);
 
     label_apps(&api, true);
     wait_until("the pod opted in", WAIT, || {
@@ -729,7 +727,11 @@ async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call(
     let c = counts(&out);
     assert_eq!(c.len(), 4, "every endpoint of the slice served: {out}");
     assert_eq!(c.iter().sum::<u64>(), 200, "{out}");
-    assert_eq!(redirected(&agent), 1, "one connection, redirected once");
+    assert_eq!(
+        agent.bpf_counter("connect4_redirected"),
+        1,
+        "one connection, redirected once"
+    );
     let ok = metric(
         &agent.metrics(),
         "balancer_calls_total",
@@ -741,7 +743,7 @@ async fn root_a_pod_of_a_labelled_namespace_is_redirected_and_balanced_per_call(
     label_apps(&api, false);
     wait_until("the pod opted out", WAIT, || opted_in(&agent).is_empty()).await;
     assert_eq!(counts(&s.call("app", vip, 20).await), vec![20]);
-    assert_eq!(redirected(&agent), 1);
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 1);
 }
 
 fn label_apps(api: &ApiServer, enabled: bool) {
@@ -751,11 +753,4 @@ fn label_apps(api: &ApiServer, enabled: bool) {
         &[]
     };
     api.apply(namespace("apps", labels));
-}
-
-fn ready_count_of(agent: &Agent, service: &str) -> usize {
-    agent
-        .json(&format!("/api/endpoints?service={service}"))
-        .as_array()
-        .map_or(0, |a| a.iter().filter(|e| e["health"] == "ready").count())
 }

@@ -16,7 +16,8 @@
 //! for each target in turn, one HTTP/2 connection carries that many unary `SayHello` calls in
 //! flight for a warm-up, then for the measured window. The machine is shared and noisy, so a
 //! ratio between the agent and a peer is taken within each round (runs seconds apart) and the
-//! median over the rounds is reported with its range; the targets are checked on the median. Figures: calls/s, p50/p90/p99 latency, the proxy's CPU time per call
+//! median over the rounds is reported with its range; the targets are checked on the median.
+//! Figures: calls/s, p50/p90/p99 latency, the proxy's CPU time per call
 //! (utime + stime of all its processes over the window, divided by the calls completed in it),
 //! its CPU use, its resident memory (the highest VmRSS sampled in the window, and VmHWM), and
 //! failed calls.
@@ -170,8 +171,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
                 Some(p) => vec![p.addr],
                 None => backends.clone(),
             };
-            let mut r = rt.block_on(run_one(target, proxy, &addrs, c, &opts, ticks))?;
-            r.round = round;
+            let r = rt.block_on(run_one(target, proxy, &addrs, (c, round), &opts, ticks))?;
             eprintln!(
                 "  {target:>8} c={c:<5} round {round} {:>9.0} calls/s  p50 {:>8.0} us  p99 {:>8.0} us  cpu/call {} (sched {})  errors {}",
                 r.calls_per_s,
@@ -224,7 +224,7 @@ async fn run_one(
     target: &str,
     proxy: Option<&Proxy>,
     addrs: &[SocketAddr],
-    concurrency: usize,
+    (concurrency, round): (usize, usize),
     opts: &Options,
     ticks: f64,
 ) -> anyhow::Result<RunResult> {
@@ -286,7 +286,7 @@ async fn run_one(
     Ok(RunResult {
         target: target.into(),
         concurrency,
-        round: 1,
+        round,
         calls,
         errors: samples.errors,
         first_errors: samples.first_errors,
@@ -366,11 +366,11 @@ impl<'a> Report<'a> {
                 if p.is_empty() {
                     continue;
                 }
-                let cpu = paired(&agent, &p, |r| r.proxy_cpu_us_per_call);
                 let ratio = |f: fn(&RunResult) -> Option<f64>| {
                     let r = paired(&agent, &p, f);
                     (r.map(|r| r.0), r.map(|(_, lo, hi)| [lo, hi]))
                 };
+                let (cpu, cpu_range) = ratio(|r| r.proxy_cpu_us_per_call);
                 let (sched, sched_range) = ratio(|r| r.proxy_sched_us_per_call);
                 let (p50, p50_range) = ratio(|r| Some(r.p50_us));
                 let (p99, _) = ratio(|r| Some(r.p99_us));
@@ -379,8 +379,8 @@ impl<'a> Report<'a> {
                     "concurrency": c,
                     "vs": peer,
                     "rounds": agent.len().min(p.len()),
-                    "cpu_per_call": cpu.map(|r| r.0),
-                    "cpu_per_call_range": cpu.map(|(_, lo, hi)| [lo, hi]),
+                    "cpu_per_call": cpu,
+                    "cpu_per_call_range": cpu_range,
                     "sched_per_call": sched,
                     "sched_per_call_range": sched_range,
                     "p50": p50,
@@ -388,7 +388,6 @@ impl<'a> Report<'a> {
                     "p99": p99,
                     "calls_per_s": rate,
                 }));
-                let cpu = cpu.map(|r| r.0);
                 let (what, met) = if peer == "haproxy" {
                     ("agent CPU per call below haproxy's", cpu.map(|r| r < 1.0))
                 } else {
