@@ -64,6 +64,19 @@ pub struct ListenerConfig {
     pub address: String,
     /// The service for connections and calls that match no VIP and no authority.
     pub default_service: Option<String>,
+    /// The HTTP/2 engine: `h2` (default) or `relay` (the frame relay, see ARCHITECTURE.md).
+    pub engine: Engine,
+}
+
+/// Which HTTP/2 implementation serves a listener's connections.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Calls as request/response objects on the h2 crate, a task per call.
+    #[default]
+    H2,
+    /// Frames relayed between connections by the proxy's own HTTP/2 layer.
+    Relay,
 }
 
 impl Default for ListenerConfig {
@@ -72,6 +85,7 @@ impl Default for ListenerConfig {
             name: "outbound".into(),
             address: "127.0.0.1:15001".into(),
             default_service: None,
+            engine: Engine::H2,
         }
     }
 }

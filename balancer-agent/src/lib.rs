@@ -21,5 +21,7 @@ pub mod ebpf;
 pub mod inspect;
 pub mod metrics;
 pub mod proxy;
+pub mod relay;
 pub mod state;
+pub mod wire;
 pub mod workers;

@@ -134,6 +134,8 @@ pub struct Listener {
     pub name: Arc<str>,
     /// The default service for calls that match nothing else.
     pub default_service: Option<Arc<str>>,
+    /// The HTTP/2 engine that serves its connections.
+    pub engine: crate::config::Engine,
 }
 
 impl Proxy {
@@ -163,6 +165,23 @@ impl Proxy {
     /// Calls in flight.
     pub fn active_calls(&self) -> usize {
         self.active_calls.load(Relaxed)
+    }
+
+    /// A call started: counted in flight. Returns the calls in flight before it.
+    pub(crate) fn call_started(&self) -> usize {
+        self.metrics.active_calls.inc();
+        self.active_calls.fetch_add(1, Relaxed)
+    }
+
+    /// A call ended.
+    pub(crate) fn call_ended(&self) {
+        self.metrics.active_calls.dec();
+        self.active_calls.fetch_sub(1, Relaxed);
+    }
+
+    /// The drain signal (true: finish calls and close).
+    pub(crate) fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain.clone()
     }
 
     /// Client connections open.
@@ -222,6 +241,9 @@ impl Proxy {
         self.metrics.client_connections.inc();
         let info = self.registry.open_connection(peer, local, &target);
         let result = match detect_h2(&stream, ms(self.limits.protocol_detect_timeout_ms)).await {
+            Ok(true) if l.engine == crate::config::Engine::Relay => {
+                crate::relay::serve(self.clone(), stream, Arc::new(target), info.clone()).await
+            }
             Ok(true) => self.clone().serve_h2(stream, target, info.clone()).await,
             Ok(false) => self.relay_tcp(stream, &target).await,
             Err(e) => Err(e.to_string()),
@@ -371,7 +393,7 @@ async fn detect_h2(stream: &TcpStream, timeout: Duration) -> std::io::Result<boo
 }
 
 /// Resolves once the drain signal is set (or its sender is gone).
-async fn drained(drain: &mut watch::Receiver<bool>) {
+pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 

@@ -162,6 +162,11 @@ impl Pool {
     }
 
     /// How long a connect may take.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// How long a connect may take.
     pub fn connect_timeout(&self) -> Duration {
         ms(self.cfg.connect_timeout_ms)
     }

@@ -40,7 +40,7 @@ use serde_json::json;
 use peers::{Placement, Proxy};
 
 /// The targets, in the order they are run and shown.
-pub const TARGETS: [&str; 4] = ["direct", "agent", "nginx", "haproxy"];
+pub const TARGETS: [&str; 5] = ["direct", "agent", "agent-relay", "nginx", "haproxy"];
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -145,7 +145,10 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
     let wants = |t: &str| opts.targets.iter().any(|x| x == t);
     let mut proxies: Vec<Proxy> = Vec::new();
     if wants("agent") {
-        proxies.push(peers::start_agent(&opts.placement, &backends)?);
+        proxies.push(peers::start_agent(&opts.placement, &backends, "h2")?);
+    }
+    if wants("agent-relay") {
+        proxies.push(peers::start_agent(&opts.placement, &backends, "relay")?);
     }
     if wants("nginx") {
         proxies.push(peers::start_nginx(&opts.placement, &backends)?);

@@ -1,0 +1,504 @@
+//! One HTTP/2 connection's shared state: what is queued to write to its socket, its send
+//! windows and HPACK encoder, and its streams. The task that owns the socket reads and flushes;
+//! the task of the connection at the other end of a call writes into it (frames for its
+//! streams) and wakes it.
+//!
+//! Locking: a task holds at most one connection's lock at a time, and never across an await.
+//! Every connection of a call runs on the same worker thread (`crate::workers`), so the locks
+//! are never contended; they are there to keep the types `Send`.
+//!
+//! Flow control, end to end: DATA received on one connection is written into the other only as
+//! far as that one's send windows allow; the rest waits in the stream's `pending` buffer, and
+//! the receive window is returned to the sender ([`Credit`]) only for the bytes written on. So
+//! a stream holds at most the window the proxy granted its sender, and a slow reader stops the
+//! writer at the other end.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    task::Waker,
+};
+
+use bytes::{Buf, BytesMut};
+
+use crate::wire::{
+    frame::{self, Reason},
+    hpack,
+};
+
+use super::call::Call;
+
+/// A connection, shared between the task that owns its socket and the tasks of the
+/// connections its calls are relayed to.
+#[derive(Debug)]
+pub struct Conn {
+    state: Mutex<State>,
+}
+
+impl Conn {
+    pub fn new(state: State) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The other end of a relayed stream: a connection and the stream's id on it.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub conn: Arc<Conn>,
+    pub sid: u32,
+}
+
+/// Bytes of stream `sid` of `conn` that were written on: their receive window goes back.
+#[derive(Debug)]
+pub struct Credit {
+    pub conn: Arc<Conn>,
+    pub sid: u32,
+    pub n: usize,
+}
+
+/// A decoded header list, owned (trailers wait in it until the DATA before them is written).
+#[derive(Debug, Default, Clone)]
+pub struct Fields {
+    buf: Vec<u8>,
+    /// (name start, value start, end) in `buf`.
+    spans: Vec<(u32, u32, u32)>,
+}
+
+impl Fields {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.spans.clear();
+    }
+
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        let a = self.buf.len() as u32;
+        self.buf.extend_from_slice(name);
+        let b = self.buf.len() as u32;
+        self.buf.extend_from_slice(value);
+        self.spans.push((a, b, self.buf.len() as u32));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|&(a, b, c)| {
+            (
+                &self.buf[a as usize..b as usize],
+                &self.buf[b as usize..c as usize],
+            )
+        })
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+/// Which end of HTTP/2 the proxy plays on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A client's connection to the proxy.
+    Server,
+    /// The proxy's connection to an endpoint.
+    Client,
+}
+
+/// One stream of a connection.
+#[derive(Debug)]
+pub struct Stream {
+    /// The same call's stream on the other connection, once there is one.
+    pub link: Option<Link>,
+    /// Our send window (the peer's grant).
+    pub send_window: i64,
+    /// DATA waiting for window.
+    pub pending: BytesMut,
+    /// END_STREAM follows `pending` (or the trailers do).
+    pub pending_end: bool,
+    /// Trailers to send once `pending` is written.
+    pub trailers: Option<Fields>,
+    /// We sent HEADERS on it.
+    pub headers_sent: bool,
+    /// We sent END_STREAM on it.
+    pub send_done: bool,
+    /// The peer's send window, as we granted it.
+    pub recv_window: i64,
+    /// Received and written on, not yet granted back.
+    pub recv_owed: i64,
+    /// The peer sent END_STREAM on it.
+    pub recv_done: bool,
+    /// The call, on the endpoint side of it.
+    pub call: Option<Box<Call>>,
+}
+
+impl Stream {
+    pub fn new(link: Option<Link>, send_window: i64, recv_window: i64) -> Self {
+        Self {
+            link,
+            send_window,
+            pending: BytesMut::new(),
+            pending_end: false,
+            trailers: None,
+            headers_sent: false,
+            send_done: false,
+            recv_window,
+            recv_owed: 0,
+            recv_done: false,
+            call: None,
+        }
+    }
+}
+
+/// The shared state of a connection.
+#[derive(Debug)]
+pub struct State {
+    pub role: Role,
+    /// Bytes to write to the socket.
+    pub out: BytesMut,
+    waker: Option<Waker>,
+    /// No more frames may be queued (the connection is gone).
+    pub closed: bool,
+    /// No new streams (GOAWAY received or sent).
+    pub going_away: bool,
+    pub enc: hpack::Encoder,
+    block: BytesMut,
+    /// Connection-level send window.
+    pub send_window: i64,
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE.
+    pub peer_initial_window: i64,
+    /// The peer's SETTINGS_MAX_FRAME_SIZE.
+    pub peer_max_frame: usize,
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub peer_max_streams: usize,
+    /// Connection-level receive window, as granted.
+    pub recv_window: i64,
+    recv_owed: i64,
+    /// What we grant a connection and a stream when the window is back to full.
+    pub recv_target: i64,
+    pub stream_recv_target: i64,
+    pub streams: HashMap<u32, Stream>,
+    /// Next stream id to open (client role).
+    pub next_sid: u32,
+}
+
+impl State {
+    pub fn new(role: Role, recv_target: i64, stream_recv_target: i64) -> Self {
+        Self {
+            role,
+            out: BytesMut::with_capacity(16 * 1024),
+            waker: None,
+            closed: false,
+            going_away: false,
+            enc: hpack::Encoder::default(),
+            block: BytesMut::new(),
+            send_window: frame::DEFAULT_WINDOW,
+            peer_initial_window: frame::DEFAULT_WINDOW,
+            peer_max_frame: frame::DEFAULT_MAX_FRAME as usize,
+            peer_max_streams: 100,
+            recv_window: frame::DEFAULT_WINDOW,
+            recv_owed: 0,
+            recv_target,
+            stream_recv_target,
+            streams: HashMap::new(),
+            next_sid: 1,
+        }
+    }
+
+    /// The task that owns the socket: woken when something is queued.
+    pub fn register(&mut self, waker: &Waker) {
+        match &self.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waker = Some(waker.clone()),
+        }
+    }
+
+    pub fn wake(&mut self) {
+        if let Some(w) = &self.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Writes a header block for `sid`.
+    pub fn send_headers<'a>(
+        &mut self,
+        sid: u32,
+        fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+        end: bool,
+    ) {
+        self.block.clear();
+        self.enc.begin(&mut self.block);
+        for (n, v) in fields {
+            self.enc.field(n, v, &mut self.block);
+        }
+        frame::headers(&mut self.out, sid, &self.block, end, self.peer_max_frame);
+        if let Some(s) = self.streams.get_mut(&sid) {
+            s.headers_sent = true;
+        }
+        if end {
+            self.sent_end(sid);
+        }
+        self.wake();
+    }
+
+    /// Sends DATA on `sid`: as much as the windows allow now, the rest when they open. The
+    /// bytes written on are credited to the stream's link. Returns false if there is no such
+    /// stream (the caller then credits the bytes itself).
+    pub fn send_data(
+        &mut self,
+        sid: u32,
+        data: &[u8],
+        end: bool,
+        credits: &mut Vec<Credit>,
+    ) -> bool {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return false;
+        };
+        if s.send_done {
+            return false;
+        }
+        if s.pending.is_empty() && s.trailers.is_none() {
+            let n = (self.send_window.min(s.send_window).max(0) as usize).min(data.len());
+            let all = n == data.len();
+            if n > 0 || (all && end) {
+                frame::data(
+                    &mut self.out,
+                    sid,
+                    &data[..n],
+                    end && all,
+                    self.peer_max_frame,
+                );
+                self.send_window -= n as i64;
+                s.send_window -= n as i64;
+                if n > 0
+                    && let Some(l) = &s.link
+                {
+                    credits.push(Credit {
+                        conn: l.conn.clone(),
+                        sid: l.sid,
+                        n,
+                    });
+                }
+            }
+            if !all {
+                s.pending.extend_from_slice(&data[n..]);
+                s.pending_end = end;
+            } else if end {
+                self.sent_end(sid);
+            }
+            self.wake();
+        } else {
+            s.pending.extend_from_slice(data);
+            s.pending_end |= end;
+            self.drain(sid, credits);
+        }
+        true
+    }
+
+    /// Sends trailers on `sid` after the DATA still pending, ending the stream.
+    pub fn send_trailers(&mut self, sid: u32, fields: &Fields, credits: &mut Vec<Credit>) {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        if s.send_done {
+            return;
+        }
+        if s.pending.is_empty() {
+            self.send_headers(sid, fields.iter(), true);
+        } else {
+            s.trailers = Some(fields.clone());
+            self.drain(sid, credits);
+        }
+    }
+
+    /// Writes what the windows now allow of `sid`'s pending DATA (and its trailers after it).
+    pub fn drain(&mut self, sid: u32, credits: &mut Vec<Credit>) {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        let n = (self.send_window.min(s.send_window).max(0) as usize).min(s.pending.len());
+        let all = n == s.pending.len();
+        let end = all && s.pending_end && s.trailers.is_none();
+        if n == 0 && !end && !(all && s.trailers.is_some()) {
+            return;
+        }
+        frame::data(
+            &mut self.out,
+            sid,
+            &s.pending[..n],
+            end,
+            self.peer_max_frame,
+        );
+        s.pending.advance(n);
+        self.send_window -= n as i64;
+        s.send_window -= n as i64;
+        if n > 0
+            && let Some(l) = &s.link
+        {
+            credits.push(Credit {
+                conn: l.conn.clone(),
+                sid: l.sid,
+                n,
+            });
+        }
+        if all {
+            s.pending = BytesMut::new();
+            if let Some(t) = s.trailers.take() {
+                self.send_headers(sid, t.iter(), true);
+                return;
+            }
+        }
+        if end {
+            self.sent_end(sid);
+        }
+        self.wake();
+    }
+
+    /// Drains every stream with pending DATA (a window opened).
+    pub fn drain_all(&mut self, credits: &mut Vec<Credit>) {
+        let waiting: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty() || s.trailers.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for sid in waiting {
+            if self.send_window <= 0 {
+                break;
+            }
+            self.drain(sid, credits);
+        }
+    }
+
+    /// We sent END_STREAM on `sid`. A stream done both ways is forgotten; a client's stream whose
+    /// response is complete while the request still flows is reset with NO_ERROR (RFC 9113
+    /// §8.1: the rest of the request is not needed).
+    fn sent_end(&mut self, sid: u32) {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        s.send_done = true;
+        if s.recv_done {
+            self.streams.remove(&sid);
+        } else if self.role == Role::Server {
+            frame::rst_stream(&mut self.out, sid, Reason::NO_ERROR);
+            self.streams.remove(&sid);
+        }
+    }
+
+    /// The peer sent END_STREAM on `sid`. An endpoint's stream whose response is complete while
+    /// the request still flows is cancelled: the endpoint no longer wants it.
+    pub fn received_end(&mut self, sid: u32) {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        s.recv_done = true;
+        if s.send_done {
+            self.streams.remove(&sid);
+        } else if self.role == Role::Client {
+            frame::rst_stream(&mut self.out, sid, Reason::CANCEL);
+            self.streams.remove(&sid);
+            self.wake();
+        }
+    }
+
+    /// Resets `sid` and forgets it; returns the stream if it was there.
+    pub fn reset(&mut self, sid: u32, reason: Reason) -> Option<Stream> {
+        let s = self.streams.remove(&sid)?;
+        if !self.closed {
+            frame::rst_stream(&mut self.out, sid, reason);
+            self.wake();
+        }
+        Some(s)
+    }
+
+    /// `n` bytes received on `sid` (0: on no stream) were written on: grant them back, in
+    /// batches of half a window so that small messages do not each cost a WINDOW_UPDATE.
+    pub fn credit(&mut self, sid: u32, n: usize) {
+        if self.closed {
+            return;
+        }
+        let n = n as i64;
+        let mut wrote = owe(
+            &mut self.out,
+            0,
+            n,
+            &mut self.recv_owed,
+            &mut self.recv_window,
+            self.recv_target,
+        );
+        if let Some(s) = self.streams.get_mut(&sid)
+            && !s.recv_done
+        {
+            wrote |= owe(
+                &mut self.out,
+                sid,
+                n,
+                &mut s.recv_owed,
+                &mut s.recv_window,
+                self.stream_recv_target,
+            );
+        }
+        if wrote {
+            self.wake();
+        }
+    }
+
+    /// Accounts `n` bytes received on `sid` against the receive windows. False if the peer
+    /// sent more than it was granted (a FLOW_CONTROL_ERROR).
+    pub fn received(&mut self, sid: u32, n: usize) -> bool {
+        let n = n as i64;
+        self.recv_window -= n;
+        if self.recv_window < 0 {
+            return false;
+        }
+        if let Some(s) = self.streams.get_mut(&sid) {
+            s.recv_window -= n;
+            if s.recv_window < 0 {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The peer's new SETTINGS_INITIAL_WINDOW_SIZE: every stream's window moves by the change.
+    pub fn set_peer_initial_window(&mut self, w: i64, credits: &mut Vec<Credit>) {
+        let delta = w - self.peer_initial_window;
+        self.peer_initial_window = w;
+        for s in self.streams.values_mut() {
+            s.send_window += delta;
+        }
+        if delta > 0 {
+            self.drain_all(credits);
+        }
+    }
+}
+
+/// Adds `n` to what is owed on a window; grants it (WINDOW_UPDATE) once it is half the
+/// `target`. True if a frame was written.
+fn owe(
+    out: &mut BytesMut,
+    sid: u32,
+    n: i64,
+    owed: &mut i64,
+    window: &mut i64,
+    target: i64,
+) -> bool {
+    *owed += n;
+    if *owed < target / 2 {
+        return false;
+    }
+    frame::window_update(out, sid, *owed as u32);
+    *window += *owed;
+    *owed = 0;
+    true
+}
+
+/// Grants back the receive windows of bytes written on.
+pub fn apply(credits: &mut Vec<Credit>) {
+    for c in credits.drain(..) {
+        c.conn.lock().credit(c.sid, c.n);
+    }
+}

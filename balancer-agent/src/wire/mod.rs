@@ -1,0 +1,17 @@
+//! HTTP/2 on the wire, without I/O: frames ([`frame`]) and header compression ([`hpack`],
+//! [`huffman`]). The frame relay (`crate::relay`) is built on it.
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod hpack;
+pub mod huffman;
+
+/// Bytes from hex as the RFCs print them (`"f1e3 c2e5"`).
+#[cfg(test)]
+pub(crate) fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
