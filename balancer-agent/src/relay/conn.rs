@@ -315,7 +315,7 @@ impl State {
 
     /// Writes what the windows now allow of `sid`'s pending DATA (and its trailers after it).
     pub fn drain(&mut self, sid: u32, credits: &mut Vec<Credit>) {
-        let Some(s) = self.streams.get_mut(&sid) else {
+        let Some(s) = self.streams.get_mut(&sid).filter(|s| !s.send_done) else {
             return;
         };
         let n = (self.send_window.min(s.send_window).max(0) as usize).min(s.pending.len());

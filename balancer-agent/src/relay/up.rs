@@ -197,6 +197,10 @@ impl Up {
                 }
                 let last =
                     u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) & 0x7fff_ffff;
+                let reason = Reason(u32::from_be_bytes(
+                    payload[4..8].try_into().expect("4 bytes"),
+                ));
+                debug!(%reason, debug = %String::from_utf8_lossy(&payload[8..]), last, "GOAWAY from the endpoint");
                 self.goaway(last);
                 Ok(())
             }
