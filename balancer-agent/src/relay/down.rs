@@ -6,7 +6,7 @@
 //! and loses its connection; its calls are cancelled on the endpoints; no other connection is
 //! touched.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr, sync::Arc};
 
 use bytes::{Buf, BytesMut};
 use tokio::{net::TcpStream, time::Instant};
@@ -20,7 +20,11 @@ use super::{
     read_more, up,
 };
 use crate::{
-    proxy::{Proxy, Target, grpc::Status, registry::ConnInfo},
+    proxy::{
+        Proxy, Target,
+        grpc::{self, Status},
+        registry::ConnInfo,
+    },
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -74,6 +78,8 @@ struct Down {
     credits: Vec<Credit>,
     /// Streams the client reset: a flood of them loses the connection.
     resets: usize,
+    /// Calls with a deadline (`grpc-timeout`), soonest first.
+    deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
 }
 
 /// Serves one client connection whose first bytes are the HTTP/2 preface.
@@ -120,6 +126,7 @@ pub async fn serve(
         last_sid: 0,
         credits: Vec::new(),
         resets: 0,
+        deadlines: BinaryHeap::new(),
     };
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut drain = down.proxy.drain_signal();
@@ -128,6 +135,10 @@ pub async fn serve(
     let result = loop {
         let n = tokio::select! {
             r = read_more(&conn, &sock, &mut rbuf) => r,
+            () = sleep_until_first(&down.deadlines) => {
+                down.expire();
+                continue;
+            }
             () = crate::proxy::drained(&mut drain), if !draining => {
                 draining = true;
                 let mut st = conn.lock();
@@ -345,6 +356,11 @@ impl Down {
     /// Routes the call of new stream `sid` and sends its headers to the endpoint chosen.
     async fn open(&mut self, sid: u32, end: bool) {
         let start = Instant::now();
+        let deadline = self
+            .fields
+            .get(b"grpc-timeout")
+            .and_then(grpc::parse_timeout)
+            .map(|t| start + t);
         let proxy = self.proxy.clone();
         let path_bytes = self.fields.get(b":path").unwrap_or(b"/");
         let path = http::uri::PathAndQuery::try_from(path_bytes)
@@ -392,7 +408,19 @@ impl Down {
             };
             let ep = guard.endpoint().clone();
             tried.push(ep.addr);
-            match up::lease(&proxy, &ep).await {
+            let leased = match deadline {
+                Some(d) => tokio::time::timeout_at(d, up::lease(&proxy, &ep)).await,
+                None => Ok(up::lease(&proxy, &ep).await),
+            };
+            let Ok(leased) = leased else {
+                let status = Status::deadline(format!(
+                    "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
+                    service.name
+                ));
+                self.answer(sid, Some(&service), &path, start, status);
+                return;
+            };
+            match leased {
                 Ok(c) => break (guard, c),
                 Err(e) => {
                     ep.stats.connect_failed();
@@ -428,13 +456,62 @@ impl Down {
             );
             s.call = Some(call);
             up.streams.insert(up_sid, s);
-            up.send_headers(up_sid, self.fields.iter(), end);
+            match deadline {
+                // The endpoint gets the time left, as the proxy counts it.
+                Some(d) => {
+                    let left = grpc::format_timeout(d.saturating_duration_since(Instant::now()));
+                    let fields = self.fields.iter().map(|(n, v)| {
+                        if n == b"grpc-timeout" {
+                            (n, left.as_bytes())
+                        } else {
+                            (n, v)
+                        }
+                    });
+                    up.send_headers(up_sid, fields, end);
+                }
+                None => up.send_headers(up_sid, self.fields.iter(), end),
+            }
         }
         if let Some(s) = self.conn.lock().streams.get_mut(&sid) {
             s.link = Some(Link {
                 conn: upconn,
                 sid: up_sid,
             });
+        }
+        if let Some(d) = deadline {
+            self.deadlines.push(Reverse((d, sid)));
+        }
+    }
+
+    /// Ends the calls whose deadline passed with DEADLINE_EXCEEDED and cancels them on their
+    /// endpoints.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((d, sid))) = self.deadlines.peek() {
+            if d > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(link) = self
+                .conn
+                .lock()
+                .streams
+                .get(&sid)
+                .and_then(|s| s.link.clone())
+            else {
+                continue;
+            };
+            let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
+            let call = taken.and_then(|s| s.call);
+            let service = call.as_ref().map_or("", |c| &*c.service.name);
+            let status = Status::deadline(format!(
+                "deadline (grpc-timeout) exceeded in the proxy on a call to service {service}"
+            ));
+            fail_stream(&mut self.conn.lock(), sid, &status, &mut self.credits);
+            if let Some(call) = call {
+                call.finish(End::Status("4"));
+            }
+            apply(&mut self.credits);
         }
     }
 
@@ -513,5 +590,13 @@ impl Down {
                 }
             }
         }
+    }
+}
+
+/// Resolves at the soonest deadline; never if there is none.
+async fn sleep_until_first(deadlines: &BinaryHeap<Reverse<(Instant, u32)>>) {
+    match deadlines.peek() {
+        Some(Reverse((d, _))) => tokio::time::sleep_until(*d).await,
+        None => std::future::pending().await,
     }
 }
