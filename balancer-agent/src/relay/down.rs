@@ -76,8 +76,12 @@ struct Down {
     max_block: usize,
     last_sid: u32,
     credits: Vec<Credit>,
-    /// Streams the client reset: a flood of them loses the connection.
+    /// Streams the client reset before their response started, less one for each reset of
+    /// an answered stream: a flood of them (rapid reset) loses the connection.
     resets: usize,
+    /// Streams the proxy refused (over the stream limit, header list too large): a flood of
+    /// them loses the connection.
+    refused: usize,
     /// Calls with a deadline (`grpc-timeout`), soonest first.
     deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
 }
@@ -126,6 +130,7 @@ pub async fn serve(
         last_sid: 0,
         credits: Vec::new(),
         resets: 0,
+        refused: 0,
         deadlines: BinaryHeap::new(),
     };
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
@@ -164,6 +169,11 @@ pub async fn serve(
             preface = true;
         }
         if let Err(e) = down.frames(&mut rbuf).await {
+            down.proxy
+                .metrics
+                .client_connection_errors
+                .with_label_values(&["protocol"])
+                .inc();
             {
                 let mut st = conn.lock();
                 frame::goaway(&mut st.out, down.last_sid, e.reason, e.message.as_bytes());
@@ -315,6 +325,13 @@ impl Down {
                 };
                 frame::rst_stream(&mut st.out, sid, reason);
                 st.wake();
+                self.refused += 1;
+                if self.refused > limits.max_local_error_reset_streams {
+                    return Err(ConnError::new(
+                        Reason::ENHANCE_YOUR_CALM,
+                        "too many streams refused",
+                    ));
+                }
                 return Ok(());
             }
             let mut s = Stream::new(
@@ -547,22 +564,25 @@ impl Down {
                 "RST_STREAM on a stream not opened",
             ));
         }
-        self.resets += 1;
         let removed = self.conn.lock().streams.remove(&head.stream);
-        if let Some(Stream {
-            link: Some(link), ..
-        }) = removed
-        {
+        let Some(stream) = removed else {
+            return Ok(());
+        };
+        if stream.headers_sent {
+            self.resets = self.resets.saturating_sub(1);
+        } else {
+            self.resets += 1;
+        }
+        if let Some(link) = stream.link {
             let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
             if let Some(call) = taken.and_then(|s| s.call) {
                 call.finish(End::Cancelled);
             }
         }
-        let limit = self.proxy.limits.max_concurrent_reset_streams.max(1) * 100;
-        if self.resets > limit && self.resets * 2 > self.last_sid as usize / 2 {
+        if self.resets > self.proxy.limits.max_pending_accept_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
-                "too many streams reset by the client",
+                "too many streams reset by the client before their response (rapid reset)",
             ));
         }
         Ok(())
