@@ -107,8 +107,26 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         );
     }
     run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
+    if args.is_empty() {
+        // The same end-to-end suites against the frame relay engine, but for what it does not
+        // do yet: replaying refused streams (ARCHITECTURE.md, "The frame relay").
+        run(cargo()
+            .env("BALANCER_TEST_ENGINE", "relay")
+            .args(["test", "--no-fail-fast", "-p", "balancer-tests"])
+            .args(RELAY_SUITES.iter().flat_map(|t| ["--test", t]))
+            .args([
+                "--",
+                "--skip",
+                "replayed",
+                "--skip",
+                "a_goaway_last_stream_id",
+            ]))?;
+    }
     Ok(())
 }
+
+/// The end-to-end suites that run against the frame relay engine too.
+const RELAY_SUITES: [&str; 5] = ["grpc", "interop", "resilience", "limits", "proxy"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

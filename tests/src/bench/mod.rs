@@ -2,7 +2,8 @@
 //!
 //! One run, side by side, against the same four greeter backends:
 //! - `direct`: the client spreads its calls itself over one connection per backend (baseline);
-//! - `agent`: balancer-agent, standalone configuration, P2C over peak-EWMA;
+//! - `agent`: balancer-agent, standalone configuration, P2C over peak-EWMA, default engine (h2);
+//! - `agent-relay`: the same with the frame relay engine (`listeners[].engine: relay`);
 //! - `nginx`: `grpc_pass` to an upstream of the four backends, HTTP/2 listener;
 //! - `haproxy`: `mode http`, `proto h2` on the bind line and on the servers, round robin.
 //!
@@ -359,8 +360,11 @@ impl<'a> Report<'a> {
         concurrency.dedup();
         let mut ratios = Vec::new();
         let mut targets = Vec::new();
-        for &c in &concurrency {
-            let agent = runs(results, "agent", c);
+        for (who, &c) in ["agent", "agent-relay"]
+            .into_iter()
+            .flat_map(|who| concurrency.iter().map(move |c| (who, c)))
+        {
+            let agent = runs(results, who, c);
             if agent.is_empty() {
                 continue;
             }
@@ -379,6 +383,7 @@ impl<'a> Report<'a> {
                 let (p99, _) = ratio(|r| Some(r.p99_us));
                 let (rate, _) = ratio(|r| Some(r.calls_per_s));
                 ratios.push(json!({
+                    "agent": who,
                     "concurrency": c,
                     "vs": peer,
                     "rounds": agent.len().min(p.len()),
@@ -392,10 +397,13 @@ impl<'a> Report<'a> {
                     "calls_per_s": rate,
                 }));
                 let (what, met) = if peer == "haproxy" {
-                    ("agent CPU per call below haproxy's", cpu.map(|r| r < 1.0))
+                    (
+                        format!("{who} CPU per call below haproxy's"),
+                        cpu.map(|r| r < 1.0),
+                    )
                 } else {
                     (
-                        "agent CPU per call at most half of nginx's",
+                        format!("{who} CPU per call at most half of nginx's"),
                         cpu.map(|r| r <= 0.5),
                     )
                 };
@@ -403,7 +411,7 @@ impl<'a> Report<'a> {
                 if peer == "haproxy" {
                     targets.push(json!({
                         "concurrency": c,
-                        "target": "agent p50 no worse than haproxy's",
+                        "target": format!("{who} p50 no worse than haproxy's"),
                         "met": p50.map(|r| r <= 1.0),
                     }));
                 }
@@ -416,7 +424,7 @@ impl<'a> Report<'a> {
                     .fold(f64::NAN, f64::max);
                 targets.push(json!({
                     "concurrency": c,
-                    "target": "agent peak RSS under 30 MB at 1000 concurrent streams",
+                    "target": format!("{who} peak RSS under 30 MB at 1000 concurrent streams"),
                     "met": rss < 30.0,
                     "value_mib": rss,
                 }));
@@ -438,7 +446,7 @@ impl<'a> Report<'a> {
             opts.placement.proxy_cpus, opts.placement.workers
         ));
         s.push_str(&format!(
-            "{:<8} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
+            "{:<11} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
             "target",
             "conc",
             "round",
@@ -456,7 +464,7 @@ impl<'a> Report<'a> {
         ));
         for r in self.results {
             s.push_str(&format!(
-                "{:<8} {:>6} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
+                "{:<11} {:>6} {:>5} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
                 r.target,
                 r.concurrency,
                 r.round,
@@ -482,8 +490,16 @@ impl<'a> Report<'a> {
              (ratio < 1: the agent is cheaper or faster)\n\n",
         );
         s.push_str(&format!(
-            "{:>6} {:<8} {:>6} {:>20} {:>20} {:>18} {:>7} {:>9}\n",
-            "conc", "vs", "rounds", "cpu per call", "sched per call", "p50", "p99", "calls/s"
+            "{:<12} {:>6} {:<8} {:>6} {:>20} {:>20} {:>18} {:>7} {:>9}\n",
+            "agent",
+            "conc",
+            "vs",
+            "rounds",
+            "cpu per call",
+            "sched per call",
+            "p50",
+            "p99",
+            "calls/s"
         ));
         for r in &self.ratios {
             let f = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
@@ -497,7 +513,8 @@ impl<'a> Report<'a> {
                 _ => f(k),
             };
             s.push_str(&format!(
-                "{:>6} {:<8} {:>6} {:>20} {:>20} {:>18} {:>7} {:>9}\n",
+                "{:<12} {:>6} {:<8} {:>6} {:>20} {:>20} {:>18} {:>7} {:>9}\n",
+                r["agent"].as_str().unwrap_or(""),
                 r["concurrency"].as_u64().unwrap_or(0),
                 r["vs"].as_str().unwrap_or(""),
                 r["rounds"].as_u64().unwrap_or(0),
