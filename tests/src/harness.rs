@@ -338,6 +338,8 @@ pub mod frame {
     pub const PING: u8 = 0x6;
     /// GOAWAY.
     pub const GOAWAY: u8 = 0x7;
+    /// WINDOW_UPDATE.
+    pub const WINDOW_UPDATE: u8 = 0x8;
     /// CONTINUATION.
     pub const CONTINUATION: u8 = 0x9;
     /// END_STREAM (DATA, HEADERS).

@@ -13,10 +13,10 @@ use balancer_tests::{
     harness::{
         client,
         frame::{
-            self, ACK, CONTINUATION, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM,
-            SETTINGS, header_block,
+            self, ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM,
+            SETTINGS, WINDOW_UPDATE, header_block,
         },
-        hello, local_addr, setup_with,
+        grpc_frame, hello, local_addr, setup, setup_with,
     },
     pb::HelloRequest,
     wait_until,
@@ -315,4 +315,48 @@ async fn plain_tcp_is_relayed_to_an_endpoint() {
     assert_eq!(&got, b"echo:second");
     let conns = agent.json("/api/connections");
     assert_eq!(conns.as_array().unwrap().len(), 1, "{conns}");
+}
+
+#[tokio::test]
+async fn a_stream_whose_window_the_client_overflows_is_reset_and_its_call_cancelled() {
+    // A call the backend would hold for 5 s; the client then grows the stream's window past
+    // 2^31-1. The stream is reset (FLOW_CONTROL_ERROR), and the call ends everywhere: the
+    // backend sees it cancelled and the proxy counts no call in flight.
+    let s = setup("round-robin", 1).await;
+    let abuser = RawClient::connect(s.listen).await;
+    let mut bytes = frame::encode(HEADERS, END_HEADERS, 1, &request_block(s.listen, &[]));
+    let body = grpc_frame(&HelloRequest {
+        sleep_ms: 5_000,
+        ..hello("overflow")
+    });
+    bytes.extend(frame::encode(DATA, END_STREAM, 1, &body));
+    abuser.send(&bytes).await;
+    wait_until("the call to reach the backend", BOUND, || {
+        metric(&s.agent.metrics(), "balancer_active_calls", &[]) == 1.0
+    })
+    .await;
+    abuser
+        .send(&frame::encode(
+            WINDOW_UPDATE,
+            0,
+            1,
+            &0x7fff_ffffu32.to_be_bytes(),
+        ))
+        .await;
+    wait_until("stream 1 reset", BOUND, || {
+        abuser.seen.lock().unwrap().resets == 1
+    })
+    .await;
+    wait_until("the backend to see the call cancelled", BOUND, || {
+        s.backends[0]
+            .stats
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    wait_until("no call in flight", BOUND, || {
+        metric(&s.agent.metrics(), "balancer_active_calls", &[]) == 0.0
+    })
+    .await;
 }

@@ -26,7 +26,7 @@ use crate::wire::{
     hpack,
 };
 
-use super::call::Call;
+use super::call::{Call, End};
 
 /// A connection, shared between the task that owns its socket and the tasks of the
 /// connections its calls are relayed to.
@@ -260,28 +260,13 @@ impl State {
             return false;
         }
         if s.pending.is_empty() && s.trailers.is_none() {
-            let n = (self.send_window.min(s.send_window).max(0) as usize).min(data.len());
+            let mut w = Writer {
+                out: &mut self.out,
+                conn_window: &mut self.send_window,
+                max_frame: self.peer_max_frame,
+            };
+            let n = w.data(sid, &mut s.send_window, s.link.as_ref(), data, end, credits);
             let all = n == data.len();
-            if n > 0 || (all && end) {
-                frame::data(
-                    &mut self.out,
-                    sid,
-                    &data[..n],
-                    end && all,
-                    self.peer_max_frame,
-                );
-                self.send_window -= n as i64;
-                s.send_window -= n as i64;
-                if n > 0
-                    && let Some(l) = &s.link
-                {
-                    credits.push(Credit {
-                        conn: l.conn.clone(),
-                        sid: l.sid,
-                        n,
-                    });
-                }
-            }
             if !all {
                 s.pending.extend_from_slice(&data[n..]);
                 s.pending_end = end;
@@ -318,31 +303,26 @@ impl State {
         let Some(s) = self.streams.get_mut(&sid).filter(|s| !s.send_done) else {
             return;
         };
-        let n = (self.send_window.min(s.send_window).max(0) as usize).min(s.pending.len());
+        let end = s.pending_end && s.trailers.is_none();
+        let mut w = Writer {
+            out: &mut self.out,
+            conn_window: &mut self.send_window,
+            max_frame: self.peer_max_frame,
+        };
+        let n = w.data(
+            sid,
+            &mut s.send_window,
+            s.link.as_ref(),
+            &s.pending,
+            end,
+            credits,
+        );
         let all = n == s.pending.len();
-        let end = all && s.pending_end && s.trailers.is_none();
-        if n == 0 && !end && !(all && s.trailers.is_some()) {
+        if n == 0 && !all {
             return;
         }
-        frame::data(
-            &mut self.out,
-            sid,
-            &s.pending[..n],
-            end,
-            self.peer_max_frame,
-        );
         s.pending.advance(n);
-        self.send_window -= n as i64;
-        s.send_window -= n as i64;
-        if n > 0
-            && let Some(l) = &s.link
-        {
-            credits.push(Credit {
-                conn: l.conn.clone(),
-                sid: l.sid,
-                n,
-            });
-        }
+        let end = all && end;
         if all {
             s.pending = BytesMut::new();
             if let Some(t) = s.trailers.take() {
@@ -473,6 +453,60 @@ impl State {
         if delta > 0 {
             self.drain_all(credits);
         }
+    }
+}
+
+/// Writes DATA under a connection's and a stream's send windows.
+struct Writer<'a> {
+    out: &'a mut BytesMut,
+    conn_window: &'a mut i64,
+    max_frame: usize,
+}
+
+impl Writer<'_> {
+    /// Writes as much of `data` as both windows allow (END_STREAM with its last byte if `end`
+    /// and all of it fits, an empty DATA if `data` is empty), takes it from the windows and
+    /// credits it to the stream's `link`. Returns the bytes written.
+    fn data(
+        &mut self,
+        sid: u32,
+        stream_window: &mut i64,
+        link: Option<&Link>,
+        data: &[u8],
+        end: bool,
+        credits: &mut Vec<Credit>,
+    ) -> usize {
+        let n = ((*self.conn_window).min(*stream_window).max(0) as usize).min(data.len());
+        let all = n == data.len();
+        if n == 0 && !(all && end) {
+            return 0;
+        }
+        frame::data(self.out, sid, &data[..n], end && all, self.max_frame);
+        *self.conn_window -= n as i64;
+        *stream_window -= n as i64;
+        if n > 0
+            && let Some(l) = link
+        {
+            credits.push(Credit {
+                conn: l.conn.clone(),
+                sid: l.sid,
+                n,
+            });
+        }
+        n
+    }
+}
+
+/// A stream forgotten on one connection: its other end is reset with `reason`, and its call
+/// (on whichever side holds it) ends as `end`.
+pub fn unlink(stream: Stream, reason: Reason, end: End<'_>) {
+    let mut call = stream.call;
+    if let Some(l) = stream.link {
+        let taken = l.conn.lock().reset(l.sid, reason);
+        call = call.or(taken.and_then(|s| s.call));
+    }
+    if let Some(c) = call {
+        c.finish(end);
     }
 }
 

@@ -14,9 +14,9 @@ use tracing::debug;
 
 use super::{
     call::{Call, End},
-    conn::{Conn, Credit, Fields, Link, Role, State, Stream, apply},
+    conn::{Conn, Credit, Fields, Link, Role, State, Stream, apply, unlink},
     flush,
-    read::{ConnError, HeaderBlock, apply_settings, ping, unpad, window_update},
+    read::{ConnError, HeaderBlock, connection_frame, unpad},
     read_more, up,
 };
 use crate::{
@@ -137,10 +137,17 @@ pub async fn serve(
     let mut drain = down.proxy.drain_signal();
     let mut draining = false;
     let mut preface = false;
+    // Armed at the soonest deadline while there is one.
+    let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
     let result = loop {
+        if let Some(Reverse((d, _))) = down.deadlines.peek()
+            && timer.deadline() != *d
+        {
+            timer.as_mut().reset(*d);
+        }
         let n = tokio::select! {
             r = read_more(&conn, &sock, &mut rbuf) => r,
-            () = sleep_until_first(&down.deadlines) => {
+            () = &mut timer, if !down.deadlines.is_empty() => {
                 down.expire();
                 continue;
             }
@@ -226,16 +233,9 @@ impl Down {
                 }
             }
             kind::RST_STREAM => self.reset(head, payload),
-            kind::SETTINGS => self.settings(head, payload),
-            kind::PING => ping(&self.conn, head, payload),
-            kind::WINDOW_UPDATE => window_update(&self.conn, head, payload, &mut self.credits),
-            kind::PUSH_PROMISE => Err(ConnError::new(
-                Reason::PROTOCOL_ERROR,
-                "PUSH_PROMISE from a client",
-            )),
             // PRIORITY, GOAWAY (the client opens no more streams; it closes when done) and
-            // unknown types.
-            _ => Ok(()),
+            // unknown types are ignored.
+            _ => connection_frame(&self.conn, head, payload, &mut self.credits).map(drop),
         }
     }
 
@@ -426,8 +426,8 @@ impl Down {
             let ep = guard.endpoint().clone();
             tried.push(ep.addr);
             let leased = match deadline {
-                Some(d) => tokio::time::timeout_at(d, up::lease(&proxy, &ep)).await,
-                None => Ok(up::lease(&proxy, &ep).await),
+                Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
+                None => Ok(up::lease(&ep).await),
             };
             let Ok(leased) = leased else {
                 let status = Status::deadline(format!(
@@ -496,6 +496,14 @@ impl Down {
             });
         }
         if let Some(d) = deadline {
+            // Calls that ended before their deadline leave their entry behind: drop those
+            // once they outnumber the live streams, so the heap stays bounded by them.
+            let live = self.conn.lock().streams.len();
+            if self.deadlines.len() > 2 * live + 64 {
+                let st = self.conn.lock();
+                self.deadlines
+                    .retain(|Reverse((_, id))| st.streams.contains_key(id));
+            }
             self.deadlines.push(Reverse((d, sid)));
         }
     }
@@ -573,12 +581,7 @@ impl Down {
         } else {
             self.resets += 1;
         }
-        if let Some(link) = stream.link {
-            let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
-            if let Some(call) = taken.and_then(|s| s.call) {
-                call.finish(End::Cancelled);
-            }
-        }
+        unlink(stream, Reason::CANCEL, End::Cancelled);
         if self.resets > self.proxy.limits.max_pending_accept_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
@@ -586,13 +589,6 @@ impl Down {
             ));
         }
         Ok(())
-    }
-
-    fn settings(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.flags & flag::ACK != 0 {
-            return Ok(());
-        }
-        apply_settings(&self.conn, payload, &mut self.credits)
     }
 
     /// The connection is gone: cancel its calls on the endpoints.
@@ -603,20 +599,7 @@ impl Down {
             st.streams.drain().map(|(_, s)| s).collect()
         };
         for s in streams {
-            if let Some(link) = s.link {
-                let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
-                if let Some(call) = taken.and_then(|s| s.call) {
-                    call.finish(End::Cancelled);
-                }
-            }
+            unlink(s, Reason::CANCEL, End::Cancelled);
         }
-    }
-}
-
-/// Resolves at the soonest deadline; never if there is none.
-async fn sleep_until_first(deadlines: &BinaryHeap<Reverse<(Instant, u32)>>) {
-    match deadlines.peek() {
-        Some(Reverse((d, _))) => tokio::time::sleep_until(*d).await,
-        None => std::future::pending().await,
     }
 }

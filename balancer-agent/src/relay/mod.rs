@@ -52,22 +52,10 @@ fn poll_io(
     loop {
         let mut st = conn.lock();
         st.register(cx.waker());
-        let mut blocked = false;
-        while !st.out.is_empty() {
-            match sock.try_write(&st.out) {
-                Ok(n) => {
-                    st.out.advance(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    blocked = true;
-                    break;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        if st.out.is_empty() && st.out.capacity() > 256 * 1024 {
-            st.out = BytesMut::with_capacity(16 * 1024);
-        }
+        let blocked = match write_out(&mut st.out, sock) {
+            Ok(written) => !written,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         drop(st);
         if blocked {
             match sock.poll_write_ready(cx) {
@@ -93,19 +81,25 @@ fn poll_io(
 /// Writes what is queued for `sock`, waiting for the socket as needed (before closing it).
 pub async fn flush(conn: &Conn, sock: &TcpStream) -> io::Result<()> {
     loop {
-        {
-            let mut st = conn.lock();
-            while !st.out.is_empty() {
-                match sock.try_write(&st.out) {
-                    Ok(n) => st.out.advance(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            if st.out.is_empty() {
-                return Ok(());
-            }
+        if write_out(&mut conn.lock().out, sock)? {
+            return Ok(());
         }
         sock.writable().await?;
     }
+}
+
+/// Writes `out` to `sock` until it is empty (true) or the socket is full (false). A buffer
+/// that grew large for a burst is given back once empty.
+fn write_out(out: &mut BytesMut, sock: &TcpStream) -> io::Result<bool> {
+    while !out.is_empty() {
+        match sock.try_write(out) {
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    if out.capacity() > 256 * 1024 {
+        *out = BytesMut::with_capacity(16 * 1024);
+    }
+    Ok(true)
 }

@@ -1,7 +1,10 @@
 //! What both kinds of connection do with the frames they read: connection errors, padding,
 //! header blocks split over CONTINUATION frames, SETTINGS, WINDOW_UPDATE and PING.
 
-use super::conn::{Conn, Credit, apply};
+use super::{
+    call::End,
+    conn::{Conn, Credit, Role, apply, unlink},
+};
 use crate::wire::frame::{self, Head, Reason, flag, kind, setting};
 
 /// A connection error: GOAWAY with this reason, then close.
@@ -96,8 +99,32 @@ impl HeaderBlock {
     }
 }
 
+/// Handles the frames both kinds of connection treat alike (SETTINGS, PING, WINDOW_UPDATE,
+/// PUSH_PROMISE, which the proxy never allows); false for any other kind.
+pub fn connection_frame(
+    conn: &Conn,
+    head: Head,
+    payload: &[u8],
+    credits: &mut Vec<Credit>,
+) -> Result<bool, ConnError> {
+    match head.kind {
+        kind::SETTINGS if head.flags & flag::ACK != 0 => {}
+        kind::SETTINGS => apply_settings(conn, payload, credits)?,
+        kind::PING => ping(conn, head, payload)?,
+        kind::WINDOW_UPDATE => window_update(conn, head, payload, credits)?,
+        kind::PUSH_PROMISE => {
+            return Err(ConnError::new(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE (server push is not allowed here)",
+            ));
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// Answers a PING.
-pub fn ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+fn ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), ConnError> {
     let Ok(payload) = <[u8; 8]>::try_from(payload) else {
         return Err(ConnError::new(Reason::FRAME_SIZE_ERROR, "PING not 8 bytes"));
     };
@@ -110,11 +137,7 @@ pub fn ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), ConnError> {
 }
 
 /// Applies a SETTINGS frame from the peer of `conn` and acknowledges it.
-pub fn apply_settings(
-    conn: &Conn,
-    payload: &[u8],
-    credits: &mut Vec<Credit>,
-) -> Result<(), ConnError> {
+fn apply_settings(conn: &Conn, payload: &[u8], credits: &mut Vec<Credit>) -> Result<(), ConnError> {
     if !payload.len().is_multiple_of(6) {
         return Err(ConnError::new(
             Reason::FRAME_SIZE_ERROR,
@@ -156,8 +179,9 @@ pub fn apply_settings(
     Ok(())
 }
 
-/// Applies a WINDOW_UPDATE from the peer of `conn`: writes what waited for it.
-pub fn window_update(
+/// Applies a WINDOW_UPDATE from the peer of `conn`: writes what waited for it. A stream whose
+/// window overflows is reset, and its call cancelled at the other end.
+fn window_update(
     conn: &Conn,
     head: Head,
     payload: &[u8],
@@ -171,6 +195,7 @@ pub fn window_update(
     }
     let inc = i64::from(u32::from_be_bytes(payload.try_into().expect("4 bytes")) & 0x7fff_ffff);
     let mut st = conn.lock();
+    let mut overflowed = None;
     if head.stream == 0 {
         if inc == 0 {
             return Err(ConnError::new(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
@@ -186,12 +211,21 @@ pub fn window_update(
     } else if let Some(s) = st.streams.get_mut(&head.stream) {
         s.send_window += inc;
         if inc == 0 || s.send_window > frame::MAX_WINDOW {
-            st.reset(head.stream, Reason::FLOW_CONTROL_ERROR);
+            let end = match st.role {
+                Role::Server => End::Cancelled,
+                Role::Client => End::Reset,
+            };
+            overflowed = st
+                .reset(head.stream, Reason::FLOW_CONTROL_ERROR)
+                .map(|s| (s, end));
         } else {
             st.drain(head.stream, credits);
         }
     }
     drop(st);
+    if let Some((stream, end)) = overflowed {
+        unlink(stream, Reason::CANCEL, end);
+    }
     apply(credits);
     Ok(())
 }

@@ -14,13 +14,13 @@ use tracing::debug;
 
 use super::{
     call::End,
-    conn::{Conn, Credit, Fields, Role, State, apply},
+    conn::{Conn, Credit, Fields, Role, State, apply, unlink},
     down::fail_stream,
-    read::{ConnError, HeaderBlock, apply_settings, ping, unpad, window_update},
+    read::{ConnError, HeaderBlock, connection_frame, unpad},
     read_more,
 };
 use crate::{
-    proxy::{Proxy, grpc::Status},
+    proxy::grpc::Status,
     state::Endpoint,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
@@ -36,29 +36,35 @@ thread_local! {
 const LAST_SID: u32 = (1 << 31) - 1024;
 
 /// A connection to `ep` with room for one more call.
-pub async fn lease(proxy: &Arc<Proxy>, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
+pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
     let found = POOL.with_borrow_mut(|pool| {
         let conns = pool.entry(ep.addr).or_default();
-        conns.retain(|c| !c.lock().closed);
-        conns
-            .iter()
-            .find(|c| {
-                let st = c.lock();
-                !st.going_away && st.streams.len() < st.peer_max_streams && st.next_sid < LAST_SID
-            })
-            .cloned()
+        let mut found = None;
+        conns.retain(|c| {
+            let st = c.lock();
+            if found.is_none()
+                && !st.closed
+                && !st.going_away
+                && st.streams.len() < st.peer_max_streams
+                && st.next_sid < LAST_SID
+            {
+                found = Some(c.clone());
+            }
+            !st.closed
+        });
+        found
     });
     if let Some(c) = found {
         return Ok(c);
     }
-    let conn = connect(proxy, ep).await?;
+    let conn = connect(ep).await?;
     POOL.with_borrow_mut(|pool| pool.entry(ep.addr).or_default().push(conn.clone()));
     Ok(conn)
 }
 
 /// Opens a connection to `ep`: TCP, the preface and our SETTINGS. The endpoint's SETTINGS
 /// arrive on the connection's task; until then its defaults apply (RFC 9113 §6.5).
-async fn connect(proxy: &Arc<Proxy>, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
+async fn connect(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
     let cfg = ep.pool.config();
     let timeout = ep.pool.connect_timeout();
     let sock = match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
@@ -93,7 +99,6 @@ async fn connect(proxy: &Arc<Proxy>, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, St
     let conn = Conn::new(st);
     let addr = ep.addr;
     let task_conn = conn.clone();
-    let max_frame = proxy.limits.max_frame_size.max(frame::DEFAULT_MAX_FRAME) as usize;
     tokio::spawn(async move {
         let mut up = Up {
             conn: task_conn,
@@ -102,7 +107,6 @@ async fn connect(proxy: &Arc<Proxy>, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, St
             block: HeaderBlock::default(),
             max_block: 1 << 20,
             credits: Vec::new(),
-            max_frame,
         };
         let why = up.run(&sock).await;
         debug!(endpoint = %addr, reason = %why, "endpoint connection closed");
@@ -119,7 +123,6 @@ struct Up {
     /// The largest header block accepted.
     max_block: usize,
     credits: Vec<Credit>,
-    max_frame: usize,
 }
 
 impl Up {
@@ -134,7 +137,8 @@ impl Up {
             }
             while rbuf.len() >= frame::HEADER_LEN {
                 let head = Head::parse(&rbuf);
-                if head.len > self.max_frame {
+                // We advertise no SETTINGS_MAX_FRAME_SIZE to endpoints: the default holds.
+                if head.len > frame::DEFAULT_MAX_FRAME as usize {
                     return format!("frame of {} bytes", head.len);
                 }
                 let total = frame::HEADER_LEN + head.len;
@@ -184,13 +188,6 @@ impl Up {
                 self.reset(head.stream, reason);
                 Ok(())
             }
-            kind::SETTINGS => {
-                if head.flags & flag::ACK != 0 {
-                    return Ok(());
-                }
-                apply_settings(&self.conn, payload, &mut self.credits)
-            }
-            kind::PING => ping(&self.conn, head, payload),
             kind::GOAWAY => {
                 if payload.len() < 8 {
                     return Err(ConnError::new(Reason::FRAME_SIZE_ERROR, "short GOAWAY"));
@@ -204,12 +201,7 @@ impl Up {
                 self.goaway(last);
                 Ok(())
             }
-            kind::WINDOW_UPDATE => window_update(&self.conn, head, payload, &mut self.credits),
-            kind::PUSH_PROMISE => Err(ConnError::new(
-                Reason::PROTOCOL_ERROR,
-                "PUSH_PROMISE although disabled",
-            )),
-            _ => Ok(()),
+            _ => connection_frame(&self.conn, head, payload, &mut self.credits).map(drop),
         }
     }
 
@@ -310,14 +302,9 @@ impl Up {
 
     /// The endpoint reset a stream: pass the reset to the client.
     fn reset(&mut self, sid: u32, reason: Reason) {
-        let Some(s) = self.conn.lock().streams.remove(&sid) else {
-            return;
-        };
-        if let Some(l) = s.link {
-            l.conn.lock().reset(l.sid, reason);
-        }
-        if let Some(c) = s.call {
-            c.finish(End::Reset);
+        let removed = self.conn.lock().streams.remove(&sid);
+        if let Some(s) = removed {
+            unlink(s, reason, End::Reset);
         }
     }
 

@@ -180,17 +180,21 @@ pub fn data(dst: &mut BytesMut, stream: u32, data: &[u8], end: bool, max_frame: 
 /// Writes a header block already encoded in `block` as HEADERS (and CONTINUATION frames when it
 /// is larger than `max_frame`).
 pub fn headers(dst: &mut BytesMut, stream: u32, block: &[u8], end_stream: bool, max_frame: usize) {
-    let es = if end_stream { flag::END_STREAM } else { 0 };
-    let mut chunks = block.chunks(max_frame.max(1));
-    let first = chunks.next().unwrap_or(&[]);
-    let rest = chunks.len();
-    let eh = if rest == 0 { flag::END_HEADERS } else { 0 };
-    Head::write(dst, first.len(), kind::HEADERS, es | eh, stream);
-    dst.put_slice(first);
-    for (i, c) in block.chunks(max_frame.max(1)).skip(1).enumerate() {
-        let eh = if i + 1 == rest { flag::END_HEADERS } else { 0 };
-        Head::write(dst, c.len(), kind::CONTINUATION, eh, stream);
+    let mut chunks = block.chunks(max_frame.max(1)).peekable();
+    let mut kind = kind::HEADERS;
+    let mut flags = if end_stream { flag::END_STREAM } else { 0 };
+    loop {
+        let c = chunks.next().unwrap_or(&[]);
+        if chunks.peek().is_none() {
+            flags |= flag::END_HEADERS;
+        }
+        Head::write(dst, c.len(), kind, flags, stream);
         dst.put_slice(c);
+        if flags & flag::END_HEADERS != 0 {
+            return;
+        }
+        kind = kind::CONTINUATION;
+        flags = 0;
     }
 }
 
