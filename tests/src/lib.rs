@@ -70,10 +70,42 @@ macro_rules! require_root {
     };
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
+/// A free TCP port on 127.0.0.1 for a listener a test configures by address.
+///
+/// Ports come from below the kernel's ephemeral range, so an outgoing connection of a test
+/// running in parallel cannot take the port between this check and the listener's bind (a port
+/// bound to `:0` and released is from that range, and that race failed a CI run). Each test
+/// process starts at its own offset and counts up; a port found busy is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = ephemeral_low().unwrap_or(32_768);
+    if low <= FIRST + 1_000 {
+        // No room below the ephemeral range: fall back to a port the kernel picks.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding an ephemeral port");
+    }
+    let span = low - FIRST;
+    let start = std::process::id().wrapping_mul(97) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 below the ephemeral range");
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
