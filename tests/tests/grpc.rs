@@ -311,7 +311,12 @@ async fn the_deadline_is_enforced_and_passed_on() {
     .await;
     let took = started.elapsed();
     println!("DEADLINE_EXCEEDED after {took:?}");
-    assert_eq!(answer.status(), "4", "{answer:?}");
+    // The proxy's deadline and the backend's (the time left, passed on) fall within the same
+    // millisecond tick, so either may end the call: DEADLINE_EXCEEDED from the proxy, or
+    // tonic's own answer to an expired grpc-timeout (CANCELLED "Timeout expired"). That the
+    // proxy alone ends it is `the_proxy_itself_enforces_the_deadline`.
+    let backend_timed_out = answer.status() == "1" && answer.message().starts_with("Timeout");
+    assert!(answer.status() == "4" || backend_timed_out, "{answer:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
     wait_until("the backend to see the call cancelled", BOUND, || {
         stats.cancelled.load(Relaxed) == 1

@@ -108,25 +108,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
     if args.is_empty() {
-        // The same end-to-end suites against the frame relay engine, but for what it does not
-        // do yet: replaying refused streams (ARCHITECTURE.md, "The frame relay").
+        // The same end-to-end suites against the frame relay engine.
         run(cargo()
             .env("BALANCER_TEST_ENGINE", "relay")
             .args(["test", "--no-fail-fast", "-p", "balancer-tests"])
-            .args(RELAY_SUITES.iter().flat_map(|t| ["--test", t]))
-            .args([
-                "--",
-                "--skip",
-                "replayed",
-                "--skip",
-                "a_goaway_last_stream_id",
-            ]))?;
+            .args(RELAY_SUITES.iter().flat_map(|t| ["--test", t])))?;
     }
     Ok(())
 }
 
 /// The end-to-end suites that run against the frame relay engine too.
-const RELAY_SUITES: [&str; 5] = ["grpc", "interop", "resilience", "limits", "proxy"];
+const RELAY_SUITES: [&str; 6] = ["grpc", "interop", "resilience", "limits", "proxy", "pool"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

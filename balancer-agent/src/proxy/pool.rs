@@ -148,6 +148,8 @@ pub struct Pool {
 struct Shard {
     conns: Mutex<Vec<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
+    /// The frame relay's connections (`crate::relay::up`).
+    relay: crate::relay::up::Shard,
 }
 
 impl Pool {
@@ -161,7 +163,7 @@ impl Pool {
         }
     }
 
-    /// How long a connect may take.
+    /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.cfg
     }
@@ -171,9 +173,22 @@ impl Pool {
         ms(self.cfg.connect_timeout_ms)
     }
 
-    /// Open connections in the pool, over every worker.
+    /// Open connections in the pool, over every worker and both engines.
     pub fn connections(&self) -> usize {
-        self.shards.iter().map(Shard::len).sum()
+        self.shards
+            .iter()
+            .map(|s| s.len() + s.relay.connections())
+            .sum()
+    }
+
+    /// This worker's shard of frame-relay connections.
+    pub fn relay_shard(&self) -> &crate::relay::up::Shard {
+        &self.shard().relay
+    }
+
+    /// A connection was opened by the frame relay.
+    pub fn count_opened(&self) {
+        self.opened.fetch_add(1, Relaxed);
     }
 
     /// This worker's shard.

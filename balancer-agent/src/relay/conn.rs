@@ -20,6 +20,7 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
+use tokio::{sync::Notify, time::Instant};
 
 use crate::wire::{
     frame::{self, Reason},
@@ -132,6 +133,9 @@ pub struct Stream {
     pub recv_done: bool,
     /// The call, on the endpoint side of it.
     pub call: Option<Box<Call>>,
+    /// Leading bytes of the DATA still to send that the sender was already granted back: a
+    /// replayed request resends bytes credited on their first way out.
+    pub no_credit: usize,
 }
 
 impl Stream {
@@ -148,8 +152,30 @@ impl Stream {
             recv_owed: 0,
             recv_done: false,
             call: None,
+            no_credit: 0,
         }
     }
+
+    /// DATA waiting here whose window the sender has not had back: it is owed to the link
+    /// when the stream is forgotten with it.
+    pub fn uncredited(&self) -> Option<Credit> {
+        let n = self.pending.len().saturating_sub(self.no_credit);
+        let l = self.link.as_ref()?;
+        (n > 0).then(|| Credit {
+            conn: l.conn.clone(),
+            sid: l.sid,
+            n,
+        })
+    }
+}
+
+/// A call whose endpoint refused its stream unprocessed, handed back to the client's
+/// connection to be sent to another endpoint (`super::down`).
+#[derive(Debug)]
+pub struct Replayed {
+    /// The client's stream.
+    pub sid: u32,
+    pub call: Box<Call>,
 }
 
 /// The shared state of a connection.
@@ -182,6 +208,13 @@ pub struct State {
     pub streams: HashMap<u32, Stream>,
     /// Next stream id to open (client role).
     pub next_sid: u32,
+    /// Out of its pool (too old, too many calls, idle): it closes once its streams are done.
+    pub retired: bool,
+    pub created: Instant,
+    /// Woken when a stream slot frees on a connection that was full (client role).
+    pub slot_freed: Option<Arc<Notify>>,
+    /// Calls to send to another endpoint (server role).
+    pub replays: Vec<Replayed>,
 }
 
 impl State {
@@ -204,7 +237,33 @@ impl State {
             stream_recv_target,
             streams: HashMap::new(),
             next_sid: 1,
+            retired: false,
+            created: Instant::now(),
+            slot_freed: None,
+            replays: Vec::new(),
         }
+    }
+
+    /// Forgets stream `sid`. A pool waiting for a slot hears of it if the connection was full.
+    pub fn remove(&mut self, sid: u32) -> Option<Stream> {
+        let s = self.streams.remove(&sid)?;
+        if self.streams.len() + 1 == self.peer_max_streams
+            && let Some(n) = &self.slot_freed
+        {
+            n.notify_waiters();
+        }
+        Some(s)
+    }
+
+    /// The task that owns the socket has something to do besides reading: calls to replay,
+    /// or, on an endpoint connection no longer in use, closing it.
+    pub fn has_work(&self) -> bool {
+        !self.replays.is_empty() || self.finished()
+    }
+
+    /// An endpoint connection that takes no more calls and has none left.
+    pub fn finished(&self) -> bool {
+        self.role == Role::Client && (self.going_away || self.retired) && self.streams.is_empty()
     }
 
     /// The task that owns the socket: woken when something is queued.
@@ -265,7 +324,15 @@ impl State {
                 conn_window: &mut self.send_window,
                 max_frame: self.peer_max_frame,
             };
-            let n = w.data(sid, &mut s.send_window, s.link.as_ref(), data, end, credits);
+            let n = w.data(
+                sid,
+                &mut s.send_window,
+                &mut s.no_credit,
+                s.link.as_ref(),
+                data,
+                end,
+                credits,
+            );
             let all = n == data.len();
             if !all {
                 s.pending.extend_from_slice(&data[n..]);
@@ -312,6 +379,7 @@ impl State {
         let n = w.data(
             sid,
             &mut s.send_window,
+            &mut s.no_credit,
             s.link.as_ref(),
             &s.pending,
             end,
@@ -361,32 +429,35 @@ impl State {
         };
         s.send_done = true;
         if s.recv_done {
-            self.streams.remove(&sid);
+            self.remove(sid);
         } else if self.role == Role::Server {
             frame::rst_stream(&mut self.out, sid, Reason::NO_ERROR);
-            self.streams.remove(&sid);
+            self.remove(sid);
         }
     }
 
     /// The peer sent END_STREAM on `sid`. An endpoint's stream whose response is complete while
-    /// the request still flows is cancelled: the endpoint no longer wants it.
-    pub fn received_end(&mut self, sid: u32) {
+    /// the request still flows is cancelled: the endpoint no longer wants it, and the window of
+    /// the request DATA that waited for it goes back to the client (`credits`).
+    pub fn received_end(&mut self, sid: u32, credits: &mut Vec<Credit>) {
         let Some(s) = self.streams.get_mut(&sid) else {
             return;
         };
         s.recv_done = true;
         if s.send_done {
-            self.streams.remove(&sid);
+            self.remove(sid);
         } else if self.role == Role::Client {
             frame::rst_stream(&mut self.out, sid, Reason::CANCEL);
-            self.streams.remove(&sid);
+            if let Some(c) = self.remove(sid).and_then(|s| s.uncredited()) {
+                credits.push(c);
+            }
             self.wake();
         }
     }
 
     /// Resets `sid` and forgets it; returns the stream if it was there.
     pub fn reset(&mut self, sid: u32, reason: Reason) -> Option<Stream> {
-        let s = self.streams.remove(&sid)?;
+        let s = self.remove(sid)?;
         if !self.closed {
             frame::rst_stream(&mut self.out, sid, reason);
             self.wake();
@@ -466,11 +537,14 @@ struct Writer<'a> {
 impl Writer<'_> {
     /// Writes as much of `data` as both windows allow (END_STREAM with its last byte if `end`
     /// and all of it fits, an empty DATA if `data` is empty), takes it from the windows and
-    /// credits it to the stream's `link`. Returns the bytes written.
+    /// credits it to the stream's `link`, less the `no_credit` bytes it starts with. Returns
+    /// the bytes written.
+    #[allow(clippy::too_many_arguments)]
     fn data(
         &mut self,
         sid: u32,
         stream_window: &mut i64,
+        no_credit: &mut usize,
         link: Option<&Link>,
         data: &[u8],
         end: bool,
@@ -484,13 +558,15 @@ impl Writer<'_> {
         frame::data(self.out, sid, &data[..n], end && all, self.max_frame);
         *self.conn_window -= n as i64;
         *stream_window -= n as i64;
-        if n > 0
+        let skip = n.min(*no_credit);
+        *no_credit -= skip;
+        if n > skip
             && let Some(l) = link
         {
             credits.push(Credit {
                 conn: l.conn.clone(),
                 sid: l.sid,
-                n,
+                n: n - skip,
             });
         }
         n
@@ -498,12 +574,24 @@ impl Writer<'_> {
 }
 
 /// A stream forgotten on one connection: its other end is reset with `reason`, and its call
-/// (on whichever side holds it) ends as `end`.
+/// (on whichever side holds it) ends as `end`. DATA that waited in either for window is
+/// granted back to its sender.
 pub fn unlink(stream: Stream, reason: Reason, end: End<'_>) {
+    let owed = stream.uncredited();
     let mut call = stream.call;
     if let Some(l) = stream.link {
-        let taken = l.conn.lock().reset(l.sid, reason);
-        call = call.or(taken.and_then(|s| s.call));
+        let mut st = l.conn.lock();
+        let taken = st.reset(l.sid, reason);
+        if let Some(c) = owed {
+            st.credit(c.sid, c.n);
+        }
+        drop(st);
+        if let Some(t) = taken {
+            if let Some(c) = t.uncredited() {
+                c.conn.lock().credit(c.sid, c.n);
+            }
+            call = call.or(t.call);
+        }
     }
     if let Some(c) = call {
         c.finish(end);

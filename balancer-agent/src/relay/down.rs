@@ -13,18 +13,22 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{
-    call::{Call, End},
-    conn::{Conn, Credit, Fields, Link, Role, State, Stream, apply, unlink},
+    Io, Keepalive,
+    call::{Call, End, Replay},
+    conn::{Conn, Credit, Fields, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
     read::{ConnError, HeaderBlock, connection_frame, unpad},
     read_more, up,
 };
 use crate::{
+    balance::CallGuard,
+    config::ms,
     proxy::{
         Proxy, Target,
         grpc::{self, Status},
         registry::ConnInfo,
     },
+    state::Service,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -84,7 +88,11 @@ struct Down {
     refused: usize,
     /// Calls with a deadline (`grpc-timeout`), soonest first.
     deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
+    keepalive: Option<Keepalive>,
 }
+
+/// Endpoints tried for one call at most (connect failures and refused streams).
+const MAX_ATTEMPTS: usize = 3;
 
 /// Serves one client connection whose first bytes are the HTTP/2 preface.
 pub async fn serve(
@@ -132,23 +140,49 @@ pub async fn serve(
         resets: 0,
         refused: 0,
         deadlines: BinaryHeap::new(),
+        keepalive: Keepalive::new(ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
     };
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut drain = down.proxy.drain_signal();
     let mut draining = false;
     let mut preface = false;
-    // Armed at the soonest deadline while there is one.
+    // Armed at the soonest call deadline or keepalive PING.
     let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
     let result = loop {
-        if let Some(Reverse((d, _))) = down.deadlines.peek()
-            && timer.deadline() != *d
+        let next = match (down.deadlines.peek(), &down.keepalive) {
+            (Some(Reverse((d, _))), Some(k)) => Some((*d).min(k.due())),
+            (Some(Reverse((d, _))), None) => Some(*d),
+            (None, k) => k.as_ref().map(Keepalive::due),
+        };
+        if let Some(t) = next
+            && timer.deadline() != t
         {
-            timer.as_mut().reset(*d);
+            timer.as_mut().reset(t);
         }
-        let n = tokio::select! {
+        let io = tokio::select! {
             r = read_more(&conn, &sock, &mut rbuf) => r,
-            () = &mut timer, if !down.deadlines.is_empty() => {
+            () = &mut timer, if next.is_some() => {
                 down.expire();
+                if let Some(k) = &mut down.keepalive
+                    && k.due() <= Instant::now()
+                    && !k.fire(&conn)
+                {
+                    down.proxy
+                        .metrics
+                        .client_connection_errors
+                        .with_label_values(&["keepalive_timeout"])
+                        .inc();
+                    {
+                        let mut st = conn.lock();
+                        frame::goaway(&mut st.out, down.last_sid, Reason::NO_ERROR, b"keepalive");
+                    }
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        flush(&conn, &sock),
+                    )
+                    .await;
+                    break Err("client connection: keepalive PING unanswered".into());
+                }
                 continue;
             }
             () = crate::proxy::drained(&mut drain), if !draining => {
@@ -160,9 +194,16 @@ pub async fn serve(
                 continue;
             }
         };
-        match n {
-            Ok(0) => break Ok(()),
-            Ok(_) => {}
+        match io {
+            Ok(Io::Eof) => break Ok(()),
+            Ok(Io::Read) => {}
+            Ok(Io::Work) => {
+                let replays = std::mem::take(&mut conn.lock().replays);
+                for r in replays {
+                    down.replay(r).await;
+                }
+                continue;
+            }
             Err(e) => break Err(format!("client connection: {e}")),
         }
         if !preface {
@@ -233,6 +274,12 @@ impl Down {
                 }
             }
             kind::RST_STREAM => self.reset(head, payload),
+            kind::PING if head.flags & flag::ACK != 0 => {
+                if let Some(k) = &mut self.keepalive {
+                    k.pong(payload);
+                }
+                Ok(())
+            }
             // PRIORITY, GOAWAY (the client opens no more streams; it closes when done) and
             // unknown types are ignored.
             _ => connection_frame(&self.conn, head, payload, &mut self.credits).map(drop),
@@ -257,16 +304,23 @@ impl Down {
             ));
         }
         let link = match st.streams.get(&sid) {
-            Some(s) if !s.recv_done => s.link.clone(),
+            Some(s) if !s.recv_done => Some(s.link.clone()),
             // A closed stream (reset, or its call answered): the window goes back at once.
             _ => None,
         };
         let padding = payload.len() - data.len();
         if end {
-            st.received_end(sid);
+            st.received_end(sid, &mut self.credits);
         }
-        let Some(link) = link else {
+        let Some(Some(link)) = link else {
             st.credit(sid, payload.len());
+            if link.is_some() {
+                // An open stream without a link: its call waits to be replayed, and keeps
+                // this DATA (its window is back already: the replay buffer is bounded).
+                if let Some(r) = st.replays.iter_mut().find(|r| r.sid == sid) {
+                    r.call.request_data(data, end);
+                }
+            }
             return Ok(());
         };
         if padding > 0 {
@@ -275,7 +329,7 @@ impl Down {
         drop(st);
         let mut up = link.conn.lock();
         if let Some(c) = up.streams.get_mut(&link.sid).and_then(|s| s.call.as_mut()) {
-            c.messages[0].feed(data);
+            c.request_data(data, end);
         }
         let taken = up.send_data(link.sid, data, end, &mut self.credits);
         drop(up);
@@ -359,14 +413,20 @@ impl Down {
             Some(s) if !s.recv_done => s.link.clone(),
             _ => None,
         };
-        st.received_end(sid);
+        st.received_end(sid, &mut self.credits);
+        // A request with trailers is not replayed (gRPC clients send none).
+        if let Some(r) = st.replays.iter_mut().find(|r| r.sid == sid) {
+            r.call.replay = None;
+        }
         drop(st);
         if let Some(link) = link {
-            link.conn
-                .lock()
-                .send_trailers(link.sid, &self.fields, &mut self.credits);
-            apply(&mut self.credits);
+            let mut up = link.conn.lock();
+            if let Some(c) = up.streams.get_mut(&link.sid).and_then(|s| s.call.as_mut()) {
+                c.replay = None;
+            }
+            up.send_trailers(link.sid, &self.fields, &mut self.credits);
         }
+        apply(&mut self.credits);
         Ok(())
     }
 
@@ -406,48 +466,26 @@ impl Down {
             self.answer(sid, Some(&service), &path, start, status);
             return;
         }
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_error = String::new();
-        let (mut guard, upconn) = loop {
-            let Some(guard) = service.balancer.pick(&tried) else {
-                let status = if tried.is_empty() {
-                    Status::unavailable(format!("service {} has no ready endpoint", service.name))
-                } else {
-                    Status::unavailable(format!(
-                        "service {}: {} endpoint(s) tried, none took the call; last error: \
-                         {last_error}",
-                        service.name,
-                        tried.len()
-                    ))
-                };
+        let mut tried = Vec::new();
+        let (mut guard, upconn) = match self
+            .route(&service, &mut tried, deadline, String::new())
+            .await
+        {
+            Ok(picked) => picked,
+            Err(status) => {
                 self.answer(sid, Some(&service), &path, start, status);
                 return;
-            };
-            let ep = guard.endpoint().clone();
-            tried.push(ep.addr);
-            let leased = match deadline {
-                Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
-                None => Ok(up::lease(&ep).await),
-            };
-            let Ok(leased) = leased else {
-                let status = Status::deadline(format!(
-                    "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
-                    service.name
-                ));
-                self.answer(sid, Some(&service), &path, start, status);
-                return;
-            };
-            match leased {
-                Ok(c) => break (guard, c),
-                Err(e) => {
-                    ep.stats.connect_failed();
-                    debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
-                    last_error = e;
-                }
             }
         };
         registration.routed(&service.name, guard.endpoint().addr);
         guard.sent();
+        let replay = Box::new(Replay {
+            fields: self.fields.clone(),
+            data: BytesMut::new(),
+            complete: end,
+            deadline,
+            tried,
+        });
         let call = Box::new(Call {
             proxy,
             service,
@@ -457,7 +495,76 @@ impl Down {
             registration,
             messages: Default::default(),
             responded: false,
+            replay: Some(replay),
         });
+        self.attach(sid, &upconn, call);
+    }
+
+    /// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
+    /// endpoint that cannot be reached is skipped for another (no byte of the call left the
+    /// proxy), up to [`MAX_ATTEMPTS`] endpoints in all. The error is the status to answer.
+    async fn route(
+        &mut self,
+        service: &Arc<Service>,
+        tried: &mut Vec<SocketAddr>,
+        deadline: Option<Instant>,
+        mut last_error: String,
+    ) -> Result<(CallGuard, Arc<Conn>), Status> {
+        loop {
+            let picked = if tried.len() < MAX_ATTEMPTS {
+                service.balancer.pick(tried)
+            } else {
+                None
+            };
+            let Some(guard) = picked else {
+                return Err(if tried.is_empty() {
+                    Status::unavailable(format!("service {} has no ready endpoint", service.name))
+                } else {
+                    Status::unavailable(format!(
+                        "service {}: {} endpoint(s) tried, none took the call; last error: \
+                         {last_error}",
+                        service.name,
+                        tried.len()
+                    ))
+                });
+            };
+            let ep = guard.endpoint().clone();
+            tried.push(ep.addr);
+            let leased = match deadline {
+                Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
+                None => Ok(up::lease(&ep).await),
+            };
+            let Ok(leased) = leased else {
+                return Err(Status::deadline(format!(
+                    "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
+                    service.name
+                )));
+            };
+            match leased {
+                Ok(c) => return Ok((guard, c)),
+                Err(e) => {
+                    ep.stats.connect_failed();
+                    debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
+                    last_error = e;
+                }
+            }
+        }
+    }
+
+    /// Opens the call's stream on `upconn` and links it to the client's stream `sid`: the
+    /// request headers (with the time left as `grpc-timeout`), then the request DATA kept for
+    /// a replay, if any.
+    fn attach(&mut self, sid: u32, upconn: &Arc<Conn>, mut call: Box<Call>) {
+        if !self.conn.lock().streams.contains_key(&sid) {
+            // The client reset it while the call was being routed.
+            call.finish(End::Cancelled);
+            return;
+        }
+        let r = call
+            .replay
+            .take()
+            .expect("a call is attached with its request");
+        let deadline = r.deadline;
         let up_sid;
         {
             let mut up = upconn.lock();
@@ -471,41 +578,102 @@ impl Down {
                 up.peer_initial_window,
                 up.stream_recv_target,
             );
+            // Kept DATA was granted back to the client on its first way out.
+            s.no_credit = r.data.len();
             s.call = Some(call);
             up.streams.insert(up_sid, s);
-            match deadline {
+            let headers_end = r.complete && r.data.is_empty();
+            match r.deadline {
                 // The endpoint gets the time left, as the proxy counts it.
                 Some(d) => {
                     let left = grpc::format_timeout(d.saturating_duration_since(Instant::now()));
-                    let fields = self.fields.iter().map(|(n, v)| {
+                    let fields = r.fields.iter().map(|(n, v)| {
                         if n == b"grpc-timeout" {
                             (n, left.as_bytes())
                         } else {
                             (n, v)
                         }
                     });
-                    up.send_headers(up_sid, fields, end);
+                    up.send_headers(up_sid, fields, headers_end);
                 }
-                None => up.send_headers(up_sid, self.fields.iter(), end),
+                None => up.send_headers(up_sid, r.fields.iter(), headers_end),
+            }
+            if !r.data.is_empty() {
+                up.send_data(up_sid, &r.data, r.complete, &mut self.credits);
+            }
+            if let Some(c) = up.streams.get_mut(&up_sid).and_then(|s| s.call.as_mut()) {
+                c.replay = Some(r);
             }
         }
-        if let Some(s) = self.conn.lock().streams.get_mut(&sid) {
-            s.link = Some(Link {
-                conn: upconn,
-                sid: up_sid,
-            });
-        }
+        apply(&mut self.credits);
+        let mut st = self.conn.lock();
+        let Some(s) = st.streams.get_mut(&sid) else {
+            return;
+        };
+        s.link = Some(Link {
+            conn: upconn.clone(),
+            sid: up_sid,
+        });
         if let Some(d) = deadline {
             // Calls that ended before their deadline leave their entry behind: drop those
             // once they outnumber the live streams, so the heap stays bounded by them.
-            let live = self.conn.lock().streams.len();
-            if self.deadlines.len() > 2 * live + 64 {
-                let st = self.conn.lock();
+            if self.deadlines.len() > 2 * st.streams.len() + 64 {
                 self.deadlines
                     .retain(|Reverse((_, id))| st.streams.contains_key(id));
             }
             self.deadlines.push(Reverse((d, sid)));
         }
+    }
+
+    /// Sends a call an endpoint refused unprocessed to another endpoint, with the request
+    /// kept so far; it fails with UNAVAILABLE if it cannot be (request too large, every
+    /// endpoint tried), and is dropped if the client went away meanwhile.
+    async fn replay(&mut self, Replayed { sid, mut call }: Replayed) {
+        if !self.conn.lock().streams.contains_key(&sid) {
+            call.finish(End::Cancelled);
+            return;
+        }
+        let refused = call.guard.endpoint().addr;
+        let Some(mut r) = call.replay.take() else {
+            let status = Status::unavailable(format!(
+                "endpoint {refused} refused the call unprocessed, and its request outgrew the \
+                 replay buffer"
+            ));
+            return self.fail_call(sid, call, &status);
+        };
+        if r.deadline.is_some_and(|d| d <= Instant::now()) {
+            let status = Status::deadline(format!(
+                "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
+                call.service.name
+            ));
+            return self.fail_call(sid, call, &status);
+        }
+        debug!(endpoint = %refused, "stream refused unprocessed; replaying the call");
+        let last_error = format!("endpoint {refused} refused the call unprocessed");
+        let service = call.service.clone();
+        match self
+            .route(&service, &mut r.tried, r.deadline, last_error)
+            .await
+        {
+            Ok((guard, upconn)) => {
+                call.registration
+                    .routed(&service.name, guard.endpoint().addr);
+                // The refusing endpoint's guard goes: it neither answered nor failed.
+                call.guard = guard;
+                call.guard.sent();
+                call.replay = Some(r);
+                self.attach(sid, &upconn, call);
+            }
+            Err(status) => self.fail_call(sid, call, &status),
+        }
+    }
+
+    /// Ends client stream `sid` with the proxy's own status and records its call.
+    fn fail_call(&mut self, sid: u32, call: Box<Call>, status: &Status) {
+        debug!(code = ?status.code, message = %status.message, "call failed in the proxy");
+        fail_stream(&mut self.conn.lock(), sid, status, &mut self.credits);
+        apply(&mut self.credits);
+        call.finish(End::Status(&(status.code as u16).to_string()));
     }
 
     /// Ends the calls whose deadline passed with DEADLINE_EXCEEDED and cancels them on their

@@ -25,10 +25,13 @@ use std::{
     future::poll_fn,
     io,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
+
+use crate::wire::frame;
 
 use conn::Conn;
 
@@ -37,9 +40,20 @@ pub use down::serve;
 /// Read buffer space kept free before each read.
 const READ_RESERVE: usize = 16 * 1024;
 
-/// Flushes what is queued for `sock`, then waits until it has bytes to read; returns how many
-/// were read (0: the peer closed). Queued frames are flushed whenever the task is woken.
-pub async fn read_more(conn: &Conn, sock: &TcpStream, rbuf: &mut BytesMut) -> io::Result<usize> {
+/// What woke a connection's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Bytes were read.
+    Read,
+    /// The peer closed the connection.
+    Eof,
+    /// The connection's state has work for its task ([`conn::State::has_work`]).
+    Work,
+}
+
+/// Flushes what is queued for `sock`, then waits until it has bytes to read or its state has
+/// work for the task. Queued frames are flushed whenever the task is woken.
+pub async fn read_more(conn: &Conn, sock: &TcpStream, rbuf: &mut BytesMut) -> io::Result<Io> {
     poll_fn(|cx| poll_io(conn, sock, rbuf, cx)).await
 }
 
@@ -48,7 +62,7 @@ fn poll_io(
     sock: &TcpStream,
     rbuf: &mut BytesMut,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
+) -> Poll<io::Result<Io>> {
     loop {
         let mut st = conn.lock();
         st.register(cx.waker());
@@ -56,6 +70,9 @@ fn poll_io(
             Ok(written) => !written,
             Err(e) => return Poll::Ready(Err(e)),
         };
+        if st.has_work() {
+            return Poll::Ready(Ok(Io::Work));
+        }
         drop(st);
         if blocked {
             match sock.poll_write_ready(cx) {
@@ -71,12 +88,71 @@ fn poll_io(
         }
         rbuf.reserve(READ_RESERVE);
         match sock.try_read_buf(rbuf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
+            Ok(0) => return Poll::Ready(Ok(Io::Eof)),
+            Ok(_) => return Poll::Ready(Ok(Io::Read)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
+
+/// Keepalive PINGs on a connection: one every `interval`; one unanswered for `timeout` means
+/// the peer is gone. Driven by the connection's task: [`Keepalive::due`] says when to call
+/// [`Keepalive::fire`], whose frames go into the connection's write buffer.
+#[derive(Debug)]
+pub struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+    /// The next PING, or, with one unanswered, the time it is given up on.
+    due: Instant,
+    /// The payload of the PING in flight.
+    outstanding: Option<[u8; 8]>,
+    sent: u64,
+}
+
+impl Keepalive {
+    /// `None` when `interval` is zero (keepalive off).
+    pub fn new(interval: Duration, timeout: Duration) -> Option<Self> {
+        (!interval.is_zero()).then(|| Self {
+            interval,
+            timeout,
+            due: Instant::now() + interval,
+            outstanding: None,
+            sent: 0,
+        })
+    }
+
+    pub fn due(&self) -> Instant {
+        self.due
+    }
+
+    /// At [`Self::due`]: sends the next PING; false if the last one went unanswered (the peer
+    /// is gone).
+    pub fn fire(&mut self, conn: &Conn) -> bool {
+        if self.outstanding.is_some() {
+            return false;
+        }
+        self.sent += 1;
+        let payload = (KEEPALIVE_TAG | self.sent).to_be_bytes();
+        self.outstanding = Some(payload);
+        self.due = Instant::now() + self.timeout;
+        let mut st = conn.lock();
+        frame::ping(&mut st.out, false, payload);
+        st.wake();
+        true
+    }
+
+    /// A PING ACK arrived.
+    pub fn pong(&mut self, payload: &[u8]) {
+        if self.outstanding.is_some_and(|p| p == payload) {
+            self.outstanding = None;
+            self.due = Instant::now() + self.interval;
+        }
+    }
+}
+
+/// The high bytes of our keepalive PING payloads ("kA").
+const KEEPALIVE_TAG: u64 = 0x6b41 << 48;
 
 /// Writes what is queued for `sock`, waiting for the socket as needed (before closing it).
 pub async fn flush(conn: &Conn, sock: &TcpStream) -> io::Result<()> {

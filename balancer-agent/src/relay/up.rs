@@ -1,25 +1,42 @@
 //! The relay's connections to endpoints (the proxy is the HTTP/2 client), and their pool.
 //!
-//! The pool is per worker thread (every call of a client connection runs on its worker, see
-//! `crate::workers`): a call takes the first open connection to its endpoint with a free
-//! stream slot (below the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS), or opens one. A
-//! connection's task reads the endpoint's frames and writes them on to the clients' streams;
+//! The pool keeps one [`Shard`] per endpoint and worker thread (every call of a client
+//! connection runs on its worker, see `crate::workers`), inside the endpoint's
+//! [`crate::proxy::pool::Pool`]. A call takes the first connection to its endpoint with a free
+//! stream slot (below the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS), else opens one (up to
+//! `pool.max_connections_per_endpoint`), else waits for a slot. A new connection joins the
+//! pool once the endpoint answered a PING on it; one too old or that carried its share of
+//! calls is retired and closes when its last call ends; one idle for `pool.idle_timeout_ms`
+//! closes; keepalive PINGs find a dead endpoint.
+//!
+//! A connection's task reads the endpoint's frames and writes them on to the clients'
+//! streams. A stream the endpoint refused unprocessed (REFUSED_STREAM, or above a GOAWAY's
+//! last stream id) goes back to its client's connection to be replayed on another endpoint;
 //! when the connection is lost, every call on it ends with UNAVAILABLE at once.
 
-use std::{cell::RefCell, collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, oneshot},
+    time::Instant,
+};
 use tracing::debug;
 
 use super::{
+    Io, Keepalive,
     call::End,
-    conn::{Conn, Credit, Fields, Role, State, apply, unlink},
+    conn::{Conn, Credit, Fields, Replayed, Role, State, Stream, apply, unlink},
     down::fail_stream,
     read::{ConnError, HeaderBlock, connection_frame, unpad},
     read_more,
 };
 use crate::{
+    config::{PoolConfig, ms},
     proxy::grpc::Status,
     state::Endpoint,
     wire::{
@@ -28,91 +45,165 @@ use crate::{
     },
 };
 
-thread_local! {
-    static POOL: RefCell<HashMap<SocketAddr, Vec<Arc<Conn>>>> = RefCell::new(HashMap::new());
-}
-
 /// Stream ids are 31 bits: a connection near the end of them takes no more calls.
 const LAST_SID: u32 = (1 << 31) - 1024;
 
-/// A connection to `ep` with room for one more call.
-pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
-    let found = POOL.with_borrow_mut(|pool| {
-        let conns = pool.entry(ep.addr).or_default();
-        let mut found = None;
-        conns.retain(|c| {
-            let st = c.lock();
-            if found.is_none()
-                && !st.closed
-                && !st.going_away
-                && st.streams.len() < st.peer_max_streams
-                && st.next_sid < LAST_SID
-            {
-                found = Some(c.clone());
-            }
-            !st.closed
-        });
-        found
-    });
-    if let Some(c) = found {
-        return Ok(c);
-    }
-    let conn = connect(ep).await?;
-    POOL.with_borrow_mut(|pool| pool.entry(ep.addr).or_default().push(conn.clone()));
-    Ok(conn)
+/// The payload of the PING a new connection waits on before it joins the pool ("ready?").
+const READY_PING: [u8; 8] = *b"ready?\0\0";
+
+/// One worker's relay connections to one endpoint: a shard of the endpoint's
+/// [`crate::proxy::pool::Pool`], which counts them with its own.
+#[derive(Debug, Default)]
+pub struct Shard {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Connects are serialized, so a burst of calls opens one connection, not one per call.
+    connecting: tokio::sync::Mutex<()>,
+    /// A stream slot freed on a full connection, or a connection closed.
+    slot_freed: Arc<Notify>,
 }
 
-/// Opens a connection to `ep`: TCP, the preface and our SETTINGS. The endpoint's SETTINGS
-/// arrive on the connection's task; until then its defaults apply (RFC 9113 §6.5).
-async fn connect(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
+impl Shard {
+    /// Connections in the shard.
+    pub fn connections(&self) -> usize {
+        self.conns().len()
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Vec<Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection with a free stream slot. Connections too old, or that carried their share
+    /// of calls, are retired on the way: they leave the shard and close once their calls end.
+    fn try_lease(&self, cfg: &PoolConfig) -> Option<Arc<Conn>> {
+        let max_age = ms(cfg.max_connection_age_ms);
+        let max_calls = cfg.max_calls_per_connection;
+        let mut found = None;
+        self.conns().retain(|c| {
+            let mut st = c.lock();
+            if st.closed || st.going_away || st.retired {
+                return false;
+            }
+            let calls = u64::from(st.next_sid / 2);
+            if (!max_age.is_zero() && st.created.elapsed() >= max_age)
+                || (max_calls > 0 && calls >= max_calls)
+                || st.next_sid >= LAST_SID
+            {
+                st.retired = true;
+                st.wake();
+                return false;
+            }
+            if found.is_none() && st.streams.len() < st.peer_max_streams {
+                found = Some(c.clone());
+            }
+            true
+        });
+        found
+    }
+}
+
+/// A connection to `ep` with room for one more call: a pooled one, a new one (up to
+/// `pool.max_connections_per_endpoint` in this worker's shard), or the first to free a slot.
+pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
+    let shard = ep.pool.relay_shard();
+    let cfg = ep.pool.config();
+    loop {
+        if let Some(c) = shard.try_lease(cfg) {
+            return Ok(c);
+        }
+        let freed = shard.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        {
+            let _connecting = shard.connecting.lock().await;
+            // Someone else may have connected while we waited.
+            if let Some(c) = shard.try_lease(cfg) {
+                return Ok(c);
+            }
+            if shard.connections() < cfg.max_connections_per_endpoint {
+                let conn = connect(ep, shard).await?;
+                ep.pool.count_opened();
+                shard.conns().push(conn.clone());
+                return Ok(conn);
+            }
+        }
+        // Every connection is full and there may be no more: wait for a slot.
+        freed.await;
+    }
+}
+
+/// Opens a connection to `ep`: TCP, the preface, our SETTINGS and a PING. It is ready once the
+/// endpoint answered the PING: its SETTINGS came first, so its stream limit is known before a
+/// call takes a slot, and a socket that only sits in the backlog of a server that stopped
+/// accepting is never handed a call it would lose unprocessed.
+async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String> {
     let cfg = ep.pool.config();
     let timeout = ep.pool.connect_timeout();
-    let sock = match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("endpoint {}: connect failed: {e}", ep.addr)),
-        Err(_) => {
-            return Err(format!(
-                "endpoint {}: connect timed out after {timeout:?}",
-                ep.addr
-            ));
-        }
-    };
-    let _ = sock.set_nodelay(true);
-    let conn_window = i64::from(cfg.initial_connection_window);
-    let mut st = State::new(
-        Role::Client,
-        conn_window,
-        i64::from(cfg.initial_stream_window),
-    );
-    st.out.extend_from_slice(frame::PREFACE);
-    frame::settings(
-        &mut st.out,
-        &[
-            (setting::ENABLE_PUSH, 0),
-            (setting::INITIAL_WINDOW_SIZE, cfg.initial_stream_window),
-        ],
-    );
-    if conn_window > frame::DEFAULT_WINDOW {
-        frame::window_update(&mut st.out, 0, (conn_window - frame::DEFAULT_WINDOW) as u32);
-        st.recv_window = conn_window;
-    }
-    let conn = Conn::new(st);
     let addr = ep.addr;
-    let task_conn = conn.clone();
-    tokio::spawn(async move {
+    let mut opened = None;
+    let handshake = async {
+        let sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("endpoint {addr}: connect failed: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        let conn_window = i64::from(cfg.initial_connection_window);
+        let mut st = State::new(
+            Role::Client,
+            conn_window,
+            i64::from(cfg.initial_stream_window),
+        );
+        st.slot_freed = Some(shard.slot_freed.clone());
+        st.out.extend_from_slice(frame::PREFACE);
+        frame::settings(
+            &mut st.out,
+            &[
+                (setting::ENABLE_PUSH, 0),
+                (setting::INITIAL_WINDOW_SIZE, cfg.initial_stream_window),
+            ],
+        );
+        if conn_window > frame::DEFAULT_WINDOW {
+            frame::window_update(&mut st.out, 0, (conn_window - frame::DEFAULT_WINDOW) as u32);
+            st.recv_window = conn_window;
+        }
+        frame::ping(&mut st.out, false, READY_PING);
+        let conn = Conn::new(st);
+        opened = Some(conn.clone());
+        let (ready, answered) = oneshot::channel();
         let mut up = Up {
-            conn: task_conn,
+            conn: conn.clone(),
             dec: hpack::Decoder::default(),
             fields: Fields::default(),
             block: HeaderBlock::default(),
             max_block: 1 << 20,
             credits: Vec::new(),
+            ready: Some(ready),
+            keepalive: Keepalive::new(ms(cfg.keepalive_interval_ms), ms(cfg.keepalive_timeout_ms)),
+            idle_timeout: ms(cfg.idle_timeout_ms),
+            slot_freed: shard.slot_freed.clone(),
         };
-        let why = up.run(&sock).await;
-        debug!(endpoint = %addr, reason = %why, "endpoint connection closed");
-        up.lost(&format!("endpoint {addr}: connection lost: {why}"));
-    });
-    Ok(conn)
+        tokio::spawn(async move {
+            let why = up.run(&sock).await;
+            debug!(endpoint = %addr, reason = %why, "endpoint connection closed");
+            up.lost(&format!("endpoint {addr}: connection lost: {why}"));
+        });
+        answered.await.map_err(|_| {
+            format!("endpoint {addr}: closed the connection before answering HTTP/2")
+        })?;
+        Ok(conn)
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(r) => r,
+        Err(_) => {
+            // Its task closes it: it will never take a call.
+            if let Some(c) = opened {
+                let mut st = c.lock();
+                st.retired = true;
+                st.wake();
+            }
+            Err(format!(
+                "endpoint {addr}: connect timed out after {timeout:?}"
+            ))
+        }
+    }
 }
 
 struct Up {
@@ -123,16 +214,59 @@ struct Up {
     /// The largest header block accepted.
     max_block: usize,
     credits: Vec<Credit>,
+    /// Told when the endpoint answers the first PING.
+    ready: Option<oneshot::Sender<()>>,
+    keepalive: Option<Keepalive>,
+    /// A connection without streams this long is closed (zero: never).
+    idle_timeout: Duration,
+    slot_freed: Arc<Notify>,
 }
 
 impl Up {
     /// Reads the endpoint's frames until the connection ends; returns why it ended.
     async fn run(&mut self, sock: &TcpStream) -> String {
         let mut rbuf = BytesMut::with_capacity(32 * 1024);
+        let idle_check = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        let mut idle_since: Option<(Instant, u32)> = None;
+        let mut timer = Box::pin(tokio::time::sleep(idle_check));
         loop {
-            match read_more(&self.conn, sock, &mut rbuf).await {
-                Ok(0) => return "closed by the endpoint".into(),
-                Ok(_) => {}
+            let io = tokio::select! {
+                r = read_more(&self.conn, sock, &mut rbuf) => r,
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if let Some(k) = &mut self.keepalive
+                        && k.due() <= now
+                        && !k.fire(&self.conn)
+                    {
+                        return "keepalive PING unanswered".into();
+                    }
+                    if !self.idle_timeout.is_zero() {
+                        let mut st = self.conn.lock();
+                        if !st.streams.is_empty() {
+                            idle_since = None;
+                        } else {
+                            // Idle since the first check that saw it idle, unless a call came
+                            // and went in between (a new stream id).
+                            let (since, sid) = *idle_since.get_or_insert((now, st.next_sid));
+                            if sid != st.next_sid {
+                                idle_since = Some((now, st.next_sid));
+                            } else if now - since >= self.idle_timeout {
+                                // Out of the pool's reach: `try_lease` skips it.
+                                st.retired = true;
+                            }
+                        }
+                    }
+                    let mut next = now + idle_check;
+                    if let Some(k) = &self.keepalive {
+                        next = next.min(k.due());
+                    }
+                    timer.as_mut().reset(next);
+                    continue;
+                }
+            };
+            match io {
+                Ok(Io::Eof) => return "closed by the endpoint".into(),
+                Ok(Io::Read | Io::Work) => {}
                 Err(e) => return e.to_string(),
             }
             while rbuf.len() >= frame::HEADER_LEN {
@@ -156,12 +290,21 @@ impl Up {
                 }
                 rbuf.advance(total);
             }
-            let done = {
-                let st = self.conn.lock();
-                st.going_away && st.streams.is_empty()
+            let (finished, going_away) = {
+                let mut st = self.conn.lock();
+                let finished = st.finished();
+                if finished && !st.going_away {
+                    frame::goaway(&mut st.out, 0, Reason::NO_ERROR, b"");
+                }
+                (finished, st.going_away)
             };
-            if done {
-                return "drained after GOAWAY".into();
+            if finished {
+                let _ = super::flush(&self.conn, sock).await;
+                return if going_away {
+                    "drained after GOAWAY".into()
+                } else {
+                    "retired from the pool".into()
+                };
             }
         }
     }
@@ -201,6 +344,16 @@ impl Up {
                 self.goaway(last);
                 Ok(())
             }
+            kind::PING if head.flags & flag::ACK != 0 => {
+                if payload == READY_PING {
+                    if let Some(ready) = self.ready.take() {
+                        let _ = ready.send(());
+                    }
+                } else if let Some(k) = &mut self.keepalive {
+                    k.pong(payload);
+                }
+                Ok(())
+            }
             _ => connection_frame(&self.conn, head, payload, &mut self.credits).map(drop),
         }
     }
@@ -233,7 +386,7 @@ impl Up {
             st.credit(sid, padding);
         }
         if end {
-            st.received_end(sid);
+            st.received_end(sid, &mut self.credits);
         }
         drop(st);
         let taken = match &link {
@@ -269,6 +422,8 @@ impl Up {
         if let Some(c) = s.call.as_mut() {
             if !c.responded {
                 c.responded = true;
+                // The endpoint took the call: no replay from here on.
+                c.replay = None;
                 c.guard.first_byte();
                 first = true;
             }
@@ -277,7 +432,7 @@ impl Up {
             }
         }
         if end {
-            st.received_end(sid);
+            st.received_end(sid, &mut self.credits);
         }
         drop(st);
         if let Some(l) = &link {
@@ -300,10 +455,14 @@ impl Up {
         Ok(())
     }
 
-    /// The endpoint reset a stream: pass the reset to the client.
+    /// The endpoint reset a stream: pass the reset to the client, or replay the call elsewhere
+    /// if the endpoint refused it unprocessed.
     fn reset(&mut self, sid: u32, reason: Reason) {
-        let removed = self.conn.lock().streams.remove(&sid);
-        if let Some(s) = removed {
+        let removed = self.conn.lock().remove(sid);
+        let Some(s) = removed else { return };
+        if reason == Reason::REFUSED_STREAM {
+            self.refused(s, "endpoint refused the stream (REFUSED_STREAM)");
+        } else {
             unlink(s, reason, End::Reset);
         }
     }
@@ -314,21 +473,58 @@ impl Up {
             let mut st = self.conn.lock();
             st.going_away = true;
             let ids: Vec<u32> = st.streams.keys().copied().filter(|&id| id > last).collect();
-            ids.into_iter()
-                .filter_map(|id| st.streams.remove(&id))
-                .collect()
+            ids.into_iter().filter_map(|id| st.remove(id)).collect()
         };
         for s in refused {
-            let status =
-                Status::unavailable("endpoint is shutting down: it refused the call unprocessed");
-            if let Some(l) = s.link {
-                fail_stream(&mut l.conn.lock(), l.sid, &status, &mut self.credits);
-            }
+            self.refused(
+                s,
+                "endpoint is shutting down: it refused the call unprocessed",
+            );
+        }
+        apply(&mut self.credits);
+        self.slot_freed.notify_waiters();
+    }
+
+    /// A stream the endpoint did not process: its call goes back to the client's connection
+    /// to be sent to another endpoint, if its request is still at hand (see
+    /// [`super::call::Replay`]); otherwise it ends with UNAVAILABLE.
+    fn refused(&mut self, s: Stream, why: &str) {
+        let owed = s.uncredited();
+        let Some(link) = s.link else {
             if let Some(c) = s.call {
                 c.finish(End::Status("14"));
             }
+            return;
+        };
+        let mut down = link.conn.lock();
+        // Whatever waited here for window is in the replay, or lost with the call.
+        if let Some(c) = owed {
+            down.credit(c.sid, c.n);
         }
+        let replayable = !down.closed
+            && down.streams.get(&link.sid).is_some_and(|d| !d.send_done)
+            && s.call.as_ref().is_some_and(|c| c.replay.is_some());
+        if replayable && let Some(call) = s.call {
+            if let Some(d) = down.streams.get_mut(&link.sid) {
+                d.link = None;
+            }
+            down.replays.push(Replayed {
+                sid: link.sid,
+                call,
+            });
+            down.wake();
+            return;
+        }
+        let status = Status::unavailable(format!(
+            "{why}, and the call cannot be replayed (its response started or its request \
+             outgrew the replay buffer)"
+        ));
+        fail_stream(&mut down, link.sid, &status, &mut self.credits);
+        drop(down);
         apply(&mut self.credits);
+        if let Some(c) = s.call {
+            c.finish(End::Status("14"));
+        }
     }
 
     /// The connection is gone: every call on it ends with UNAVAILABLE.
@@ -340,13 +536,19 @@ impl Up {
         };
         let status = Status::unavailable(why);
         for s in streams {
+            let owed = s.uncredited();
             if let Some(l) = s.link {
-                fail_stream(&mut l.conn.lock(), l.sid, &status, &mut self.credits);
+                let mut down = l.conn.lock();
+                if let Some(c) = owed {
+                    down.credit(c.sid, c.n);
+                }
+                fail_stream(&mut down, l.sid, &status, &mut self.credits);
             }
             if let Some(c) = s.call {
                 c.finish(End::Lost);
             }
         }
         apply(&mut self.credits);
+        self.slot_freed.notify_waiters();
     }
 }
