@@ -64,7 +64,8 @@ pub struct ListenerConfig {
     pub address: String,
     /// The service for connections and calls that match no VIP and no authority.
     pub default_service: Option<String>,
-    /// The HTTP/2 engine: `h2` (default) or `relay` (the frame relay, see ARCHITECTURE.md).
+    /// The HTTP/2 engine: `relay` (default: the proxy's own frame relay) or `h2` (calls as
+    /// request/response objects on the h2 crate). See ARCHITECTURE.md.
     pub engine: Engine,
 }
 
@@ -73,9 +74,9 @@ pub struct ListenerConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Calls as request/response objects on the h2 crate, a task per call.
-    #[default]
     H2,
     /// Frames relayed between connections by the proxy's own HTTP/2 layer.
+    #[default]
     Relay,
 }
 
@@ -85,7 +86,7 @@ impl Default for ListenerConfig {
             name: "outbound".into(),
             address: "127.0.0.1:15001".into(),
             default_service: None,
-            engine: Engine::H2,
+            engine: Engine::Relay,
         }
     }
 }

@@ -43,7 +43,8 @@ pub fn local_addr() -> SocketAddr {
 
 /// A configuration with one service `greeter` (the listener's default) over `endpoints`, and
 /// `extra` YAML appended at the top level (`limits:`, `pool:` sections). The listener's
-/// engine is `BALANCER_TEST_ENGINE` (`h2` unless set), so a suite can run against either.
+/// engine is `BALANCER_TEST_ENGINE` (the agent's default unless set), so a suite can run
+/// against either.
 pub fn config(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -60,7 +61,7 @@ pub fn config(
             .collect();
         format!("    endpoints:\n{list}")
     };
-    let engine = std::env::var("BALANCER_TEST_ENGINE").unwrap_or_else(|_| "h2".into());
+    let engine = std::env::var("BALANCER_TEST_ENGINE").unwrap_or_else(|_| "relay".into());
     format!(
         r#"
 listeners:

@@ -366,3 +366,36 @@ async fn a_stream_whose_window_the_client_overflows_is_reset_and_its_call_cancel
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_loses_its_connection_only() {
+    // Keepalive PINGs every 100 ms, 200 ms to answer each. tonic's client (h2) answers them;
+    // the hand-written client answers none.
+    let s = setup_with(
+        "round-robin",
+        1,
+        "limits:\n  keepalive_interval_ms: 100\n  keepalive_timeout_ms: 200\n",
+    )
+    .await;
+    let mut neighbour = client(s.listen).await;
+    neighbour.say_hello(hello("before")).await.unwrap();
+    let silent = RawClient::connect(s.listen).await;
+    let code = silent.wait_for_goaway("the silent client's GOAWAY").await;
+    assert_eq!(code, 0, "GOAWAY NO_ERROR");
+    wait_until("the silent client's connection to close", BOUND, || {
+        silent.seen.lock().unwrap().closed
+    })
+    .await;
+    // The neighbour connected first and was pinged as often: it answered, so the silent
+    // client's is the only connection closed.
+    let m = s.agent.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "balancer_client_connection_errors_total",
+            &["reason=\"keepalive_timeout\""]
+        ),
+        1.0
+    );
+    neighbour.say_hello(hello("after")).await.unwrap();
+}

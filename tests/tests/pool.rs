@@ -1,13 +1,21 @@
 //! Upstream connection pools, through a real `balancer-agent` process.
 
-use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use balancer_tests::{
     agent::metric,
     greeter,
-    harness::{agent, client, hello},
+    harness::{
+        agent, client,
+        frame::{self, ACK, PING, SETTINGS},
+        hello,
+    },
     pb::HelloRequest,
     wait_until,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
 };
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -87,4 +95,74 @@ async fn old_connections_are_replaced_while_calls_keep_succeeding() {
         "{calls} calls over {} connections",
         backend.stats.connections.load(Relaxed)
     );
+}
+
+#[tokio::test]
+async fn idle_endpoint_connections_are_closed_and_opened_again_on_demand() {
+    let backend = greeter::spawn("127.0.0.1:0", "idle").await;
+    let (agent, listen) = agent(
+        "round-robin",
+        &[backend.addr],
+        "pool:\n  idle_timeout_ms: 200\n",
+    )
+    .await;
+    let mut c = client(listen).await;
+    c.say_hello(hello("first")).await.unwrap();
+    assert_eq!(backend.stats.connections.load(Relaxed), 1);
+    wait_until("the idle pooled connection to close", BOUND, || {
+        metric(&agent.metrics(), "balancer_endpoint_connections", &[]) == 0.0
+    })
+    .await;
+    c.say_hello(hello("second")).await.unwrap();
+    assert_eq!(backend.stats.connections.load(Relaxed), 2);
+}
+
+/// An endpoint that answers the HTTP/2 handshake (its SETTINGS, and the first PING) and then
+/// falls silent, as a frozen or partitioned server does: it reads on but answers nothing.
+async fn spawn_silent_endpoint() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = tcp.write_all(&frame::encode(SETTINGS, 0, 0, &[])).await;
+                let mut pinged = false;
+                while let Some((kind, flags, _, payload)) = frame::read(&mut tcp).await {
+                    let answer = match kind {
+                        SETTINGS if flags & ACK == 0 => frame::encode(SETTINGS, ACK, 0, &[]),
+                        PING if flags & ACK == 0 && !pinged => {
+                            pinged = true;
+                            frame::encode(PING, ACK, 0, &payload)
+                        }
+                        _ => continue,
+                    };
+                    let _ = tcp.write_all(&answer).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_endpoint_that_stops_answering_pings_is_dropped_and_its_calls_fail() {
+    // Keepalive PINGs on pooled connections every 100 ms, 200 ms to answer. The call has no
+    // deadline: without keepalive it would wait on the silent endpoint forever.
+    let silent = spawn_silent_endpoint().await;
+    let (_agent, listen) = agent(
+        "round-robin",
+        &[silent],
+        "pool:\n  keepalive_interval_ms: 100\n  keepalive_timeout_ms: 200\n",
+    )
+    .await;
+    let mut c = client(listen).await;
+    let answer = tokio::time::timeout(BOUND, c.say_hello(hello("lost")))
+        .await
+        .expect("the call ended: keepalive found the endpoint gone");
+    let e = answer.expect_err("a silent endpoint answers no call");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
 }

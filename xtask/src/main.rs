@@ -108,17 +108,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
     if args.is_empty() {
-        // The same end-to-end suites against the frame relay engine.
+        // The call-path suites again against the other engine, the h2 crate's.
         run(cargo()
-            .env("BALANCER_TEST_ENGINE", "relay")
+            .env("BALANCER_TEST_ENGINE", "h2")
             .args(["test", "--no-fail-fast", "-p", "balancer-tests"])
-            .args(RELAY_SUITES.iter().flat_map(|t| ["--test", t])))?;
+            .args(H2_SUITES.iter().flat_map(|t| ["--test", t])))?;
     }
     Ok(())
 }
 
-/// The end-to-end suites that run against the frame relay engine too.
-const RELAY_SUITES: [&str; 6] = ["grpc", "interop", "resilience", "limits", "proxy", "pool"];
+/// The end-to-end suites that run against the h2 engine too.
+const H2_SUITES: [&str; 6] = ["grpc", "interop", "resilience", "limits", "proxy", "pool"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

@@ -325,8 +325,10 @@ impl Pool {
 }
 
 impl Shard {
+    /// Connections in the shard that take calls (closed ones leave it on the next lease).
     fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.iter().filter(|c| c.is_open()).count()
     }
 }
 

@@ -63,9 +63,16 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Connections in the shard.
+    /// Connections in the shard that take calls (closed and retired ones leave it on the
+    /// next lease).
     pub fn connections(&self) -> usize {
-        self.conns().len()
+        self.conns()
+            .iter()
+            .filter(|c| {
+                let st = c.lock();
+                !(st.closed || st.going_away || st.retired)
+            })
+            .count()
     }
 
     fn conns(&self) -> MutexGuard<'_, Vec<Arc<Conn>>> {
@@ -226,9 +233,21 @@ impl Up {
     /// Reads the endpoint's frames until the connection ends; returns why it ended.
     async fn run(&mut self, sock: &TcpStream) -> String {
         let mut rbuf = BytesMut::with_capacity(32 * 1024);
-        let idle_check = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        // The idle check runs four times per idle timeout; with none, rarely.
+        let idle_check = if self.idle_timeout.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            (self.idle_timeout / 4).max(Duration::from_millis(10))
+        };
+        let next_tick = |keepalive: &Option<Keepalive>, now: Instant| {
+            let idle = now + idle_check;
+            keepalive.as_ref().map_or(idle, |k| idle.min(k.due()))
+        };
         let mut idle_since: Option<(Instant, u32)> = None;
-        let mut timer = Box::pin(tokio::time::sleep(idle_check));
+        let mut timer = Box::pin(tokio::time::sleep_until(next_tick(
+            &self.keepalive,
+            Instant::now(),
+        )));
         loop {
             let io = tokio::select! {
                 r = read_more(&self.conn, sock, &mut rbuf) => r,
@@ -256,11 +275,7 @@ impl Up {
                             }
                         }
                     }
-                    let mut next = now + idle_check;
-                    if let Some(k) = &self.keepalive {
-                        next = next.min(k.due());
-                    }
-                    timer.as_mut().reset(next);
+                    timer.as_mut().reset(next_tick(&self.keepalive, now));
                     continue;
                 }
             };

@@ -202,11 +202,7 @@ pub fn start_agent(
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let name = if engine == "h2" {
-        "agent"
-    } else {
-        "agent-relay"
-    };
+    let name = if engine == "h2" { "agent-h2" } else { "agent" };
     finish(name, child, addr, dir, || {
         matches!(
             balancer_tests::agent::http_get(admin, "/ready"),
