@@ -1,6 +1,7 @@
 //! Micro-benchmarks of what the proxy does on every call, outside the network: the balancer's
 //! pick (each policy, 4 and 100 endpoints), `grpc-timeout` parse and format, the snapshot's
-//! `:authority` lookup, and the per-call metrics record.
+//! `:authority` lookup, the per-call metrics record, and the frame relay's HPACK work on a
+//! request's headers (decoded once from the client, encoded once towards the endpoint).
 //!
 //! Measurement times are short so that `cargo xtask bench` stays quick; run
 //! `cargo bench -p balancer-agent --bench per_call -- <filter>` for one group.
@@ -17,7 +18,9 @@ use balancer_agent::{
     metrics::Metrics,
     proxy::grpc,
     state::{Endpoint, EndpointSpec, ServiceSpec, Store, Update},
+    wire::hpack,
 };
+use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
@@ -129,6 +132,61 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// A tonic client's unary request headers; `grpc-timeout` changes on every call.
+const REQUEST: [(&[u8], &[u8]); 8] = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/helloworld.Greeter/SayHello"),
+    (b":authority", b"greeter.default.svc.cluster.local:50051"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"user-agent", b"tonic/0.14.2"),
+    (b"grpc-timeout", b"4999876u"),
+];
+
+/// The relay's HPACK work per request, in steady state (a connection's second call onwards:
+/// the repeated fields are in the dynamic tables).
+fn hpack_request(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hpack_request_headers");
+    let mut enc = hpack::Encoder::default();
+    let mut block = BytesMut::new();
+    g.bench_function("encode", |bench| {
+        bench.iter(|| {
+            block.clear();
+            enc.begin(&mut block);
+            for (n, v) in REQUEST {
+                enc.field(black_box(n), black_box(v), &mut block);
+            }
+            black_box(block.len())
+        })
+    });
+    // A decoder in step with a fresh encoder: the first block fills its table, the second (what
+    // every later call sends) is then decoded over and over.
+    let mut enc = hpack::Encoder::default();
+    let mut dec = hpack::Decoder::default();
+    let mut first = BytesMut::new();
+    let mut steady = BytesMut::new();
+    for block in [&mut first, &mut steady] {
+        enc.begin(block);
+        for (n, v) in REQUEST {
+            enc.field(n, v, block);
+        }
+    }
+    dec.decode(&first, usize::MAX, &mut |_, _| {})
+        .expect("a valid block");
+    g.bench_function("decode", |bench| {
+        bench.iter(|| {
+            let mut bytes = 0;
+            dec.decode(black_box(&steady), usize::MAX, &mut |n, v| {
+                bytes += n.len() + v.len()
+            })
+            .expect("a valid block");
+            black_box(bytes)
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -139,6 +197,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = per_call;
     config = config();
-    targets = pick, timeout, authority, metrics
+    targets = pick, timeout, authority, metrics, hpack_request
 }
 criterion_main!(per_call);

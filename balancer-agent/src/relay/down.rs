@@ -97,7 +97,7 @@ const MAX_ATTEMPTS: usize = 3;
 /// Serves one client connection whose first bytes are the HTTP/2 preface.
 pub async fn serve(
     proxy: Arc<Proxy>,
-    sock: TcpStream,
+    mut sock: TcpStream,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
 ) -> Result<(), String> {
@@ -160,7 +160,7 @@ pub async fn serve(
             timer.as_mut().reset(t);
         }
         let io = tokio::select! {
-            r = read_more(&conn, &sock, &mut rbuf) => r,
+            r = read_more(&conn, &mut sock, &mut rbuf) => r,
             () = &mut timer, if next.is_some() => {
                 down.expire();
                 if let Some(k) = &mut down.keepalive
@@ -759,15 +759,20 @@ impl Down {
         Ok(())
     }
 
-    /// The connection is gone: cancel its calls on the endpoints.
+    /// The connection is gone: cancel its calls on the endpoints, and those waiting for a
+    /// replay.
     fn close(&mut self) {
-        let streams: Vec<Stream> = {
+        let (streams, replays): (Vec<Stream>, Vec<Replayed>) = {
             let mut st = self.conn.lock();
             st.closed = true;
-            st.streams.drain().map(|(_, s)| s).collect()
+            let streams = st.streams.drain().map(|(_, s)| s).collect();
+            (streams, std::mem::take(&mut st.replays))
         };
         for s in streams {
             unlink(s, Reason::CANCEL, End::Cancelled);
+        }
+        for r in replays {
+            r.call.finish(End::Cancelled);
         }
     }
 }

@@ -24,12 +24,14 @@ pub mod up;
 use std::{
     future::poll_fn,
     io,
+    pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::io::poll_read_buf;
 
 use crate::wire::frame;
 
@@ -53,13 +55,13 @@ pub enum Io {
 
 /// Flushes what is queued for `sock`, then waits until it has bytes to read or its state has
 /// work for the task. Queued frames are flushed whenever the task is woken.
-pub async fn read_more(conn: &Conn, sock: &TcpStream, rbuf: &mut BytesMut) -> io::Result<Io> {
+pub async fn read_more(conn: &Conn, sock: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<Io> {
     poll_fn(|cx| poll_io(conn, sock, rbuf, cx)).await
 }
 
 fn poll_io(
     conn: &Conn,
-    sock: &TcpStream,
+    sock: &mut TcpStream,
     rbuf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<Io>> {
@@ -81,18 +83,15 @@ fn poll_io(
                 Poll::Pending => {}
             }
         }
-        match sock.poll_read_ready(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {}
-        }
         rbuf.reserve(READ_RESERVE);
-        match sock.try_read_buf(rbuf) {
-            Ok(0) => return Poll::Ready(Ok(Io::Eof)),
-            Ok(_) => return Poll::Ready(Ok(Io::Read)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
+        // Through `AsyncRead`: a read that does not fill the buffer tells tokio the socket is
+        // drained, which saves the read that would return WouldBlock on every wake-up.
+        return match poll_read_buf(Pin::new(&mut *sock), cx, rbuf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(Io::Eof)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Io::Read)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        };
     }
 }
 

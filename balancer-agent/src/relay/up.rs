@@ -148,7 +148,7 @@ async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String>
     let addr = ep.addr;
     let mut opened = None;
     let handshake = async {
-        let sock = TcpStream::connect(addr)
+        let mut sock = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("endpoint {addr}: connect failed: {e}"))?;
         let _ = sock.set_nodelay(true);
@@ -188,7 +188,7 @@ async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String>
             slot_freed: shard.slot_freed.clone(),
         };
         tokio::spawn(async move {
-            let why = up.run(&sock).await;
+            let why = up.run(&mut sock).await;
             debug!(endpoint = %addr, reason = %why, "endpoint connection closed");
             up.lost(&format!("endpoint {addr}: connection lost: {why}"));
         });
@@ -231,7 +231,7 @@ struct Up {
 
 impl Up {
     /// Reads the endpoint's frames until the connection ends; returns why it ended.
-    async fn run(&mut self, sock: &TcpStream) -> String {
+    async fn run(&mut self, sock: &mut TcpStream) -> String {
         let mut rbuf = BytesMut::with_capacity(32 * 1024);
         // The idle check runs four times per idle timeout; with none, rarely.
         let idle_check = if self.idle_timeout.is_zero() {
@@ -300,7 +300,7 @@ impl Up {
                         let mut st = self.conn.lock();
                         frame::goaway(&mut st.out, 0, e.reason, e.message.as_bytes());
                     }
-                    let _ = super::flush(&self.conn, sock).await;
+                    let _ = super::flush(&self.conn, &*sock).await;
                     return format!("{}: {}", e.reason, e.message);
                 }
                 rbuf.advance(total);
@@ -314,7 +314,7 @@ impl Up {
                 (finished, st.going_away)
             };
             if finished {
-                let _ = super::flush(&self.conn, sock).await;
+                let _ = super::flush(&self.conn, &*sock).await;
                 return if going_away {
                     "drained after GOAWAY".into()
                 } else {
