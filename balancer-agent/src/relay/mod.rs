@@ -1,6 +1,6 @@
-//! The frame relay: the HTTP/2 data plane of our own (`limits.engine: relay`).
+//! The frame relay: our own HTTP/2 data plane, the default engine (`listeners[].engine: relay`).
 //!
-//! Where the default engine (`crate::proxy`, on the h2 crate) turns every call into request and
+//! Where the h2 engine (`crate::proxy`, on the h2 crate) turns every call into request and
 //! response objects, a task and two pumps, the relay moves frames: a HEADERS frame from a
 //! client is decoded once (HPACK), routed, and encoded once onto a pooled endpoint connection;
 //! DATA is copied from one connection's read buffer into the other's write buffer under both
