@@ -166,3 +166,61 @@ async fn an_endpoint_that_stops_answering_pings_is_dropped_and_its_calls_fail() 
     let e = answer.expect_err("a silent endpoint answers no call");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
 }
+
+#[tokio::test]
+async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
+    // The relay answers such a call RESOURCE_EXHAUSTED at once (one task serves a client
+    // connection: waiting for a slot would stall its other calls); the h2 engine queues it in
+    // its own task until a slot frees.
+    let h2 = std::env::var("BALANCER_TEST_ENGINE").as_deref() == Ok("h2");
+    // One connection of 4 streams to the only endpoint: 4 slow calls take every slot.
+    let backend = greeter::spawn_with(
+        "127.0.0.1:0",
+        "narrow",
+        greeter::Options {
+            max_concurrent_streams: Some(4),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_agent, listen) = agent(
+        "round-robin",
+        &[backend.addr],
+        "pool:\n  max_connections_per_endpoint: 1\n",
+    )
+    .await;
+    let c = client(listen).await;
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let mut c = c.clone();
+        slow.push(tokio::spawn(async move {
+            c.say_hello(HelloRequest {
+                sleep_ms: 1_000,
+                ..hello(&format!("slow-{i}"))
+            })
+            .await
+        }));
+    }
+    wait_until("4 calls on the endpoint", BOUND, || {
+        backend.stats.in_flight.load(Relaxed) == 4
+    })
+    .await;
+    // A fifth call on the same client connection.
+    let fifth = c.clone().say_hello(hello("fifth")).await;
+    if h2 {
+        fifth.expect("queued until a slot freed");
+    } else {
+        let e = fifth.expect_err("no slot left");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("stream limit"), "{e:?}");
+        // Answered while the slow calls still hold every slot.
+        assert_eq!(backend.stats.in_flight.load(Relaxed), 4);
+    }
+    // The client connection was not held up: the slow calls end well, and it takes more.
+    for (i, s) in slow.into_iter().enumerate() {
+        s.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("slow call {i}: {e:?}"));
+    }
+    c.clone().say_hello(hello("after")).await.unwrap();
+}

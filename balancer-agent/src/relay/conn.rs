@@ -20,7 +20,7 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 
 use crate::wire::{
     frame::{self, Reason},
@@ -211,8 +211,6 @@ pub struct State {
     /// Out of its pool (too old, too many calls, idle): it closes once its streams are done.
     pub retired: bool,
     pub created: Instant,
-    /// Woken when a stream slot frees on a connection that was full (client role).
-    pub slot_freed: Option<Arc<Notify>>,
     /// Calls to send to another endpoint (server role).
     pub replays: Vec<Replayed>,
 }
@@ -239,20 +237,13 @@ impl State {
             next_sid: 1,
             retired: false,
             created: Instant::now(),
-            slot_freed: None,
             replays: Vec::new(),
         }
     }
 
-    /// Forgets stream `sid`. A pool waiting for a slot hears of it if the connection was full.
+    /// Forgets stream `sid`.
     pub fn remove(&mut self, sid: u32) -> Option<Stream> {
-        let s = self.streams.remove(&sid)?;
-        if self.streams.len() + 1 == self.peer_max_streams
-            && let Some(n) = &self.slot_freed
-        {
-            n.notify_waiters();
-        }
-        Some(s)
+        self.streams.remove(&sid)
     }
 
     /// The task that owns the socket has something to do besides reading: calls to replay,

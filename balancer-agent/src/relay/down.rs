@@ -196,7 +196,11 @@ pub async fn serve(
         };
         match io {
             Ok(Io::Eof) => break Ok(()),
-            Ok(Io::Read) => {}
+            Ok(Io::Read) => {
+                if let Some(k) = &mut down.keepalive {
+                    k.heard();
+                }
+            }
             Ok(Io::Work) => {
                 let replays = std::mem::take(&mut conn.lock().replays);
                 for r in replays {
@@ -501,8 +505,10 @@ impl Down {
     }
 
     /// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
-    /// endpoint that cannot be reached is skipped for another (no byte of the call left the
-    /// proxy), up to [`MAX_ATTEMPTS`] endpoints in all. The error is the status to answer.
+    /// endpoint that cannot be reached, or whose connections are all at its stream limit, is
+    /// skipped for another (no byte of the call left the proxy), up to [`MAX_ATTEMPTS`]
+    /// endpoints in all. The error is the status to answer: RESOURCE_EXHAUSTED if every
+    /// endpoint tried was full, UNAVAILABLE otherwise.
     async fn route(
         &mut self,
         service: &Arc<Service>,
@@ -510,6 +516,8 @@ impl Down {
         deadline: Option<Instant>,
         mut last_error: String,
     ) -> Result<(CallGuard, Arc<Conn>), Status> {
+        // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
+        let (mut full, mut failed) = (false, !last_error.is_empty());
         loop {
             let picked = if tried.len() < MAX_ATTEMPTS {
                 service.balancer.pick(tried)
@@ -519,6 +527,13 @@ impl Down {
             let Some(guard) = picked else {
                 return Err(if tried.is_empty() {
                     Status::unavailable(format!("service {} has no ready endpoint", service.name))
+                } else if full && !failed {
+                    Status::exhausted(format!(
+                        "service {}: {} endpoint(s) tried, every pooled connection at its \
+                         stream limit (pool.max_connections_per_endpoint)",
+                        service.name,
+                        tried.len()
+                    ))
                 } else {
                     Status::unavailable(format!(
                         "service {}: {} endpoint(s) tried, none took the call; last error: \
@@ -542,7 +557,13 @@ impl Down {
             };
             match leased {
                 Ok(c) => return Ok((guard, c)),
-                Err(e) => {
+                Err(up::LeaseError::Full) => {
+                    full = true;
+                    debug!(endpoint = %ep.addr, "endpoint's connections are full; trying another");
+                    last_error = format!("endpoint {}: every pooled connection full", ep.addr);
+                }
+                Err(up::LeaseError::Connect(e)) => {
+                    failed = true;
                     ep.stats.connect_failed();
                     debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
                     last_error = e;
@@ -695,6 +716,10 @@ impl Down {
                 continue;
             };
             let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
+            // Request DATA that waited there for the endpoint's window is owed to the client.
+            if let Some(c) = taken.as_ref().and_then(Stream::uncredited) {
+                self.credits.push(c);
+            }
             let call = taken.and_then(|s| s.call);
             let service = call.as_ref().map_or("", |c| &*c.service.name);
             let status = Status::deadline(format!(

@@ -106,6 +106,10 @@ pub struct Keepalive {
     due: Instant,
     /// The payload of the PING in flight.
     outstanding: Option<[u8; 8]>,
+    /// Bytes came from the peer since that PING: it is alive, whatever became of the PING.
+    heard: bool,
+    /// The PING's time ran out once already (see [`Keepalive::fire`]).
+    late: bool,
     sent: u64,
 }
 
@@ -117,20 +121,36 @@ impl Keepalive {
             timeout,
             due: Instant::now() + interval,
             outstanding: None,
+            heard: false,
+            late: false,
             sent: 0,
         })
+    }
+
+    /// The peer sent something.
+    pub fn heard(&mut self) {
+        self.heard = true;
     }
 
     pub fn due(&self) -> Instant {
         self.due
     }
 
-    /// At [`Self::due`]: sends the next PING; false if the last one went unanswered (the peer
-    /// is gone).
+    /// At [`Self::due`]: sends the next PING; false if the last one went unanswered and
+    /// nothing else came either (the peer is gone). A PING out of time is given a short grace
+    /// first: the timer and the answer may be ready in the same turn, and the task may run the
+    /// timer first; with the grace it reads the answer before it decides.
     pub fn fire(&mut self, conn: &Conn) -> bool {
-        if self.outstanding.is_some() {
-            return false;
+        if self.outstanding.is_some() && !self.heard {
+            if self.late {
+                return false;
+            }
+            self.late = true;
+            self.due = Instant::now() + KEEPALIVE_GRACE;
+            return true;
         }
+        self.heard = false;
+        self.late = false;
         self.sent += 1;
         let payload = (KEEPALIVE_TAG | self.sent).to_be_bytes();
         self.outstanding = Some(payload);
@@ -145,10 +165,14 @@ impl Keepalive {
     pub fn pong(&mut self, payload: &[u8]) {
         if self.outstanding.is_some_and(|p| p == payload) {
             self.outstanding = None;
+            self.late = false;
             self.due = Instant::now() + self.interval;
         }
     }
 }
+
+/// How long a keepalive PING out of time waits for bytes already on their way.
+const KEEPALIVE_GRACE: Duration = Duration::from_millis(20);
 
 /// The high bytes of our keepalive PING payloads ("kA").
 const KEEPALIVE_TAG: u64 = 0x6b41 << 48;

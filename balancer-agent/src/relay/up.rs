@@ -4,7 +4,7 @@
 //! connection runs on its worker, see `crate::workers`), inside the endpoint's
 //! [`crate::proxy::pool::Pool`]. A call takes the first connection to its endpoint with a free
 //! stream slot (below the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS), else opens one (up to
-//! `pool.max_connections_per_endpoint`), else waits for a slot. A new connection joins the
+//! `pool.max_connections_per_endpoint`), else goes to another endpoint. A new connection joins the
 //! pool once the endpoint answered a PING on it; one too old or that carried its share of
 //! calls is retired and closes when its last call ends; one idle for `pool.idle_timeout_ms`
 //! closes; keepalive PINGs find a dead endpoint.
@@ -20,11 +20,7 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::{
-    net::TcpStream,
-    sync::{Notify, oneshot},
-    time::Instant,
-};
+use tokio::{net::TcpStream, sync::oneshot, time::Instant};
 use tracing::debug;
 
 use super::{
@@ -58,8 +54,6 @@ pub struct Shard {
     conns: Mutex<Vec<Arc<Conn>>>,
     /// Connects are serialized, so a burst of calls opens one connection, not one per call.
     connecting: tokio::sync::Mutex<()>,
-    /// A stream slot freed on a full connection, or a connection closed.
-    slot_freed: Arc<Notify>,
 }
 
 impl Shard {
@@ -108,41 +102,55 @@ impl Shard {
     }
 }
 
-/// A connection to `ep` with room for one more call: a pooled one, a new one (up to
-/// `pool.max_connections_per_endpoint` in this worker's shard), or the first to free a slot.
-pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
+/// Why no connection to an endpoint could be had for a call.
+#[derive(Debug)]
+pub enum LeaseError {
+    /// Every connection of this worker's shard is at the endpoint's stream limit and the shard
+    /// holds `max_connections_per_endpoint`. The call does not wait for a slot: that would
+    /// stall its whole client connection (one task serves all its calls).
+    Full,
+    /// The connection could not be opened (refused, timed out, closed at once).
+    Connect(String),
+}
+
+/// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
+/// `pool.max_connections_per_endpoint` in this worker's shard).
+pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
     let shard = ep.pool.relay_shard();
     let cfg = ep.pool.config();
-    loop {
-        if let Some(c) = shard.try_lease(cfg) {
-            return Ok(c);
-        }
-        let freed = shard.slot_freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        {
-            let _connecting = shard.connecting.lock().await;
-            // Someone else may have connected while we waited.
-            if let Some(c) = shard.try_lease(cfg) {
-                return Ok(c);
-            }
-            if shard.connections() < cfg.max_connections_per_endpoint {
-                let conn = connect(ep, shard).await?;
-                ep.pool.count_opened();
-                shard.conns().push(conn.clone());
-                return Ok(conn);
-            }
-        }
-        // Every connection is full and there may be no more: wait for a slot.
-        freed.await;
+    if let Some(c) = shard.try_lease(cfg) {
+        return Ok(c);
     }
+    let _connecting = shard.connecting.lock().await;
+    // Someone else may have connected while we waited.
+    if let Some(c) = shard.try_lease(cfg) {
+        return Ok(c);
+    }
+    if shard.connections() >= cfg.max_connections_per_endpoint {
+        return Err(LeaseError::Full);
+    }
+    let conn = connect(ep).await.map_err(LeaseError::Connect)?;
+    ep.pool.count_opened();
+    {
+        // Its task ran between the endpoint's answer and now: it may have closed already
+        // (a GOAWAY right after the handshake, say). A call put on it would have no reader.
+        let st = conn.lock();
+        if st.closed || st.going_away {
+            return Err(LeaseError::Connect(format!(
+                "endpoint {}: closed the connection right after the handshake",
+                ep.addr
+            )));
+        }
+    }
+    shard.conns().push(conn.clone());
+    Ok(conn)
 }
 
 /// Opens a connection to `ep`: TCP, the preface, our SETTINGS and a PING. It is ready once the
 /// endpoint answered the PING: its SETTINGS came first, so its stream limit is known before a
 /// call takes a slot, and a socket that only sits in the backlog of a server that stopped
 /// accepting is never handed a call it would lose unprocessed.
-async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String> {
+async fn connect(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
     let cfg = ep.pool.config();
     let timeout = ep.pool.connect_timeout();
     let addr = ep.addr;
@@ -158,7 +166,6 @@ async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String>
             conn_window,
             i64::from(cfg.initial_stream_window),
         );
-        st.slot_freed = Some(shard.slot_freed.clone());
         st.out.extend_from_slice(frame::PREFACE);
         frame::settings(
             &mut st.out,
@@ -185,7 +192,6 @@ async fn connect(ep: &Arc<Endpoint>, shard: &Shard) -> Result<Arc<Conn>, String>
             ready: Some(ready),
             keepalive: Keepalive::new(ms(cfg.keepalive_interval_ms), ms(cfg.keepalive_timeout_ms)),
             idle_timeout: ms(cfg.idle_timeout_ms),
-            slot_freed: shard.slot_freed.clone(),
         };
         tokio::spawn(async move {
             let why = up.run(&mut sock).await;
@@ -226,7 +232,6 @@ struct Up {
     keepalive: Option<Keepalive>,
     /// A connection without streams this long is closed (zero: never).
     idle_timeout: Duration,
-    slot_freed: Arc<Notify>,
 }
 
 impl Up {
@@ -281,7 +286,12 @@ impl Up {
             };
             match io {
                 Ok(Io::Eof) => return "closed by the endpoint".into(),
-                Ok(Io::Read | Io::Work) => {}
+                Ok(Io::Read) => {
+                    if let Some(k) = &mut self.keepalive {
+                        k.heard();
+                    }
+                }
+                Ok(Io::Work) => {}
                 Err(e) => return e.to_string(),
             }
             while rbuf.len() >= frame::HEADER_LEN {
@@ -300,7 +310,11 @@ impl Up {
                         let mut st = self.conn.lock();
                         frame::goaway(&mut st.out, 0, e.reason, e.message.as_bytes());
                     }
-                    let _ = super::flush(&self.conn, &*sock).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        super::flush(&self.conn, &*sock),
+                    )
+                    .await;
                     return format!("{}: {}", e.reason, e.message);
                 }
                 rbuf.advance(total);
@@ -314,7 +328,9 @@ impl Up {
                 (finished, st.going_away)
             };
             if finished {
-                let _ = super::flush(&self.conn, &*sock).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), super::flush(&self.conn, &*sock))
+                        .await;
                 return if going_away {
                     "drained after GOAWAY".into()
                 } else {
@@ -497,7 +513,6 @@ impl Up {
             );
         }
         apply(&mut self.credits);
-        self.slot_freed.notify_waiters();
     }
 
     /// A stream the endpoint did not process: its call goes back to the client's connection
@@ -564,6 +579,5 @@ impl Up {
             }
         }
         apply(&mut self.credits);
-        self.slot_freed.notify_waiters();
     }
 }
