@@ -10,19 +10,21 @@ use balancer_tests::{
         frame::{self, ACK, PING, SETTINGS},
         hello,
     },
-    pb::HelloRequest,
+    pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
     wait_until,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
+    task::JoinHandle,
 };
+use tonic::transport::Channel;
 
 const BOUND: Duration = Duration::from_secs(10);
 
-#[tokio::test]
-async fn a_backend_with_few_streams_per_connection_gets_more_connections() {
-    let backend = greeter::spawn_with(
+/// A backend that takes at most 4 streams per connection.
+async fn narrow_backend() -> greeter::Handle {
+    greeter::spawn_with(
         "127.0.0.1:0",
         "narrow",
         greeter::Options {
@@ -30,20 +32,35 @@ async fn a_backend_with_few_streams_per_connection_gets_more_connections() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
+
+/// `n` concurrent calls on `c` that each take `sleep_ms` on the backend.
+fn slow_calls(
+    c: &GreeterClient<Channel>,
+    n: usize,
+    sleep_ms: u32,
+) -> Vec<JoinHandle<Result<tonic::Response<HelloReply>, tonic::Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                c.say_hello(HelloRequest {
+                    sleep_ms,
+                    ..hello(&format!("slow-{i}"))
+                })
+                .await
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_backend_with_few_streams_per_connection_gets_more_connections() {
+    let backend = narrow_backend().await;
     let (agent, listen) = agent("round-robin", &[backend.addr], "").await;
     let c = client(listen).await;
-    let mut calls = Vec::new();
-    for i in 0..24 {
-        let mut c = c.clone();
-        calls.push(tokio::spawn(async move {
-            c.say_hello(HelloRequest {
-                sleep_ms: 500,
-                ..hello(&format!("{i}"))
-            })
-            .await
-        }));
-    }
+    let calls = slow_calls(&c, 24, 500);
     // While they run, the pool holds several connections to the one endpoint.
     let mut most = 0.0f64;
     wait_until("more than one pooled connection", BOUND, || {
@@ -174,15 +191,7 @@ async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
     // its own task until a slot frees.
     let h2 = std::env::var("BALANCER_TEST_ENGINE").as_deref() == Ok("h2");
     // One connection of 4 streams to the only endpoint: 4 slow calls take every slot.
-    let backend = greeter::spawn_with(
-        "127.0.0.1:0",
-        "narrow",
-        greeter::Options {
-            max_concurrent_streams: Some(4),
-            ..Default::default()
-        },
-    )
-    .await;
+    let backend = narrow_backend().await;
     let (_agent, listen) = agent(
         "round-robin",
         &[backend.addr],
@@ -190,17 +199,7 @@ async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
     )
     .await;
     let c = client(listen).await;
-    let mut slow = Vec::new();
-    for i in 0..4 {
-        let mut c = c.clone();
-        slow.push(tokio::spawn(async move {
-            c.say_hello(HelloRequest {
-                sleep_ms: 1_000,
-                ..hello(&format!("slow-{i}"))
-            })
-            .await
-        }));
-    }
+    let slow = slow_calls(&c, 4, 1_000);
     wait_until("4 calls on the endpoint", BOUND, || {
         backend.stats.in_flight.load(Relaxed) == 4
     })
