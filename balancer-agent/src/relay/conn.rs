@@ -27,7 +27,10 @@ use crate::wire::{
     hpack,
 };
 
-use super::call::{Call, End};
+use super::{
+    call::{Call, End},
+    read::ConnError,
+};
 
 /// A connection, shared between the task that owns its socket and the tasks of the
 /// connections its calls are relayed to.
@@ -156,6 +159,22 @@ impl Stream {
         }
     }
 
+    /// `n` bytes of this stream's DATA were written: their window goes back to the sender (the
+    /// link), less the `no_credit` bytes they start with.
+    fn written(&mut self, n: usize, credits: &mut Vec<Credit>) {
+        let skip = n.min(self.no_credit);
+        self.no_credit -= skip;
+        if n > skip
+            && let Some(l) = &self.link
+        {
+            credits.push(Credit {
+                conn: l.conn.clone(),
+                sid: l.sid,
+                n: n - skip,
+            });
+        }
+    }
+
     /// DATA waiting here whose window the sender has not had back: it is owed to the link
     /// when the stream is forgotten with it.
     pub fn uncredited(&self) -> Option<Credit> {
@@ -241,11 +260,6 @@ impl State {
         }
     }
 
-    /// Forgets stream `sid`.
-    pub fn remove(&mut self, sid: u32) -> Option<Stream> {
-        self.streams.remove(&sid)
-    }
-
     /// The task that owns the socket has something to do besides reading: calls to replay,
     /// or, on an endpoint connection no longer in use, closing it.
     pub fn has_work(&self) -> bool {
@@ -315,15 +329,8 @@ impl State {
                 conn_window: &mut self.send_window,
                 max_frame: self.peer_max_frame,
             };
-            let n = w.data(
-                sid,
-                &mut s.send_window,
-                &mut s.no_credit,
-                s.link.as_ref(),
-                data,
-                end,
-                credits,
-            );
+            let n = w.data(sid, &mut s.send_window, data, end);
+            s.written(n, credits);
             let all = n == data.len();
             if !all {
                 s.pending.extend_from_slice(&data[n..]);
@@ -367,15 +374,8 @@ impl State {
             conn_window: &mut self.send_window,
             max_frame: self.peer_max_frame,
         };
-        let n = w.data(
-            sid,
-            &mut s.send_window,
-            &mut s.no_credit,
-            s.link.as_ref(),
-            &s.pending,
-            end,
-            credits,
-        );
+        let n = w.data(sid, &mut s.send_window, &s.pending, end);
+        s.written(n, credits);
         let all = n == s.pending.len();
         if n == 0 && !all {
             return;
@@ -420,10 +420,10 @@ impl State {
         };
         s.send_done = true;
         if s.recv_done {
-            self.remove(sid);
+            self.streams.remove(&sid);
         } else if self.role == Role::Server {
             frame::rst_stream(&mut self.out, sid, Reason::NO_ERROR);
-            self.remove(sid);
+            self.streams.remove(&sid);
         }
     }
 
@@ -436,10 +436,10 @@ impl State {
         };
         s.recv_done = true;
         if s.send_done {
-            self.remove(sid);
+            self.streams.remove(&sid);
         } else if self.role == Role::Client {
             frame::rst_stream(&mut self.out, sid, Reason::CANCEL);
-            if let Some(c) = self.remove(sid).and_then(|s| s.uncredited()) {
+            if let Some(c) = self.streams.remove(&sid).and_then(|s| s.uncredited()) {
                 credits.push(c);
             }
             self.wake();
@@ -448,7 +448,7 @@ impl State {
 
     /// Resets `sid` and forgets it; returns the stream if it was there.
     pub fn reset(&mut self, sid: u32, reason: Reason) -> Option<Stream> {
-        let s = self.remove(sid)?;
+        let s = self.streams.remove(&sid)?;
         if !self.closed {
             frame::rst_stream(&mut self.out, sid, reason);
             self.wake();
@@ -488,21 +488,22 @@ impl State {
         }
     }
 
-    /// Accounts `n` bytes received on `sid` against the receive windows. False if the peer
-    /// sent more than it was granted (a FLOW_CONTROL_ERROR).
-    pub fn received(&mut self, sid: u32, n: usize) -> bool {
+    /// Accounts `n` bytes received on `sid` against the receive windows; a peer that sent more
+    /// than it was granted broke flow control.
+    pub fn received(&mut self, sid: u32, n: usize) -> Result<(), ConnError> {
         let n = n as i64;
         self.recv_window -= n;
-        if self.recv_window < 0 {
-            return false;
-        }
-        if let Some(s) = self.streams.get_mut(&sid) {
+        let stream_over = self.streams.get_mut(&sid).is_some_and(|s| {
             s.recv_window -= n;
-            if s.recv_window < 0 {
-                return false;
-            }
+            s.recv_window < 0
+        });
+        if self.recv_window < 0 || stream_over {
+            return Err(ConnError::new(
+                Reason::FLOW_CONTROL_ERROR,
+                "DATA beyond the window granted",
+            ));
         }
-        true
+        Ok(())
     }
 
     /// The peer's new SETTINGS_INITIAL_WINDOW_SIZE: every stream's window moves by the change.
@@ -527,20 +528,9 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     /// Writes as much of `data` as both windows allow (END_STREAM with its last byte if `end`
-    /// and all of it fits, an empty DATA if `data` is empty), takes it from the windows and
-    /// credits it to the stream's `link`, less the `no_credit` bytes it starts with. Returns
-    /// the bytes written.
-    #[allow(clippy::too_many_arguments)]
-    fn data(
-        &mut self,
-        sid: u32,
-        stream_window: &mut i64,
-        no_credit: &mut usize,
-        link: Option<&Link>,
-        data: &[u8],
-        end: bool,
-        credits: &mut Vec<Credit>,
-    ) -> usize {
+    /// and all of it fits, an empty DATA if `data` is empty) and takes it from the windows.
+    /// Returns the bytes written.
+    fn data(&mut self, sid: u32, stream_window: &mut i64, data: &[u8], end: bool) -> usize {
         let n = ((*self.conn_window).min(*stream_window).max(0) as usize).min(data.len());
         let all = n == data.len();
         if n == 0 && !(all && end) {
@@ -549,17 +539,6 @@ impl Writer<'_> {
         frame::data(self.out, sid, &data[..n], end && all, self.max_frame);
         *self.conn_window -= n as i64;
         *stream_window -= n as i64;
-        let skip = n.min(*no_credit);
-        *no_credit -= skip;
-        if n > skip
-            && let Some(l) = link
-        {
-            credits.push(Credit {
-                conn: l.conn.clone(),
-                sid: l.sid,
-                n: n - skip,
-            });
-        }
         n
     }
 }

@@ -301,12 +301,7 @@ impl Down {
         let end = head.flags & flag::END_STREAM != 0;
         let data = unpad(head.flags, payload)?;
         let mut st = self.conn.lock();
-        if !st.received(sid, payload.len()) {
-            return Err(ConnError::new(
-                Reason::FLOW_CONTROL_ERROR,
-                "DATA beyond the window granted",
-            ));
-        }
+        st.received(sid, payload.len())?;
         let link = match st.streams.get(&sid) {
             Some(s) if !s.recv_done => Some(s.link.clone()),
             // A closed stream (reset, or its call answered): the window goes back at once.

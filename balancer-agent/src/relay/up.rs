@@ -394,12 +394,7 @@ impl Up {
         let end = head.flags & flag::END_STREAM != 0;
         let data = unpad(head.flags, payload)?;
         let mut st = self.conn.lock();
-        if !st.received(sid, payload.len()) {
-            return Err(ConnError::new(
-                Reason::FLOW_CONTROL_ERROR,
-                "DATA beyond the window granted",
-            ));
-        }
+        st.received(sid, payload.len())?;
         let Some(s) = st.streams.get_mut(&sid).filter(|s| !s.recv_done) else {
             st.credit(sid, payload.len());
             return Ok(());
@@ -489,7 +484,7 @@ impl Up {
     /// The endpoint reset a stream: pass the reset to the client, or replay the call elsewhere
     /// if the endpoint refused it unprocessed.
     fn reset(&mut self, sid: u32, reason: Reason) {
-        let removed = self.conn.lock().remove(sid);
+        let removed = self.conn.lock().streams.remove(&sid);
         let Some(s) = removed else { return };
         if reason == Reason::REFUSED_STREAM {
             self.refused(s, "endpoint refused the stream (REFUSED_STREAM)");
@@ -504,7 +499,9 @@ impl Up {
             let mut st = self.conn.lock();
             st.going_away = true;
             let ids: Vec<u32> = st.streams.keys().copied().filter(|&id| id > last).collect();
-            ids.into_iter().filter_map(|id| st.remove(id)).collect()
+            ids.into_iter()
+                .filter_map(|id| st.streams.remove(&id))
+                .collect()
         };
         for s in refused {
             self.refused(
