@@ -108,10 +108,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
     if args.is_empty() {
-        // The call-path suites again against the other engine, the h2 crate's.
+        // The call-path suites again against the other engine, the h2 crate's. Same package
+        // selection as the run above (no `-p`): the dependencies' features resolve the same, so
+        // the test binaries are reused instead of built a second time.
         run(cargo()
             .env("BALANCER_TEST_ENGINE", "h2")
-            .args(["test", "--no-fail-fast", "-p", "balancer-tests"])
+            .args(["test", "--no-fail-fast"])
             .args(H2_SUITES.iter().flat_map(|t| ["--test", t])))?;
     }
     Ok(())
