@@ -1,13 +1,20 @@
 //! Upstream connection pools, through a real `balancer-agent` process.
 
-use std::{net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use balancer_tests::{
     agent::metric,
     greeter,
     harness::{
         agent, client,
-        frame::{self, ACK, PING, SETTINGS},
+        frame::{self, ACK, DATA, END_HEADERS, HEADERS, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE},
         hello,
     },
     pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
@@ -16,6 +23,7 @@ use balancer_tests::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
+    sync::watch,
     task::JoinHandle,
 };
 use tonic::transport::Channel;
@@ -222,4 +230,149 @@ async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
             .unwrap_or_else(|e| panic!("slow call {i}: {e:?}"));
     }
     c.clone().say_hello(hello("after")).await.unwrap();
+}
+
+/// An endpoint that accepts connections and answers nothing, not even the HTTP/2 handshake,
+/// as a server stuck before its first byte does, until `release` closes them (and closes
+/// every later one at once). Counts the connections it accepted.
+async fn spawn_mute_endpoint() -> (SocketAddr, Arc<AtomicUsize>, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (release, released) = watch::channel(false);
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Relaxed);
+            let mut released = released.clone();
+            tokio::spawn(async move {
+                let _ = released.wait_for(|r| *r).await;
+                drop(tcp);
+            });
+        }
+    });
+    (addr, accepted, release)
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_a_new_connection_holds_up_no_other_call() {
+    // Round-robin over an endpoint whose handshake never comes and a live one; the pool waits
+    // up to 30 s for a handshake, far beyond this test's bounds.
+    let (mute, accepted, release) = spawn_mute_endpoint().await;
+    let live = greeter::spawn("127.0.0.1:0", "live").await;
+    let (_agent, listen) = agent(
+        "round-robin",
+        &[mute, live.addr],
+        "pool:\n  connect_timeout_ms: 30000\n",
+    )
+    .await;
+    let c = client(listen).await;
+    // Calls one at a time until one waits on the mute endpoint's handshake. Each carries
+    // 1 MiB, more than the proxy keeps to replay a call: what the client sends while its call
+    // waits is held under flow control, and sent once the call has a connection.
+    let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let mut waiting = None;
+    for i in 0..4 {
+        let mut cc = c.clone();
+        let request = HelloRequest {
+            payload: payload.clone(),
+            ..hello(&format!("call-{i}"))
+        };
+        let call = tokio::spawn(async move { cc.say_hello(request).await });
+        wait_until(
+            "the call to end or the mute endpoint to be dialled",
+            BOUND,
+            || call.is_finished() || accepted.load(Relaxed) > 0,
+        )
+        .await;
+        if accepted.load(Relaxed) > 0 {
+            waiting = Some(call);
+            break;
+        }
+        call.await.unwrap().expect("a call to the live endpoint");
+    }
+    let waiting = waiting.expect("round-robin sent a call to the mute endpoint");
+    // Another call on the same client connection goes to the live endpoint meanwhile.
+    let meanwhile = tokio::time::timeout(BOUND, c.clone().say_hello(hello("meanwhile")))
+        .await
+        .expect("a call answered while another waits for its endpoint's handshake")
+        .expect("the live endpoint answers");
+    assert_eq!(meanwhile.into_inner().backend, "live");
+    assert!(
+        !waiting.is_finished(),
+        "the first call still waits for its handshake"
+    );
+    // The mute endpoint closes: the waiting call goes to the live one, before any byte of it
+    // went upstream.
+    release.send(true).unwrap();
+    let reply = tokio::time::timeout(BOUND, waiting)
+        .await
+        .expect("the waiting call ended once its endpoint closed")
+        .unwrap()
+        .expect("sent to the live endpoint instead")
+        .into_inner();
+    assert_eq!(reply.backend, "live");
+    assert!(reply.payload == payload, "the request arrived whole");
+}
+
+#[tokio::test]
+async fn a_call_reset_while_it_waits_for_a_connection_gives_its_window_back() {
+    // The only endpoint never completes a handshake, so the call waits. What its client sends
+    // meanwhile is held against the client connection's window (65,535 bytes here): reset, the
+    // call must give it back and be counted as cancelled at once, not when the connect gives
+    // up (30 s).
+    let (mute, accepted, _release) = spawn_mute_endpoint().await;
+    let (agent, listen) = agent(
+        "round-robin",
+        &[mute],
+        "pool:\n  connect_timeout_ms: 30000\nlimits:\n  initial_connection_window: 65535\n",
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let block = frame::header_block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/helloworld.Greeter/SayHello"),
+        (":authority", &listen.to_string()),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame::encode(SETTINGS, 0, 0, &[]));
+    out.extend(frame::encode(HEADERS, END_HEADERS, 1, &block));
+    tcp.write_all(&out).await.unwrap();
+    wait_until("the call to wait on the mute endpoint", BOUND, || {
+        accepted.load(Relaxed) > 0
+    })
+    .await;
+    // The whole connection window, in DATA the call holds; then the reset.
+    let window = 65_535usize;
+    let mut out = Vec::new();
+    for chunk in vec![0u8; window].chunks(16_384) {
+        out.extend(frame::encode(DATA, 0, 1, chunk));
+    }
+    out.extend(frame::encode(RST_STREAM, 0, 1, &8u32.to_be_bytes()));
+    tcp.write_all(&out).await.unwrap();
+    let mut granted = 0usize;
+    tokio::time::timeout(BOUND, async {
+        while granted < window {
+            let (kind, _, stream, payload) = frame::read(&mut tcp)
+                .await
+                .expect("the connection stays open");
+            if kind == WINDOW_UPDATE && stream == 0 {
+                granted += u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the connection window came back: {granted} of {window}"));
+    assert_eq!(granted, window, "the connection window came back");
+    wait_until("the cancelled call counted", BOUND, || {
+        metric(
+            &agent.metrics(),
+            "balancer_calls_total",
+            &["grpc_status=\"1\""],
+        ) == 1.0
+    })
+    .await;
 }

@@ -224,11 +224,19 @@ impl Call<'_> {
             // The request body is either still to be streamed (first attempt, or a retry
             // before any byte went out), or kept for a replay (complete, or its start).
             let end_of_stream = pump.is_done() && replay.chunks.is_empty();
-            let opened = match deadline {
-                Some(d) => tokio::time::timeout_at(d, self.open(guard, &head, end_of_stream))
-                    .await
-                    .unwrap_or(Err(OpenError::Deadline)),
-                None => self.open(guard, &head, end_of_stream).await,
+            let opening = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, self.open(guard, &head, end_of_stream))
+                        .await
+                        .unwrap_or(Err(OpenError::Deadline)),
+                    None => self.open(guard, &head, end_of_stream).await,
+                }
+            };
+            // A new connection's handshake can take a while: a client that resets the stream
+            // meanwhile ends the call now, and the request DATA it sent goes back to its window.
+            let opened = tokio::select! {
+                opened = opening => opened,
+                _ = poll_fn(|cx| respond.poll_reset(cx)) => return End::ClientCancelled,
             };
             let mut up = match opened {
                 Ok(up) => up,

@@ -2,13 +2,27 @@
 //!
 //! Every request HEADERS is decoded, its call routed (service, endpoint) and its headers
 //! encoded onto a pooled endpoint connection ([`super::up`]); DATA, trailers and resets follow
-//! the link between the two streams. A client that breaks the protocol or a limit gets a GOAWAY
-//! and loses its connection; its calls are cancelled on the endpoints; no other connection is
-//! touched.
+//! the link between the two streams. A call whose endpoint needs a new connection waits for its
+//! handshake beside the connection's other calls, which go on meanwhile. A client that breaks
+//! the protocol or a limit gets a GOAWAY and loses its connection; its calls are cancelled on the
+//! endpoints; no other connection is touched.
 
-use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr, sync::Arc};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+};
 
 use bytes::{Buf, BytesMut};
+use futures_util::{
+    StreamExt,
+    future::{AbortHandle, Abortable, Aborted},
+    stream::FuturesUnordered,
+};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
@@ -89,6 +103,73 @@ struct Down {
     /// Calls with a deadline (`grpc-timeout`), soonest first.
     deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
     keepalive: Option<Keepalive>,
+    /// Calls waiting for an endpoint connection (its handshake), by client stream.
+    waiting: HashMap<u32, Waiting>,
+    /// Their routing, polled beside the client's frames.
+    routing: FuturesUnordered<Abortable<RouteFuture>>,
+}
+
+type RouteFuture = Pin<Box<dyn Future<Output = Routed> + Send>>;
+
+/// A call on its way to an endpoint whose connection is not ready yet.
+struct Waiting {
+    call: Routing,
+    /// Ends its routing (the client reset the stream).
+    abort: AbortHandle,
+    held: Held,
+}
+
+enum Routing {
+    /// A new call: what it is made of until it has an endpoint.
+    New {
+        service: Arc<Service>,
+        path: http::uri::PathAndQuery,
+        start: Instant,
+        registration: crate::proxy::registry::CallHandle,
+        replay: Box<Replay>,
+    },
+    /// A call an endpoint refused unprocessed, sent to another one.
+    Replay(Box<Call>),
+}
+
+impl Routing {
+    /// The call's request as kept so far.
+    fn replay(&mut self) -> &mut Replay {
+        match self {
+            Self::New { replay, .. } => replay,
+            Self::Replay(call) => call
+                .replay
+                .as_mut()
+                .expect("a call is routed with its request"),
+        }
+    }
+
+    fn service(&self) -> &Arc<Service> {
+        match self {
+            Self::New { service, .. } => service,
+            Self::Replay(call) => &call.service,
+        }
+    }
+}
+
+/// What a client sent of a call's request while it waited for its endpoint connection, sent on
+/// after the headers.
+#[derive(Default)]
+struct Held {
+    /// Request DATA: not granted back to the client before it is written on, so the stream's
+    /// window bounds it.
+    data: BytesMut,
+    /// The request ended: with `data`, or with `trailers`.
+    end: bool,
+    trailers: Option<Fields>,
+}
+
+/// The outcome of routing the call of client stream `sid`.
+struct Routed {
+    sid: u32,
+    /// The endpoints tried, the one chosen last.
+    tried: Vec<SocketAddr>,
+    result: Result<(CallGuard, Arc<Conn>), Status>,
 }
 
 /// Endpoints tried for one call at most (connect failures and refused streams).
@@ -141,6 +222,8 @@ pub async fn serve(
         refused: 0,
         deadlines: BinaryHeap::new(),
         keepalive: Keepalive::new(ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
+        waiting: HashMap::new(),
+        routing: FuturesUnordered::new(),
     };
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut drain = down.proxy.drain_signal();
@@ -185,6 +268,11 @@ pub async fn serve(
                 }
                 continue;
             }
+            Some(routed) = down.routing.next(), if !down.routing.is_empty() => {
+                // Err: routing aborted, the client reset the stream.
+                down.routed(routed);
+                continue;
+            }
             () = crate::proxy::drained(&mut drain), if !draining => {
                 draining = true;
                 let mut st = conn.lock();
@@ -204,7 +292,7 @@ pub async fn serve(
             Ok(Io::Work) => {
                 let replays = std::mem::take(&mut conn.lock().replays);
                 for r in replays {
-                    down.replay(r).await;
+                    down.replay(r);
                 }
                 continue;
             }
@@ -220,7 +308,7 @@ pub async fn serve(
             rbuf.advance(frame::PREFACE.len());
             preface = true;
         }
-        if let Err(e) = down.frames(&mut rbuf).await {
+        if let Err(e) = down.frames(&mut rbuf) {
             down.proxy
                 .metrics
                 .client_connection_errors
@@ -245,7 +333,7 @@ pub async fn serve(
 
 impl Down {
     /// Handles every complete frame in `rbuf`.
-    async fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
+    fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
         let max_frame = self.proxy.limits.max_frame_size as usize;
         while rbuf.len() >= frame::HEADER_LEN {
             let head = Head::parse(rbuf);
@@ -260,19 +348,19 @@ impl Down {
                 rbuf.reserve(total - rbuf.len());
                 break;
             }
-            self.frame(head, &rbuf[frame::HEADER_LEN..total]).await?;
+            self.frame(head, &rbuf[frame::HEADER_LEN..total])?;
             rbuf.advance(total);
         }
         Ok(())
     }
 
-    async fn frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+    fn frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
         self.block.check(head.kind)?;
         match head.kind {
             kind::DATA => self.data(head, payload),
             kind::HEADERS | kind::CONTINUATION => {
                 if self.block.frame(head, payload, self.max_block)? {
-                    self.headers().await
+                    self.headers()
                 } else {
                     Ok(())
                 }
@@ -312,6 +400,15 @@ impl Down {
             st.received_end(sid, &mut self.credits);
         }
         let Some(Some(link)) = link else {
+            if link.is_some()
+                && let Some(w) = self.waiting.get_mut(&sid)
+            {
+                // Its call waits for an endpoint connection: held, the window stays taken.
+                st.credit(sid, padding);
+                w.held.data.extend_from_slice(data);
+                w.held.end = end;
+                return Ok(());
+            }
             st.credit(sid, payload.len());
             if link.is_some() {
                 // An open stream without a link: its call waits to be replayed, and keeps
@@ -339,7 +436,7 @@ impl Down {
         Ok(())
     }
 
-    async fn headers(&mut self) -> Result<(), ConnError> {
+    fn headers(&mut self) -> Result<(), ConnError> {
         let sid = self.block.sid;
         let end = self.block.end_stream;
         if sid == 0 || sid.is_multiple_of(2) {
@@ -395,7 +492,7 @@ impl Down {
             s.recv_done = end;
             st.streams.insert(sid, s);
         }
-        self.open(sid, end).await;
+        self.open(sid, end);
         Ok(())
     }
 
@@ -409,7 +506,7 @@ impl Down {
         }
         let mut st = self.conn.lock();
         let link = match st.streams.get(&sid) {
-            Some(s) if !s.recv_done => s.link.clone(),
+            Some(s) if !s.recv_done => Some(s.link.clone()),
             _ => None,
         };
         st.received_end(sid, &mut self.credits);
@@ -418,7 +515,14 @@ impl Down {
             r.call.replay = None;
         }
         drop(st);
-        if let Some(link) = link {
+        if let Some(None) = link
+            && let Some(w) = self.waiting.get_mut(&sid)
+        {
+            w.held.trailers = Some(self.fields.clone());
+            w.held.end = true;
+            return Ok(());
+        }
+        if let Some(Some(link)) = link {
             let mut up = link.conn.lock();
             if let Some(c) = up.streams.get_mut(&link.sid).and_then(|s| s.call.as_mut()) {
                 c.replay = None;
@@ -430,7 +534,7 @@ impl Down {
     }
 
     /// Routes the call of new stream `sid` and sends its headers to the endpoint chosen.
-    async fn open(&mut self, sid: u32, end: bool) {
+    fn open(&mut self, sid: u32, end: bool) {
         let start = Instant::now();
         let deadline = self
             .fields
@@ -465,116 +569,120 @@ impl Down {
             self.answer(sid, Some(&service), &path, start, status);
             return;
         }
-        let mut tried = Vec::new();
-        let (mut guard, upconn) = match self
-            .route(&service, &mut tried, deadline, String::new())
-            .await
-        {
-            Ok(picked) => picked,
-            Err(status) => {
-                self.answer(sid, Some(&service), &path, start, status);
-                return;
-            }
-        };
-        registration.routed(&service.name, guard.endpoint().addr);
-        guard.sent();
         let replay = Box::new(Replay {
             fields: self.fields.clone(),
             data: BytesMut::new(),
             complete: end,
             deadline,
-            tried,
+            tried: Vec::new(),
         });
-        let call = Box::new(Call {
-            proxy,
+        let call = Routing::New {
             service,
             path,
             start,
-            guard,
             registration,
-            messages: Default::default(),
-            responded: false,
-            replay: Some(replay),
-        });
-        self.attach(sid, &upconn, call);
+            replay,
+        };
+        self.route(sid, call, String::new());
     }
 
-    /// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
-    /// endpoint that cannot be reached, or whose connections are all at its stream limit, is
-    /// skipped for another (no byte of the call left the proxy), up to [`MAX_ATTEMPTS`]
-    /// endpoints in all. The error is the status to answer: RESOURCE_EXHAUSTED if every
-    /// endpoint tried was full, UNAVAILABLE otherwise.
-    async fn route(
-        &mut self,
-        service: &Arc<Service>,
-        tried: &mut Vec<SocketAddr>,
-        deadline: Option<Instant>,
-        mut last_error: String,
-    ) -> Result<(CallGuard, Arc<Conn>), Status> {
-        // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
-        let (mut full, mut failed) = (false, !last_error.is_empty());
-        loop {
-            let picked = if tried.len() < MAX_ATTEMPTS {
-                service.balancer.pick(tried)
-            } else {
-                None
-            };
-            let Some(guard) = picked else {
-                return Err(if tried.is_empty() {
-                    Status::unavailable(format!("service {} has no ready endpoint", service.name))
-                } else if full && !failed {
-                    Status::exhausted(format!(
-                        "service {}: {} endpoint(s) tried, every pooled connection at its \
-                         stream limit (pool.max_connections_per_endpoint)",
-                        service.name,
-                        tried.len()
-                    ))
-                } else {
-                    Status::unavailable(format!(
-                        "service {}: {} endpoint(s) tried, none took the call; last error: \
-                         {last_error}",
-                        service.name,
-                        tried.len()
-                    ))
-                });
-            };
-            let ep = guard.endpoint().clone();
-            tried.push(ep.addr);
-            let leased = match deadline {
-                Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
-                None => Ok(up::lease(&ep).await),
-            };
-            let Ok(leased) = leased else {
-                return Err(Status::deadline(format!(
-                    "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
-                    service.name
-                )));
-            };
-            match leased {
-                Ok(c) => return Ok((guard, c)),
-                Err(up::LeaseError::Full) => {
-                    full = true;
-                    debug!(endpoint = %ep.addr, "endpoint's connections are full; trying another");
-                    last_error = format!("endpoint {}: every pooled connection full", ep.addr);
-                }
-                Err(up::LeaseError::Connect(e)) => {
-                    failed = true;
-                    ep.stats.connect_failed();
-                    debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
-                    last_error = e;
-                }
-            }
+    /// Routes the call of client stream `sid`: at once when a pooled connection can take it
+    /// (the usual case), else once its endpoint's new connection is ready, while the client's
+    /// other calls go on.
+    fn route(&mut self, sid: u32, mut call: Routing, last_error: String) {
+        let service = call.service().clone();
+        let r = call.replay();
+        let (tried, deadline) = (std::mem::take(&mut r.tried), r.deadline);
+        let mut routing: RouteFuture = Box::pin(route(sid, service, tried, deadline, last_error));
+        // Polled once here, without a waker: a pooled connection is leased without waiting.
+        // Pending, it is polled again by the connection's task, which registers its own.
+        let waker = &mut Context::from_waker(Waker::noop());
+        let (abort, registration) = match routing.as_mut().poll(waker) {
+            Poll::Ready(routed) => return self.routed_with(call, Held::default(), routed),
+            Poll::Pending => AbortHandle::new_pair(),
+        };
+        self.routing.push(Abortable::new(routing, registration));
+        let held = Held::default();
+        self.waiting.insert(sid, Waiting { call, abort, held });
+    }
+
+    /// A waiting call was routed (unless the client reset it meanwhile).
+    fn routed(&mut self, routed: Result<Routed, Aborted>) {
+        let Ok(routed) = routed else {
+            return;
+        };
+        if let Some(w) = self.waiting.remove(&routed.sid) {
+            self.routed_with(w.call, w.held, routed);
         }
     }
 
+    /// Sends the call to the endpoint chosen, or answers the client with the status routing
+    /// ended with.
+    fn routed_with(&mut self, call: Routing, held: Held, routed: Routed) {
+        let Routed { sid, tried, result } = routed;
+        let (guard, upconn) = match result {
+            Ok(picked) => picked,
+            Err(status) => {
+                // The request DATA held is going nowhere: its window goes back.
+                self.conn.lock().credit(sid, held.data.len());
+                match call {
+                    Routing::New {
+                        service,
+                        path,
+                        start,
+                        ..
+                    } => self.answer(sid, Some(&service), &path, start, status),
+                    Routing::Replay(call) => self.fail_call(sid, call, &status),
+                }
+                return;
+            }
+        };
+        let mut call = match call {
+            Routing::New {
+                service,
+                path,
+                start,
+                registration,
+                replay,
+            } => Box::new(Call {
+                proxy: self.proxy.clone(),
+                service,
+                path,
+                start,
+                guard,
+                registration,
+                messages: Default::default(),
+                responded: false,
+                replay: Some(replay),
+            }),
+            Routing::Replay(mut call) => {
+                // The refusing endpoint's guard goes: it neither answered nor failed.
+                call.guard = guard;
+                call
+            }
+        };
+        call.registration
+            .routed(&call.service.name, call.guard.endpoint().addr);
+        call.guard.sent();
+        if let Some(r) = call.replay.as_mut() {
+            r.tried = tried;
+        }
+        self.attach(sid, &upconn, call, held);
+    }
+
     /// Opens the call's stream on `upconn` and links it to the client's stream `sid`: the
-    /// request headers (with the time left as `grpc-timeout`), then the request DATA kept for
-    /// a replay, if any.
-    fn attach(&mut self, sid: u32, upconn: &Arc<Conn>, mut call: Box<Call>) {
-        if !self.conn.lock().streams.contains_key(&sid) {
-            // The client reset it while the call was being routed.
-            call.finish(End::Cancelled);
-            return;
+    /// request headers (with the time left as `grpc-timeout`), the request DATA kept for a
+    /// replay, if any, then what was held while the call waited for its connection.
+    fn attach(&mut self, sid: u32, upconn: &Arc<Conn>, mut call: Box<Call>, held: Held) {
+        {
+            let mut st = self.conn.lock();
+            if !st.streams.contains_key(&sid) {
+                // The client reset it while the call was being routed.
+                st.credit(sid, held.data.len());
+                drop(st);
+                call.finish(End::Cancelled);
+                return;
+            }
         }
         let r = call
             .replay
@@ -617,8 +725,19 @@ impl Down {
             if !r.data.is_empty() {
                 up.send_data(up_sid, &r.data, r.complete, &mut self.credits);
             }
+            if !held.data.is_empty() || (held.end && held.trailers.is_none()) {
+                up.send_data(up_sid, &held.data, held.end, &mut self.credits);
+            }
+            if let Some(t) = &held.trailers {
+                up.send_trailers(up_sid, t, &mut self.credits);
+            }
             if let Some(c) = up.streams.get_mut(&up_sid).and_then(|s| s.call.as_mut()) {
                 c.replay = Some(r);
+                c.request_data(&held.data, held.end);
+                if held.trailers.is_some() {
+                    // A request with trailers is not replayed (gRPC clients send none).
+                    c.replay = None;
+                }
             }
         }
         apply(&mut self.credits);
@@ -644,13 +763,13 @@ impl Down {
     /// Sends a call an endpoint refused unprocessed to another endpoint, with the request
     /// kept so far; it fails with UNAVAILABLE if it cannot be (request too large, every
     /// endpoint tried), and is dropped if the client went away meanwhile.
-    async fn replay(&mut self, Replayed { sid, mut call }: Replayed) {
+    fn replay(&mut self, Replayed { sid, call }: Replayed) {
         if !self.conn.lock().streams.contains_key(&sid) {
             call.finish(End::Cancelled);
             return;
         }
         let refused = call.guard.endpoint().addr;
-        let Some(mut r) = call.replay.take() else {
+        let Some(r) = &call.replay else {
             let status = Status::unavailable(format!(
                 "endpoint {refused} refused the call unprocessed, and its request outgrew the \
                  replay buffer"
@@ -666,22 +785,7 @@ impl Down {
         }
         debug!(endpoint = %refused, "stream refused unprocessed; replaying the call");
         let last_error = format!("endpoint {refused} refused the call unprocessed");
-        let service = call.service.clone();
-        match self
-            .route(&service, &mut r.tried, r.deadline, last_error)
-            .await
-        {
-            Ok((guard, upconn)) => {
-                call.registration
-                    .routed(&service.name, guard.endpoint().addr);
-                // The refusing endpoint's guard goes: it neither answered nor failed.
-                call.guard = guard;
-                call.guard.sent();
-                call.replay = Some(r);
-                self.attach(sid, &upconn, call);
-            }
-            Err(status) => self.fail_call(sid, call, &status),
-        }
+        self.route(sid, Routing::Replay(call), last_error);
     }
 
     /// Ends client stream `sid` with the proxy's own status and records its call.
@@ -738,8 +842,12 @@ impl Down {
         status: Status,
     ) {
         debug!(code = ?status.code, message = %status.message, "call failed in the proxy");
-        let fields = status_fields(&status, true);
-        self.conn.lock().send_headers(sid, fields.iter(), true);
+        let mut st = self.conn.lock();
+        // Unless the client reset it meanwhile (while its call waited for a connection).
+        if st.streams.contains_key(&sid) {
+            st.send_headers(sid, status_fields(&status, true).iter(), true);
+        }
+        drop(st);
         let code = (status.code as u16).to_string();
         self.proxy
             .metrics
@@ -760,7 +868,19 @@ impl Down {
                 "RST_STREAM on a stream not opened",
             ));
         }
-        let removed = self.conn.lock().streams.remove(&head.stream);
+        let (removed, waiting) = {
+            let mut st = self.conn.lock();
+            let waiting = self.waiting.remove(&head.stream);
+            if let Some(w) = &waiting {
+                // Its call waited for a connection: what it held goes nowhere.
+                st.credit(head.stream, w.held.data.len());
+            }
+            (st.streams.remove(&head.stream), waiting)
+        };
+        if let Some(w) = waiting {
+            w.abort.abort();
+            self.cancel(w.call);
+        }
         let Some(stream) = removed else {
             return Ok(());
         };
@@ -793,6 +913,111 @@ impl Down {
         }
         for r in replays {
             r.call.finish(End::Cancelled);
+        }
+        // Calls waiting for a connection: their routing is dropped with this task.
+        let waiting: Vec<Waiting> = self.waiting.drain().map(|(_, w)| w).collect();
+        for w in waiting {
+            self.cancel(w.call);
+        }
+    }
+
+    /// Records a call the client cancelled before it had an endpoint.
+    fn cancel(&self, call: Routing) {
+        match call {
+            Routing::New {
+                service,
+                path,
+                start,
+                ..
+            } => {
+                self.proxy.metrics.record_call(
+                    Some(&service),
+                    path.path(),
+                    "1",
+                    start.elapsed(),
+                    (0, 0),
+                );
+                self.proxy.call_ended();
+            }
+            Routing::Replay(call) => call.finish(End::Cancelled),
+        }
+    }
+}
+
+/// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
+/// endpoint that cannot be reached, or whose connections are all at its stream limit, is
+/// skipped for another (no byte of the call left the proxy), up to [`MAX_ATTEMPTS`]
+/// endpoints in all. The error is the status to answer: RESOURCE_EXHAUSTED if every
+/// endpoint tried was full, UNAVAILABLE otherwise.
+async fn route(
+    sid: u32,
+    service: Arc<Service>,
+    mut tried: Vec<SocketAddr>,
+    deadline: Option<Instant>,
+    mut last_error: String,
+) -> Routed {
+    let result = pick(&service, &mut tried, deadline, &mut last_error).await;
+    Routed { sid, tried, result }
+}
+
+async fn pick(
+    service: &Arc<Service>,
+    tried: &mut Vec<SocketAddr>,
+    deadline: Option<Instant>,
+    last_error: &mut String,
+) -> Result<(CallGuard, Arc<Conn>), Status> {
+    // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
+    let (mut full, mut failed) = (false, !last_error.is_empty());
+    loop {
+        let picked = if tried.len() < MAX_ATTEMPTS {
+            service.balancer.pick(tried)
+        } else {
+            None
+        };
+        let Some(guard) = picked else {
+            return Err(if tried.is_empty() {
+                Status::unavailable(format!("service {} has no ready endpoint", service.name))
+            } else if full && !failed {
+                Status::exhausted(format!(
+                    "service {}: {} endpoint(s) tried, every pooled connection at its \
+                     stream limit (pool.max_connections_per_endpoint)",
+                    service.name,
+                    tried.len()
+                ))
+            } else {
+                Status::unavailable(format!(
+                    "service {}: {} endpoint(s) tried, none took the call; last error: \
+                     {last_error}",
+                    service.name,
+                    tried.len()
+                ))
+            });
+        };
+        let ep = guard.endpoint().clone();
+        tried.push(ep.addr);
+        let leased = match deadline {
+            Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
+            None => Ok(up::lease(&ep).await),
+        };
+        let Ok(leased) = leased else {
+            return Err(Status::deadline(format!(
+                "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
+                service.name
+            )));
+        };
+        match leased {
+            Ok(c) => return Ok((guard, c)),
+            Err(up::LeaseError::Full) => {
+                full = true;
+                debug!(endpoint = %ep.addr, "endpoint's connections are full; trying another");
+                *last_error = format!("endpoint {}: every pooled connection full", ep.addr);
+            }
+            Err(up::LeaseError::Connect(e)) => {
+                failed = true;
+                ep.stats.connect_failed();
+                debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
+                *last_error = e;
+            }
         }
     }
 }
