@@ -592,8 +592,24 @@ impl Down {
     fn route(&mut self, sid: u32, mut call: Routing, last_error: String) {
         let service = call.service().clone();
         let r = call.replay();
-        let (tried, deadline) = (std::mem::take(&mut r.tried), r.deadline);
-        let mut routing: RouteFuture = Box::pin(route(sid, service, tried, deadline, last_error));
+        let (mut tried, deadline) = (std::mem::take(&mut r.tried), r.deadline);
+        // The usual case first, with no future to box: the endpoint picked has a pooled
+        // connection with a free stream slot.
+        let first = if tried.len() < MAX_ATTEMPTS {
+            service.balancer.pick(&tried)
+        } else {
+            None
+        };
+        if let Some(guard) = &first
+            && let Some(conn) = up::lease_pooled(guard.endpoint())
+        {
+            tried.push(guard.endpoint().addr);
+            let result = Ok((first.expect("picked"), conn));
+            let routed = Routed { sid, tried, result };
+            return self.routed_with(call, Held::default(), routed);
+        }
+        let mut routing: RouteFuture =
+            Box::pin(route(sid, service, tried, first, deadline, last_error));
         // Polled once here, without a waker: a pooled connection is leased without waiting.
         // Pending, it is polled again by the connection's task, which registers its own.
         let waker = &mut Context::from_waker(Waker::noop());
@@ -944,32 +960,38 @@ impl Down {
     }
 }
 
+/// Routes the call of client stream `sid` (see [`pick`]), starting with endpoint `first` if
+/// one was picked already.
+async fn route(
+    sid: u32,
+    service: Arc<Service>,
+    mut tried: Vec<SocketAddr>,
+    first: Option<CallGuard>,
+    deadline: Option<Instant>,
+    mut last_error: String,
+) -> Routed {
+    let result = pick(&service, &mut tried, first, deadline, &mut last_error).await;
+    Routed { sid, tried, result }
+}
+
 /// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
 /// endpoint that cannot be reached, or whose connections are all at its stream limit, is
 /// skipped for another (no byte of the call left the proxy), up to [`MAX_ATTEMPTS`]
 /// endpoints in all. The error is the status to answer: RESOURCE_EXHAUSTED if every
 /// endpoint tried was full, UNAVAILABLE otherwise.
-async fn route(
-    sid: u32,
-    service: Arc<Service>,
-    mut tried: Vec<SocketAddr>,
-    deadline: Option<Instant>,
-    mut last_error: String,
-) -> Routed {
-    let result = pick(&service, &mut tried, deadline, &mut last_error).await;
-    Routed { sid, tried, result }
-}
-
 async fn pick(
     service: &Arc<Service>,
     tried: &mut Vec<SocketAddr>,
+    mut first: Option<CallGuard>,
     deadline: Option<Instant>,
     last_error: &mut String,
 ) -> Result<(CallGuard, Arc<Conn>), Status> {
     // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
     let (mut full, mut failed) = (false, !last_error.is_empty());
     loop {
-        let picked = if tried.len() < MAX_ATTEMPTS {
+        let picked = if first.is_some() {
+            first.take()
+        } else if tried.len() < MAX_ATTEMPTS {
             service.balancer.pick(tried)
         } else {
             None

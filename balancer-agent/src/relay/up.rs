@@ -113,6 +113,11 @@ pub enum LeaseError {
     Connect(String),
 }
 
+/// A pooled connection of `ep` with a free stream slot, if there is one now.
+pub fn lease_pooled(ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
+    ep.pool.relay_shard().try_lease(ep.pool.config())
+}
+
 /// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
 /// `pool.max_connections_per_endpoint` in this worker's shard).
 pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
