@@ -212,6 +212,9 @@ pub enum RawMode {
     Refuse,
     /// Sends response headers and one reply message, then resets the stream with this reason.
     ResetAfterReply(h2::Reason),
+    /// Reads the whole request, its DATA and its trailers, records them, and answers with
+    /// status OK and no message.
+    Record,
 }
 
 /// What a [`RawBackend`] has seen.
@@ -223,6 +226,8 @@ pub struct RawStats {
     pub reset_by_peer: AtomicU64,
     /// The request headers of every stream.
     pub headers: Mutex<Vec<http::HeaderMap>>,
+    /// [`RawMode::Record`]: the request DATA and trailers of every stream.
+    pub requests: Mutex<Vec<(Vec<u8>, Option<http::HeaderMap>)>>,
 }
 
 /// An HTTP/2 backend written on the `h2` crate, for behaviour a tonic server does not show on
@@ -277,7 +282,7 @@ impl RawBackend {
                             .lock()
                             .expect("not poisoned")
                             .push(req.headers().clone());
-                        streams.spawn(raw_stream(mode, respond, st.clone()));
+                        streams.spawn(raw_stream(mode, req.into_body(), respond, st.clone()));
                     }
                 });
             }
@@ -288,6 +293,7 @@ impl RawBackend {
 
 async fn raw_stream(
     mode: RawMode,
+    mut body: h2::RecvStream,
     mut respond: h2::server::SendResponse<Bytes>,
     st: Arc<RawStats>,
 ) {
@@ -321,6 +327,24 @@ async fn raw_stream(
             // Let the reply reach the proxy before the reset.
             tokio::time::sleep(Duration::from_millis(50)).await;
             send.send_reset(reason);
+        }
+        RawMode::Record => {
+            let mut data = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                data.extend_from_slice(&chunk);
+            }
+            let trailers = body.trailers().await.ok().flatten();
+            st.requests
+                .lock()
+                .expect("not poisoned")
+                .push((data, trailers));
+            let Ok(mut send) = respond.send_response(grpc_ok(), false) else {
+                return;
+            };
+            let mut status = http::HeaderMap::new();
+            status.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let _ = send.send_trailers(status);
         }
     }
 }

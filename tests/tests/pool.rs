@@ -13,9 +13,12 @@ use balancer_tests::{
     agent::metric,
     greeter,
     harness::{
-        agent, client,
-        frame::{self, ACK, DATA, END_HEADERS, HEADERS, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE},
-        hello,
+        RawBackend, RawMode, agent, client,
+        frame::{
+            self, ACK, DATA, END_HEADERS, END_STREAM, HEADERS, PING, RST_STREAM, SETTINGS,
+            WINDOW_UPDATE,
+        },
+        grpc_frame, hello,
     },
     pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
     wait_until,
@@ -233,21 +236,28 @@ async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
 }
 
 /// An endpoint that accepts connections and answers nothing, not even the HTTP/2 handshake,
-/// as a server stuck before its first byte does, until `release` closes them (and closes
-/// every later one at once). Counts the connections it accepted.
-async fn spawn_mute_endpoint() -> (SocketAddr, Arc<AtomicUsize>, watch::Sender<bool>) {
+/// as a server stuck before its first byte does, until `release`: then it closes them (and
+/// every later one at once), or, with `then`, joins them (and every later one) to that server,
+/// which finds the bytes sent meanwhile waiting. Counts the connections it accepted.
+async fn spawn_mute_endpoint(
+    then: Option<SocketAddr>,
+) -> (SocketAddr, Arc<AtomicUsize>, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let (release, released) = watch::channel(false);
     let count = accepted.clone();
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+        while let Ok((mut tcp, _)) = listener.accept().await {
             count.fetch_add(1, Relaxed);
             let mut released = released.clone();
             tokio::spawn(async move {
                 let _ = released.wait_for(|r| *r).await;
-                drop(tcp);
+                if let Some(server) = then
+                    && let Ok(mut up) = tokio::net::TcpStream::connect(server).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                }
             });
         }
     });
@@ -258,7 +268,7 @@ async fn spawn_mute_endpoint() -> (SocketAddr, Arc<AtomicUsize>, watch::Sender<b
 async fn a_call_waiting_for_a_new_connection_holds_up_no_other_call() {
     // Round-robin over an endpoint whose handshake never comes and a live one; the pool waits
     // up to 30 s for a handshake, far beyond this test's bounds.
-    let (mute, accepted, release) = spawn_mute_endpoint().await;
+    let (mute, accepted, release) = spawn_mute_endpoint(None).await;
     let live = greeter::spawn("127.0.0.1:0", "live").await;
     let (_agent, listen) = agent(
         "round-robin",
@@ -321,7 +331,7 @@ async fn a_call_reset_while_it_waits_for_a_connection_gives_its_window_back() {
     // meanwhile is held against the client connection's window (65,535 bytes here): reset, the
     // call must give it back and be counted as cancelled at once, not when the connect gives
     // up (30 s).
-    let (mute, accepted, _release) = spawn_mute_endpoint().await;
+    let (mute, accepted, _release) = spawn_mute_endpoint(None).await;
     let (agent, listen) = agent(
         "round-robin",
         &[mute],
@@ -375,4 +385,82 @@ async fn a_call_reset_while_it_waits_for_a_connection_gives_its_window_back() {
         ) == 1.0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_request_sent_while_its_call_waits_for_a_connection_arrives_whole() {
+    // The call waits for its endpoint's handshake while its client sends the request message
+    // and then request trailers (gRPC clients send none; HTTP/2 allows them): once the
+    // endpoint answers, it gets the headers, the DATA and the trailers, and the call ends OK.
+    let endpoint = RawBackend::spawn(RawMode::Record).await;
+    let (late, accepted, release) = spawn_mute_endpoint(Some(endpoint.addr)).await;
+    let (_agent, listen) = agent(
+        "round-robin",
+        &[late],
+        "pool:\n  connect_timeout_ms: 30000\n",
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let block = frame::header_block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/helloworld.Greeter/SayHello"),
+        (":authority", &listen.to_string()),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame::encode(SETTINGS, 0, 0, &[]));
+    out.extend(frame::encode(HEADERS, END_HEADERS, 1, &block));
+    tcp.write_all(&out).await.unwrap();
+    wait_until(
+        "the call to wait on the endpoint's handshake",
+        BOUND,
+        || accepted.load(Relaxed) > 0,
+    )
+    .await;
+    let message = grpc_frame(&hello("held"));
+    let trailers = frame::header_block(&[("x-request-trailer", "1")]);
+    let mut out = frame::encode(DATA, 0, 1, &message);
+    out.extend(frame::encode(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &trailers,
+    ));
+    out.extend(frame::encode(PING, 0, 0, b"12345678"));
+    tcp.write_all(&out).await.unwrap();
+    // The PING answered: the proxy read the request while the call waited.
+    tokio::time::timeout(BOUND, async {
+        while let Some((kind, flags, _, _)) = frame::read(&mut tcp).await {
+            if kind == PING && flags & ACK != 0 {
+                return;
+            }
+        }
+        panic!("connection closed");
+    })
+    .await
+    .expect("the PING answered");
+    release.send(true).unwrap();
+    tokio::time::timeout(BOUND, async {
+        loop {
+            let (kind, flags, stream, payload) = frame::read(&mut tcp)
+                .await
+                .expect("the connection stays open");
+            match kind {
+                HEADERS if stream == 1 && flags & END_STREAM != 0 => return,
+                RST_STREAM if stream == 1 => panic!("the call was reset: {payload:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the call answered");
+    let requests = endpoint.stats.requests.lock().unwrap();
+    let [(data, trailers)] = &requests[..] else {
+        panic!("one request: {requests:?}");
+    };
+    assert_eq!(data[..], message[..], "the request message");
+    let trailers = trailers.as_ref().expect("the request trailers");
+    assert_eq!(trailers.get("x-request-trailer").unwrap(), "1");
 }

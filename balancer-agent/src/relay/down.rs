@@ -741,15 +741,19 @@ impl Down {
             if !r.data.is_empty() {
                 up.send_data(up_sid, &r.data, r.complete, &mut self.credits);
             }
-            if !held.data.is_empty() || (held.end && held.trailers.is_none()) {
-                up.send_data(up_sid, &held.data, held.end, &mut self.credits);
+            // Held DATA ends the request unless trailers do.
+            let data_end = held.end && held.trailers.is_none();
+            if !held.data.is_empty() || data_end {
+                up.send_data(up_sid, &held.data, data_end, &mut self.credits);
             }
             if let Some(t) = &held.trailers {
                 up.send_trailers(up_sid, t, &mut self.credits);
             }
             if let Some(c) = up.streams.get_mut(&up_sid).and_then(|s| s.call.as_mut()) {
                 c.replay = Some(r);
-                c.request_data(&held.data, held.end);
+                if !held.data.is_empty() || held.end {
+                    c.request_data(&held.data, held.end);
+                }
                 if held.trailers.is_some() {
                     // A request with trailers is not replayed (gRPC clients send none).
                     c.replay = None;
