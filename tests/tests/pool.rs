@@ -264,6 +264,31 @@ async fn spawn_mute_endpoint(
     (addr, accepted, release)
 }
 
+/// A hand-written client connection to `listen` whose call on stream 1 (request headers only,
+/// so far) waits for the handshake of a [`spawn_mute_endpoint`] that counts in `accepted`.
+async fn call_waiting_on(listen: SocketAddr, accepted: &AtomicUsize) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let block = frame::header_block(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/helloworld.Greeter/SayHello"),
+        (":authority", &listen.to_string()),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame::encode(SETTINGS, 0, 0, &[]));
+    out.extend(frame::encode(HEADERS, END_HEADERS, 1, &block));
+    tcp.write_all(&out).await.unwrap();
+    wait_until(
+        "the call to wait on the endpoint's handshake",
+        BOUND,
+        || accepted.load(Relaxed) > 0,
+    )
+    .await;
+    tcp
+}
+
 #[tokio::test]
 async fn a_call_waiting_for_a_new_connection_holds_up_no_other_call() {
     // Round-robin over an endpoint whose handshake never comes and a live one; the pool waits
@@ -338,23 +363,7 @@ async fn a_call_reset_while_it_waits_for_a_connection_gives_its_window_back() {
         "pool:\n  connect_timeout_ms: 30000\nlimits:\n  initial_connection_window: 65535\n",
     )
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
-    let block = frame::header_block(&[
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/helloworld.Greeter/SayHello"),
-        (":authority", &listen.to_string()),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]);
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame::encode(SETTINGS, 0, 0, &[]));
-    out.extend(frame::encode(HEADERS, END_HEADERS, 1, &block));
-    tcp.write_all(&out).await.unwrap();
-    wait_until("the call to wait on the mute endpoint", BOUND, || {
-        accepted.load(Relaxed) > 0
-    })
-    .await;
+    let mut tcp = call_waiting_on(listen, &accepted).await;
     // The whole connection window, in DATA the call holds; then the reset.
     let window = 65_535usize;
     let mut out = Vec::new();
@@ -400,25 +409,7 @@ async fn a_request_sent_while_its_call_waits_for_a_connection_arrives_whole() {
         "pool:\n  connect_timeout_ms: 30000\n",
     )
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
-    let block = frame::header_block(&[
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/helloworld.Greeter/SayHello"),
-        (":authority", &listen.to_string()),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]);
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame::encode(SETTINGS, 0, 0, &[]));
-    out.extend(frame::encode(HEADERS, END_HEADERS, 1, &block));
-    tcp.write_all(&out).await.unwrap();
-    wait_until(
-        "the call to wait on the endpoint's handshake",
-        BOUND,
-        || accepted.load(Relaxed) > 0,
-    )
-    .await;
+    let mut tcp = call_waiting_on(listen, &accepted).await;
     let message = grpc_frame(&hello("held"));
     let trailers = frame::header_block(&[("x-request-trailer", "1")]);
     let mut out = frame::encode(DATA, 0, 1, &message);
