@@ -31,7 +31,7 @@ use super::{
     call::{Call, End, Replay},
     conn::{Conn, Credit, Fields, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
-    read::{ConnError, HeaderBlock, connection_frame, unpad},
+    read::{self, ConnError, HeaderBlock, connection_frame, unpad},
     read_more, up,
 };
 use crate::{
@@ -595,11 +595,7 @@ impl Down {
         let (mut tried, deadline) = (std::mem::take(&mut r.tried), r.deadline);
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
-        let first = if tried.len() < MAX_ATTEMPTS {
-            service.balancer.pick(&tried)
-        } else {
-            None
-        };
+        let first = next_pick(&service, &tried);
         if let Some(guard) = &first
             && let Some(conn) = up::lease_pooled(guard.endpoint())
         {
@@ -856,7 +852,7 @@ impl Down {
     fn answer(
         &mut self,
         sid: u32,
-        service: Option<&crate::state::Service>,
+        service: Option<&Service>,
         path: &http::uri::PathAndQuery,
         start: Instant,
         status: Status,
@@ -868,20 +864,25 @@ impl Down {
             st.send_headers(sid, status_fields(&status, true).iter(), true);
         }
         drop(st);
-        let code = (status.code as u16).to_string();
+        self.unrouted_ended(service, path, start, &(status.code as u16).to_string());
+    }
+
+    /// Records a call that ended before it had an endpoint, with gRPC status `code`.
+    fn unrouted_ended(
+        &self,
+        service: Option<&Service>,
+        path: &http::uri::PathAndQuery,
+        start: Instant,
+        code: &str,
+    ) {
         self.proxy
             .metrics
-            .record_call(service, path.path(), &code, start.elapsed(), (0, 0));
+            .record_call(service, path.path(), code, start.elapsed(), (0, 0));
         self.proxy.call_ended();
     }
 
     fn reset(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if payload.len() != 4 {
-            return Err(ConnError::new(
-                Reason::FRAME_SIZE_ERROR,
-                "RST_STREAM not 4 bytes",
-            ));
-        }
+        read::rst_reason(payload)?;
         if head.stream == 0 || head.stream > self.last_sid {
             return Err(ConnError::new(
                 Reason::PROTOCOL_ERROR,
@@ -949,18 +950,18 @@ impl Down {
                 path,
                 start,
                 ..
-            } => {
-                self.proxy.metrics.record_call(
-                    Some(&service),
-                    path.path(),
-                    "1",
-                    start.elapsed(),
-                    (0, 0),
-                );
-                self.proxy.call_ended();
-            }
+            } => self.unrouted_ended(Some(&service), &path, start, "1"),
             Routing::Replay(call) => call.finish(End::Cancelled),
         }
+    }
+}
+
+/// The next endpoint to try for a call that tried `tried`, within [`MAX_ATTEMPTS`].
+fn next_pick(service: &Service, tried: &[SocketAddr]) -> Option<CallGuard> {
+    if tried.len() < MAX_ATTEMPTS {
+        service.balancer.pick(tried)
+    } else {
+        None
     }
 }
 
@@ -993,13 +994,7 @@ async fn pick(
     // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
     let (mut full, mut failed) = (false, !last_error.is_empty());
     loop {
-        let picked = if first.is_some() {
-            first.take()
-        } else if tried.len() < MAX_ATTEMPTS {
-            service.balancer.pick(tried)
-        } else {
-            None
-        };
+        let picked = first.take().or_else(|| next_pick(service, tried));
         let Some(guard) = picked else {
             return Err(if tried.is_empty() {
                 Status::unavailable(format!("service {} has no ready endpoint", service.name))

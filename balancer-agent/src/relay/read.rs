@@ -123,6 +123,17 @@ pub fn connection_frame(
     Ok(true)
 }
 
+/// The error code of a RST_STREAM frame's payload.
+pub fn rst_reason(payload: &[u8]) -> Result<Reason, ConnError> {
+    let Ok(code) = <[u8; 4]>::try_from(payload) else {
+        return Err(ConnError::new(
+            Reason::FRAME_SIZE_ERROR,
+            "RST_STREAM not 4 bytes",
+        ));
+    };
+    Ok(Reason(u32::from_be_bytes(code)))
+}
+
 /// Answers a PING.
 fn ping(conn: &Conn, head: Head, payload: &[u8]) -> Result<(), ConnError> {
     let Ok(payload) = <[u8; 8]>::try_from(payload) else {

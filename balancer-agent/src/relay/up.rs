@@ -28,7 +28,7 @@ use super::{
     call::End,
     conn::{Conn, Credit, Fields, Replayed, Role, State, Stream, apply, unlink},
     down::fail_stream,
-    read::{ConnError, HeaderBlock, connection_frame, unpad},
+    read::{self, ConnError, HeaderBlock, connection_frame, unpad},
     read_more,
 };
 use crate::{
@@ -357,14 +357,7 @@ impl Up {
                 }
             }
             kind::RST_STREAM => {
-                if payload.len() != 4 {
-                    return Err(ConnError::new(
-                        Reason::FRAME_SIZE_ERROR,
-                        "RST_STREAM not 4 bytes",
-                    ));
-                }
-                let reason = Reason(u32::from_be_bytes(payload.try_into().expect("4 bytes")));
-                self.reset(head.stream, reason);
+                self.reset(head.stream, read::rst_reason(payload)?);
                 Ok(())
             }
             kind::GOAWAY => {
