@@ -113,7 +113,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                 proxy::Listener {
                     name: l.name.as_str().into(),
                     default_service: l.default_service.as_deref().map(Into::into),
-                    engine: l.engine,
                 },
             ));
         }

@@ -64,20 +64,9 @@ pub struct ListenerConfig {
     pub address: String,
     /// The service for connections and calls that match no VIP and no authority.
     pub default_service: Option<String>,
-    /// The HTTP/2 engine: `relay` (default: the proxy's own frame relay) or `h2` (calls as
-    /// request/response objects on the h2 crate). See ARCHITECTURE.md.
-    pub engine: Engine,
-}
-
-/// Which HTTP/2 implementation serves a listener's connections.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// Calls as request/response objects on the h2 crate, a task per call.
-    H2,
-    /// Frames relayed between connections by the proxy's own HTTP/2 layer.
-    #[default]
-    Relay,
+    /// Removed with the h2 engine: the frame relay is the only engine. Refused when set.
+    #[serde(skip_serializing)]
+    pub engine: Removed,
 }
 
 impl Default for ListenerConfig {
@@ -86,8 +75,23 @@ impl Default for ListenerConfig {
             name: "outbound".into(),
             address: "127.0.0.1:15001".into(),
             default_service: None,
-            engine: Engine::Relay,
+            engine: Removed::default(),
         }
+    }
+}
+
+/// A field the agent no longer has. It reads any value, so that [`Config::problems`] can refuse
+/// it with the reason, where serde's unknown-field error would only list the fields there are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// The file names the field.
+    pub set: bool,
+}
+
+impl<'de> Deserialize<'de> for Removed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(Self { set: true })
     }
 }
 
@@ -159,8 +163,9 @@ pub struct Limits {
     pub max_pending_accept_reset_streams: usize,
     /// Stream errors a client may cause before its connection is closed. Default 1024.
     pub max_local_error_reset_streams: usize,
-    /// Reset streams remembered per connection. Default 50.
-    pub max_concurrent_reset_streams: usize,
+    /// Removed with the h2 engine, its only user. Refused when set.
+    #[serde(skip_serializing)]
+    pub max_concurrent_reset_streams: Removed,
     /// Calls in flight across all clients; above it, RESOURCE_EXHAUSTED. Default 100000.
     pub max_active_calls: usize,
     /// Client connections at once; above it, new ones are closed. Default 20000.
@@ -187,7 +192,7 @@ impl Default for Limits {
             max_send_buffer: 1024 * 1024,
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 1024,
-            max_concurrent_reset_streams: 50,
+            max_concurrent_reset_streams: Removed::default(),
             max_active_calls: 100_000,
             max_connections: 20_000,
             keepalive_interval_ms: 20_000,
@@ -441,6 +446,11 @@ impl Config {
             {
                 p.push(format!("{at}.default_service: no service is named {d:?}"));
             }
+            if l.engine.set {
+                p.push(format!(
+                    "{at}.engine: the h2 engine was removed; the frame relay is the only engine, delete this field"
+                ));
+            }
         }
         match self.admin.address.parse::<SocketAddr>() {
             Ok(a) if !a.ip().is_loopback() => p.push(format!(
@@ -454,6 +464,11 @@ impl Config {
             )),
         }
         let l = &self.limits;
+        if l.max_concurrent_reset_streams.set {
+            p.push(
+                "limits.max_concurrent_reset_streams: only the h2 engine used it and the h2 engine was removed; delete this field".into(),
+            );
+        }
         if !(16_384..=16_777_215).contains(&l.max_frame_size) {
             p.push(format!(
                 "limits.max_frame_size: {} is outside 16384..=16777215",
@@ -640,6 +655,39 @@ admin:
             "c.yaml",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn fields_of_the_removed_h2_engine_are_refused_with_the_reason() {
+        for engine in ["relay", "h2", "~"] {
+            let e = Config::from_yaml(
+                &format!("listeners:\n  - address: 127.0.0.1:15001\n  - address: 127.0.0.1:15002\n    engine: {engine}\n"),
+                "a.yaml",
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.problems,
+                [
+                    "listeners[1].engine: the h2 engine was removed; the frame relay is the only engine, delete this field"
+                ],
+                "engine: {engine}"
+            );
+        }
+        let e = Config::from_yaml(
+            "listeners:\n  - address: 127.0.0.1:15001\nlimits:\n  max_concurrent_reset_streams: 50\n",
+            "b.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                "limits.max_concurrent_reset_streams: only the h2 engine used it and the h2 engine was removed; delete this field"
+            ]
+        );
+        // Not in the configuration dump either.
+        let dump = serde_json::to_string(&Config::from_yaml(GOOD, "good.yaml").unwrap()).unwrap();
+        assert!(!dump.contains("engine"), "{dump}");
+        assert!(!dump.contains("max_concurrent_reset_streams"), "{dump}");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! One module per concern (see ARCHITECTURE.md for the picture):
 //! - [`config`]: the configuration file, its validation and defaults.
 //! - [`state`]: the service/endpoint store; immutable snapshots swapped atomically.
-//! - [`discovery`]: what feeds the store (the static file today; Kubernetes next).
+//! - [`discovery`]: what feeds the store (the static file, the Kubernetes API).
 //! - [`balance`]: per-call endpoint choice (P2C over peak-EWMA, least-request, round-robin).
-//! - [`proxy`]: the HTTP/2 demultiplexer: inbound connections, per-call forwarding, pools.
+//! - [`proxy`]: inbound connections (protocol detection, plain TCP relay), endpoint pools,
+//!   gRPC statuses and timeouts, the registry of connections and calls.
+//! - [`relay`]: the HTTP/2 engine, a frame relay that sends each call to its own endpoint;
+//!   [`wire`]: the HTTP/2 frames and HPACK it speaks.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the localhost admin server.
 //! - [`ebpf`]: loading, attaching and talking to the kernel programs.
 //! - [`workers`]: the data plane's single-threaded runtimes, one per core.

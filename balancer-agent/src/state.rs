@@ -139,7 +139,7 @@ impl Endpoint {
         Arc::new(Self {
             addr,
             stats: EndpointStats::default(),
-            pool: Pool::new(addr, pool),
+            pool: Pool::new(pool),
         })
     }
 }

@@ -42,9 +42,7 @@ pub fn local_addr() -> SocketAddr {
 }
 
 /// A configuration with one service `greeter` (the listener's default) over `endpoints`, and
-/// `extra` YAML appended at the top level (`limits:`, `pool:` sections). The listener's
-/// engine is `BALANCER_TEST_ENGINE` (the agent's default unless set), so a suite can run
-/// against either.
+/// `extra` YAML appended at the top level (`limits:`, `pool:` sections).
 pub fn config(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -61,13 +59,11 @@ pub fn config(
             .collect();
         format!("    endpoints:\n{list}")
     };
-    let engine = std::env::var("BALANCER_TEST_ENGINE").unwrap_or_else(|_| "relay".into());
     format!(
         r#"
 listeners:
   - address: {listen}
     default_service: greeter
-    engine: {engine}
 admin:
   address: {admin}
 services:

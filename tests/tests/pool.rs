@@ -198,9 +198,7 @@ async fn an_endpoint_that_stops_answering_pings_is_dropped_and_its_calls_fail() 
 #[tokio::test]
 async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
     // The relay answers such a call RESOURCE_EXHAUSTED at once (one task serves a client
-    // connection: waiting for a slot would stall its other calls); the h2 engine queues it in
-    // its own task until a slot frees.
-    let h2 = std::env::var("BALANCER_TEST_ENGINE").as_deref() == Ok("h2");
+    // connection: waiting for a slot would stall its other calls).
     // One connection of 4 streams to the only endpoint: 4 slow calls take every slot.
     let backend = narrow_backend().await;
     let (_agent, listen) = agent(
@@ -216,16 +214,15 @@ async fn a_call_beyond_every_connection_slot_stalls_no_other_call() {
     })
     .await;
     // A fifth call on the same client connection.
-    let fifth = c.clone().say_hello(hello("fifth")).await;
-    if h2 {
-        fifth.expect("queued until a slot freed");
-    } else {
-        let e = fifth.expect_err("no slot left");
-        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-        assert!(e.message().contains("stream limit"), "{e:?}");
-        // Answered while the slow calls still hold every slot.
-        assert_eq!(backend.stats.in_flight.load(Relaxed), 4);
-    }
+    let e = c
+        .clone()
+        .say_hello(hello("fifth"))
+        .await
+        .expect_err("no slot left");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("stream limit"), "{e:?}");
+    // Answered while the slow calls still hold every slot.
+    assert_eq!(backend.stats.in_flight.load(Relaxed), 4);
     // The client connection was not held up: the slow calls end well, and it takes more.
     for (i, s) in slow.into_iter().enumerate() {
         s.await

@@ -106,21 +106,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "NOTE: not root: the kernel and network-namespace tests will be SKIPPED; run as root to run them"
         );
     }
-    run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
-    if args.is_empty() {
-        // The call-path suites again against the other engine, the h2 crate's. Same package
-        // selection as the run above (no `-p`): the dependencies' features resolve the same, so
-        // the test binaries are reused instead of built a second time.
-        run(cargo()
-            .env("BALANCER_TEST_ENGINE", "h2")
-            .args(["test", "--no-fail-fast"])
-            .args(H2_SUITES.iter().flat_map(|t| ["--test", t])))?;
-    }
-    Ok(())
+    run(cargo().args(["test", "--no-fail-fast"]).args(args))
 }
-
-/// The end-to-end suites that run against the h2 engine too.
-const H2_SUITES: [&str; 6] = ["grpc", "interop", "resilience", "limits", "proxy", "pool"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

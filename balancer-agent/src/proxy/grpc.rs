@@ -1,10 +1,11 @@
-//! gRPC on the wire, as far as the proxy must know it: status codes, `grpc-timeout`, and the
-//! trailers-only responses that carry the proxy's own failures to the client.
+//! gRPC on the wire, as far as the proxy must know it: status codes, the proxy's own failures
+//! (`Status`, which the relay answers as trailers-only responses), `grpc-timeout`, and the
+//! message count of a stream.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header::CONTENT_TYPE};
+use http::HeaderValue;
 
 /// gRPC status codes the proxy produces or labels metrics with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,13 +25,6 @@ pub enum Code {
     Internal = 13,
     /// 14
     Unavailable = 14,
-}
-
-impl Code {
-    /// The code as a `grpc-status` value.
-    pub fn header(self) -> HeaderValue {
-        HeaderValue::from(self as u16)
-    }
 }
 
 /// A failure the proxy itself met on a call, as the client will see it.
@@ -66,30 +60,6 @@ impl Status {
             code: Code::ResourceExhausted,
             message: message.into(),
         }
-    }
-
-    /// `grpc-status` and `grpc-message` as trailers.
-    pub fn trailers(&self) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(2);
-        self.write(&mut h);
-        h
-    }
-
-    fn write(&self, h: &mut HeaderMap) {
-        h.insert("grpc-status", self.code.header());
-        if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.message)) {
-            h.insert("grpc-message", v);
-        }
-    }
-
-    /// A trailers-only response: HTTP 200 whose single HEADERS frame ends the stream.
-    pub fn trailers_only(&self) -> Response<()> {
-        let mut r = Response::new(());
-        *r.status_mut() = StatusCode::OK;
-        let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        self.write(h);
-        r
     }
 }
 
@@ -146,9 +116,43 @@ pub fn format_timeout(d: Duration) -> HeaderValue {
     HeaderValue::from_static("99999999H")
 }
 
-/// The `grpc-status` of a header block, if it carries one.
-pub fn status_of(h: &HeaderMap) -> Option<&str> {
-    h.get("grpc-status").and_then(|v| v.to_str().ok())
+/// Counts gRPC messages in a byte stream: each is a 1-byte flag and a 4-byte big-endian length,
+/// then that many bytes. Chunks may split a prefix or a message anywhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MessageCounter {
+    /// Messages whose prefix was seen.
+    pub count: u64,
+    /// Prefix bytes still to read (0 means: inside a message body, or at a boundary).
+    prefix_seen: u8,
+    prefix: [u8; 5],
+    /// Body bytes of the current message still to skip.
+    remaining: u64,
+}
+
+impl MessageCounter {
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(b.len());
+                self.remaining -= n as u64;
+                b = &b[n..];
+                continue;
+            }
+            let want = 5 - self.prefix_seen as usize;
+            let n = want.min(b.len());
+            self.prefix[self.prefix_seen as usize..self.prefix_seen as usize + n]
+                .copy_from_slice(&b[..n]);
+            self.prefix_seen += n as u8;
+            b = &b[n..];
+            if self.prefix_seen == 5 {
+                self.count += 1;
+                self.prefix_seen = 0;
+                let p = self.prefix;
+                self.remaining = u64::from(u32::from_be_bytes([p[1], p[2], p[3], p[4]]));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -177,15 +181,30 @@ mod tests {
     }
 
     #[test]
-    fn trailers_only_carries_status_and_message() {
-        let r =
-            Status::unavailable("endpoint 10.0.0.1:80: connection refused 100%").trailers_only();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["content-type"], "application/grpc");
-        assert_eq!(r.headers()["grpc-status"], "14");
+    fn messages_are_percent_encoded() {
         assert_eq!(
-            r.headers()["grpc-message"],
+            percent_encode("endpoint 10.0.0.1:80: connection refused 100%"),
             "endpoint 10.0.0.1:80: connection refused 100%25"
         );
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(7u8, len as usize));
+        v
+    }
+
+    #[test]
+    fn counts_messages_across_any_split() {
+        let stream: Vec<u8> = [frame(0), frame(3), frame(70_000), frame(1)].concat();
+        for chunk in [1, 2, 3, 5, 7, 4096, stream.len()] {
+            let mut c = MessageCounter::default();
+            for part in stream.chunks(chunk) {
+                c.feed(part);
+            }
+            assert_eq!(c.count, 4, "chunk size {chunk}");
+        }
     }
 }

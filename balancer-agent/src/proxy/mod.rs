@@ -1,9 +1,10 @@
 //! The HTTP/2 demultiplexer.
 //!
 //! A client connection is accepted on a listener ([`Proxy::serve`]), its protocol detected
-//! (the HTTP/2 client preface, or plain TCP), and for HTTP/2 every stream, one gRPC call, is
-//! forwarded on its own ([`forward`]) to an endpoint chosen for that call, over pooled
-//! connections ([`pool`]). A connection that is not HTTP/2 is relayed as TCP to one endpoint.
+//! (the HTTP/2 client preface, or plain TCP), and for HTTP/2 served by the frame relay
+//! (`crate::relay`), which sends every stream, one gRPC call, to an endpoint chosen for that
+//! call over pooled connections ([`pool`]). A connection that is not HTTP/2 is relayed as TCP to
+//! one endpoint.
 //!
 //! Which service a connection means: the original destination the datapath recorded
 //! ([`OrigDstLookup`]), else each call's `:authority`, else the listener's default service.
@@ -13,10 +14,8 @@
 //! own connection only.
 #![forbid(unsafe_code)]
 
-pub mod forward;
 pub mod grpc;
 pub mod pool;
-pub mod pump;
 pub mod registry;
 
 use std::{
@@ -28,7 +27,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -134,8 +132,6 @@ pub struct Listener {
     pub name: Arc<str>,
     /// The default service for calls that match nothing else.
     pub default_service: Option<Arc<str>>,
-    /// The HTTP/2 engine that serves its connections.
-    pub engine: crate::config::Engine,
 }
 
 impl Proxy {
@@ -241,10 +237,9 @@ impl Proxy {
         self.metrics.client_connections.inc();
         let info = self.registry.open_connection(peer, local, &target);
         let result = match detect_h2(&stream, ms(self.limits.protocol_detect_timeout_ms)).await {
-            Ok(true) if l.engine == crate::config::Engine::Relay => {
+            Ok(true) => {
                 crate::relay::serve(self.clone(), stream, Arc::new(target), info.clone()).await
             }
-            Ok(true) => self.clone().serve_h2(stream, target, info.clone()).await,
             Ok(false) => self.relay_tcp(stream, &target).await,
             Err(e) => Err(e.to_string()),
         };
@@ -254,74 +249,6 @@ impl Proxy {
         self.registry.close_connection(&info);
         self.metrics.client_connections.dec();
         self.connections.fetch_sub(1, Relaxed);
-    }
-
-    async fn serve_h2(
-        self: Arc<Self>,
-        stream: TcpStream,
-        target: Target,
-        info: Arc<ConnInfo>,
-    ) -> Result<(), String> {
-        let l = &self.limits;
-        let mut conn = h2::server::Builder::new()
-            .initial_window_size(l.initial_stream_window)
-            .initial_connection_window_size(l.initial_connection_window)
-            .max_frame_size(l.max_frame_size)
-            .max_header_list_size(l.max_header_list_size)
-            .max_concurrent_streams(l.max_concurrent_streams)
-            .max_send_buffer_size(l.max_send_buffer)
-            .max_pending_accept_reset_streams(l.max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(Some(l.max_local_error_reset_streams))
-            .max_concurrent_reset_streams(l.max_concurrent_reset_streams)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let target = Arc::new(target);
-        // The keepalive task ends only when a PING goes unanswered; it is aborted with the
-        // connection. The connection itself is driven by `accept()` below.
-        let mut keepalive =
-            match conn.ping_pong() {
-                Some(p) if l.keepalive_interval_ms > 0 => Some(AbortOnDrop(tokio::spawn(
-                    keepalive(p, ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
-                ))),
-                _ => None,
-            };
-        let mut drain = self.drain.clone();
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                next = conn.accept() => match next {
-                    Some(Ok((request, respond))) => {
-                        let proxy = self.clone();
-                        let target = target.clone();
-                        let info = info.clone();
-                        // Boxed: a call's future is several KiB, and tokio moves a task's
-                        // future on spawn and again when it completes.
-                        tokio::spawn(Box::pin(forward::call(proxy, target, info, request, respond)));
-                    }
-                    Some(Err(e)) => {
-                        let reason = if e.is_go_away() || e.is_reset() { "protocol" } else { "io" };
-                        self.metrics.client_connection_errors.with_label_values(&[reason]).inc();
-                        return Err(format!("client connection: {e}"));
-                    }
-                    None => return Ok(()),
-                },
-                () = drained(&mut drain), if !draining => {
-                    draining = true;
-                    conn.graceful_shutdown();
-                }
-                _ = async { (&mut keepalive.as_mut().expect("guarded").0).await },
-                    if keepalive.is_some() => {
-                    keepalive = None;
-                    self.metrics
-                        .client_connection_errors
-                        .with_label_values(&["keepalive_timeout"])
-                        .inc();
-                    // Keep polling accept() so the GOAWAY is written and the streams end.
-                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                }
-            }
-        }
     }
 
     /// A connection that is not HTTP/2: relay it to one endpoint of its service.
@@ -395,24 +322,4 @@ async fn detect_h2(stream: &TcpStream, timeout: Duration) -> std::io::Result<boo
 /// Resolves once the drain signal is set (or its sender is gone).
 pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Pings every `interval`; returns when a PING goes unanswered for `timeout`.
-async fn keepalive(mut ping_pong: h2::PingPong, interval: Duration, timeout: Duration) {
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-    }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::conn::Fields;
 use crate::{
     balance::CallGuard,
-    proxy::{Proxy, pump::MessageCounter, registry::CallHandle},
+    proxy::{Proxy, grpc::MessageCounter, registry::CallHandle},
     state::Service,
 };
 

@@ -2,9 +2,7 @@
 //!
 //! One run, side by side, against the same four greeter backends:
 //! - `direct`: the client spreads its calls itself over one connection per backend (baseline);
-//! - `agent`: balancer-agent, standalone configuration, P2C over peak-EWMA, default engine (the
-//!   frame relay);
-//! - `agent-h2`: the same with the h2 crate's engine (`listeners[].engine: h2`);
+//! - `agent`: balancer-agent, standalone configuration, P2C over peak-EWMA;
 //! - `nginx`: `grpc_pass` to an upstream of the four backends, HTTP/2 listener;
 //! - `haproxy`: `mode http`, `proto h2` on the bind line and on the servers, round robin.
 //!
@@ -42,7 +40,7 @@ use serde_json::json;
 use peers::{Placement, Proxy};
 
 /// The targets, in the order they are run and shown.
-pub const TARGETS: [&str; 5] = ["direct", "agent", "agent-h2", "nginx", "haproxy"];
+pub const TARGETS: [&str; 4] = ["direct", "agent", "nginx", "haproxy"];
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -147,10 +145,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
     let wants = |t: &str| opts.targets.iter().any(|x| x == t);
     let mut proxies: Vec<Proxy> = Vec::new();
     if wants("agent") {
-        proxies.push(peers::start_agent(&opts.placement, &backends, "relay")?);
-    }
-    if wants("agent-h2") {
-        proxies.push(peers::start_agent(&opts.placement, &backends, "h2")?);
+        proxies.push(peers::start_agent(&opts.placement, &backends)?);
     }
     if wants("nginx") {
         proxies.push(peers::start_nginx(&opts.placement, &backends)?);
@@ -361,10 +356,8 @@ impl<'a> Report<'a> {
         concurrency.dedup();
         let mut ratios = Vec::new();
         let mut targets = Vec::new();
-        for (who, &c) in ["agent", "agent-h2"]
-            .into_iter()
-            .flat_map(|who| concurrency.iter().map(move |c| (who, c)))
-        {
+        let who = "agent";
+        for &c in &concurrency {
             let agent = runs(results, who, c);
             if agent.is_empty() {
                 continue;

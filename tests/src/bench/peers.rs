@@ -171,11 +171,7 @@ fn finish(
 
 /// balancer-agent, standalone (a static file, no datapath), P2C over peak-EWMA. Its data-plane
 /// runtime gets `placement.workers` workers (`--workers`).
-pub fn start_agent(
-    placement: &Placement,
-    backends: &[SocketAddr],
-    engine: &str,
-) -> anyhow::Result<Proxy> {
+pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-agent");
     let port = free_port();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -185,7 +181,7 @@ pub fn start_agent(
         .map(|b| format!("      - address: {b}\n"))
         .collect();
     let config = format!(
-        "listeners:\n  - address: {addr}\n    default_service: greeter\n    engine: {engine}\n\
+        "listeners:\n  - address: {addr}\n    default_service: greeter\n\
          admin:\n  address: {admin}\n\
          services:\n  - name: greeter\n    authorities: [greeter.bench]\n    policy: p2c-ewma\n    endpoints:\n{endpoints}"
     );
@@ -202,8 +198,7 @@ pub fn start_agent(
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let name = if engine == "h2" { "agent-h2" } else { "agent" };
-    finish(name, child, addr, dir, || {
+    finish("agent", child, addr, dir, || {
         matches!(
             balancer_tests::agent::http_get(admin, "/ready"),
             Ok((200, _))
