@@ -157,8 +157,15 @@ pub struct Limits {
     pub initial_stream_window: u32,
     /// Initial connection flow-control window, bytes. Default 4 MiB.
     pub initial_connection_window: u32,
-    /// Bytes the proxy buffers per stream before it stops reading. Default 1 MiB.
+    /// The client connection's write buffer, bytes: DATA beyond it waits (its sender gets no
+    /// window back), and a client that makes the proxy write past it without reading is not
+    /// read until it reads. Default 1 MiB.
     pub max_send_buffer: usize,
+    /// Response bytes the proxy holds for one client connection, waiting for the client's
+    /// windows or its reading, across all its streams; a client that leaves more unread loses
+    /// its connection (ENHANCE_YOUR_CALM). Each stream holds at most `pool.initial_stream_window`
+    /// (its endpoint gets no window back meanwhile). Default 32 MiB.
+    pub max_connection_buffer: usize,
     /// Streams a client may reset before they are accepted (rapid-reset protection). Default 20.
     pub max_pending_accept_reset_streams: usize,
     /// Stream errors a client may cause before its connection is closed. Default 1024.
@@ -190,6 +197,7 @@ impl Default for Limits {
             initial_stream_window: 1024 * 1024,
             initial_connection_window: 4 * 1024 * 1024,
             max_send_buffer: 1024 * 1024,
+            max_connection_buffer: 32 * 1024 * 1024,
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 1024,
             max_concurrent_reset_streams: Removed::default(),

@@ -32,6 +32,18 @@ use prometheus::{
 
 use crate::state::{Service, Store};
 
+/// Times a connection's write buffer reached its bound (`limits.max_send_buffer` for client
+/// connections) and DATA had to wait for the peer to read: a peer that does not read holds
+/// the proxy to that bound instead of growing its memory. Counted where the write happens,
+/// which knows no `Metrics`, hence a process-wide counter.
+pub static WRITE_BUFFER_FULL: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    IntCounter::new(
+        "balancer_write_buffer_full_total",
+        "Times a connection's write buffer reached its bound and DATA waited for the peer to read.",
+    )
+    .expect("valid metric")
+});
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +60,9 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// Client connections closed for breaking a limit or the protocol.
     pub client_connection_errors: IntCounterVec,
+    /// Client streams the proxy reset for a stream error, by reason (the request never
+    /// reached an endpoint, or its call was cancelled there).
+    pub client_stream_errors: IntCounterVec,
     /// Configuration reloads by result (`ok`, `rejected`).
     pub config_reloads: IntCounterVec,
     methods: RwLock<HashMap<String, HashSet<String>>>,
@@ -129,6 +144,15 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let client_stream_errors = IntCounterVec::new(
+            Opts::new(
+                "balancer_client_stream_errors_total",
+                "Client streams reset by the proxy for a stream error (a malformed request, \
+                 a frame on a closed stream, a flow-control error), by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "balancer_config_reloads_total",
@@ -157,6 +181,8 @@ impl Metrics {
             Box::new(active_calls.clone()),
             Box::new(client_connections.clone()),
             Box::new(client_connection_errors.clone()),
+            Box::new(client_stream_errors.clone()),
+            Box::new(WRITE_BUFFER_FULL.clone()),
             Box::new(config_reloads.clone()),
             Box::new(discovery_lag.clone()),
             Box::new(EndpointCollector::new(store)),
@@ -175,6 +201,7 @@ impl Metrics {
             active_calls,
             client_connections,
             client_connection_errors,
+            client_stream_errors,
             config_reloads,
             methods: RwLock::new(HashMap::new()),
             max_methods,

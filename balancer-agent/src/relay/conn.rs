@@ -14,7 +14,7 @@
 //! writer at the other end.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     task::Waker,
 };
@@ -139,6 +139,8 @@ pub struct Stream {
     /// Leading bytes of the DATA still to send that the sender was already granted back: a
     /// replayed request resends bytes credited on their first way out.
     pub no_credit: usize,
+    /// Request DATA still due by the client's `content-length` (client streams).
+    pub content_left: Option<u64>,
 }
 
 impl Stream {
@@ -156,6 +158,7 @@ impl Stream {
             recv_done: false,
             call: None,
             no_credit: 0,
+            content_left: None,
         }
     }
 
@@ -232,7 +235,41 @@ pub struct State {
     pub created: Instant,
     /// Calls to send to another endpoint (server role).
     pub replays: Vec<Replayed>,
+    /// The write buffer's bound for DATA: beyond it, DATA waits in its stream (whose window
+    /// the sender does not get back meanwhile) and, once control frames push the buffer past
+    /// it, the connection's task stops reading its peer until the peer reads.
+    pub max_out: usize,
+    /// DATA waits because the write buffer reached `max_out`: drained once it is half empty.
+    pub out_full: bool,
+    /// DATA waiting in the streams' `pending` buffers, bytes.
+    pub held: usize,
+    /// Above this much `held`, the connection's peer is not reading what it asked for and
+    /// loses the connection (client connections; `limits.max_connection_buffer`).
+    pub max_held: usize,
+    /// Streams this side reset or refused lately, newest last (at most [`RESET_MEMORY`]):
+    /// frames the peer sent on them before it saw the reset are ignored, frames on other
+    /// closed streams are a protocol error (RFC 9113 §5.1).
+    recent_resets: VecDeque<u32>,
+    /// Streams the proxy reset with no response from the endpoint (its clients reset them),
+    /// in the current second (see [`State::note_early_cancel`]).
+    early_cancels: (Instant, u32),
 }
+
+/// Streams remembered as reset by this side, per connection.
+const RESET_MEMORY: usize = 128;
+
+/// The bound of a connection's write buffer for DATA unless configured (endpoint connections).
+pub const DEFAULT_MAX_OUT: usize = 1024 * 1024;
+
+/// An endpoint connection that had this many streams cancelled before the endpoint answered
+/// them within a second takes no more calls. A server library counts such streams against a
+/// rapid-reset limit (the h2 crate: 20 pending at once) and closes the connection when it is
+/// passed, which would fail every other call on it; the proxy moves new calls to another
+/// connection long before that.
+pub const EARLY_CANCEL_RETIRE: u32 = 10;
+
+/// How young an unanswered stream must be for its cancel to count as early.
+const EARLY_CANCEL_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl State {
     pub fn new(role: Role, recv_target: i64, stream_recv_target: i64) -> Self {
@@ -257,13 +294,67 @@ impl State {
             retired: false,
             created: Instant::now(),
             replays: Vec::new(),
+            max_out: DEFAULT_MAX_OUT,
+            out_full: false,
+            held: 0,
+            max_held: usize::MAX,
+            recent_resets: VecDeque::new(),
+            early_cancels: (Instant::now(), 0),
+        }
+    }
+
+    /// This side reset (or refused) stream `sid`: remembered a while, see `recent_resets`.
+    pub fn note_reset(&mut self, sid: u32) {
+        if self.recent_resets.len() == RESET_MEMORY {
+            self.recent_resets.pop_front();
+        }
+        self.recent_resets.push_back(sid);
+    }
+
+    /// This side reset stream `sid` lately: frames the peer sent before it knew are expected.
+    pub fn reset_lately(&self, sid: u32) -> bool {
+        self.recent_resets.contains(&sid)
+    }
+
+    /// Writes a RST_STREAM for a stream that is not (or no longer) in `streams`.
+    pub fn refuse(&mut self, sid: u32, reason: Reason) {
+        frame::rst_stream(&mut self.out, sid, reason);
+        self.note_reset(sid);
+        self.wake();
+    }
+
+    /// An endpoint stream was cancelled before the endpoint answered it: past
+    /// [`EARLY_CANCEL_RETIRE`] in a second the connection is retired from its pool.
+    pub fn note_early_cancel(&mut self) {
+        let now = Instant::now();
+        let (since, n) = &mut self.early_cancels;
+        if now.duration_since(*since) >= std::time::Duration::from_secs(1) {
+            *since = now;
+            *n = 0;
+        }
+        *n += 1;
+        if *n >= EARLY_CANCEL_RETIRE && !self.retired {
+            self.retired = true;
+            self.wake();
         }
     }
 
     /// The task that owns the socket has something to do besides reading: calls to replay,
     /// or, on an endpoint connection no longer in use, closing it.
     pub fn has_work(&self) -> bool {
-        !self.replays.is_empty() || self.finished()
+        !self.replays.is_empty() || self.finished() || self.overloaded()
+    }
+
+    /// More DATA waits here than the peer may leave unread (`max_held`).
+    pub fn overloaded(&self) -> bool {
+        self.held > self.max_held
+    }
+
+    /// Takes stream `sid` out of the connection.
+    pub fn remove(&mut self, sid: u32) -> Option<Stream> {
+        let s = self.streams.remove(&sid)?;
+        self.held -= s.pending.len();
+        Some(s)
     }
 
     /// An endpoint connection that takes no more calls and has none left.
@@ -328,6 +419,8 @@ impl State {
                 out: &mut self.out,
                 conn_window: &mut self.send_window,
                 max_frame: self.peer_max_frame,
+                max_out: self.max_out,
+                full: &mut self.out_full,
             };
             let n = w.data(sid, &mut s.send_window, data, end);
             s.written(n, credits);
@@ -335,6 +428,7 @@ impl State {
             if !all {
                 s.pending.extend_from_slice(&data[n..]);
                 s.pending_end = end;
+                self.held += data.len() - n;
             } else if end {
                 self.sent_end(sid);
             }
@@ -342,7 +436,11 @@ impl State {
         } else {
             s.pending.extend_from_slice(data);
             s.pending_end |= end;
+            self.held += data.len();
             self.drain(sid, credits);
+            if self.overloaded() {
+                self.wake();
+            }
         }
         true
     }
@@ -373,6 +471,8 @@ impl State {
             out: &mut self.out,
             conn_window: &mut self.send_window,
             max_frame: self.peer_max_frame,
+            max_out: self.max_out,
+            full: &mut self.out_full,
         };
         let n = w.data(sid, &mut s.send_window, &s.pending, end);
         s.written(n, credits);
@@ -381,6 +481,7 @@ impl State {
             return;
         }
         s.pending.advance(n);
+        self.held -= n;
         let end = all && end;
         if all {
             s.pending = BytesMut::new();
@@ -404,7 +505,7 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for sid in waiting {
-            if self.send_window <= 0 {
+            if self.send_window <= 0 || self.out_full {
                 break;
             }
             self.drain(sid, credits);
@@ -420,10 +521,10 @@ impl State {
         };
         s.send_done = true;
         if s.recv_done {
-            self.streams.remove(&sid);
+            self.remove(sid);
         } else if self.role == Role::Server {
-            frame::rst_stream(&mut self.out, sid, Reason::NO_ERROR);
-            self.streams.remove(&sid);
+            self.remove(sid);
+            self.refuse(sid, Reason::NO_ERROR);
         }
     }
 
@@ -436,10 +537,10 @@ impl State {
         };
         s.recv_done = true;
         if s.send_done {
-            self.streams.remove(&sid);
+            self.remove(sid);
         } else if self.role == Role::Client {
             frame::rst_stream(&mut self.out, sid, Reason::CANCEL);
-            if let Some(c) = self.streams.remove(&sid).and_then(|s| s.uncredited()) {
+            if let Some(c) = self.remove(sid).and_then(|s| s.uncredited()) {
                 credits.push(c);
             }
             self.wake();
@@ -448,10 +549,15 @@ impl State {
 
     /// Resets `sid` and forgets it; returns the stream if it was there.
     pub fn reset(&mut self, sid: u32, reason: Reason) -> Option<Stream> {
-        let s = self.streams.remove(&sid)?;
+        let s = self.remove(sid)?;
         if !self.closed {
-            frame::rst_stream(&mut self.out, sid, reason);
-            self.wake();
+            // A stream cancelled within a second of its HEADERS, unanswered: what a server
+            // library counts as a reset before it accepted the stream.
+            let early = |c: &Call| !c.responded && c.start.elapsed() < EARLY_CANCEL_AGE;
+            if self.role == Role::Client && s.call.as_deref().is_some_and(early) {
+                self.note_early_cancel();
+            }
+            self.refuse(sid, reason);
         }
         Some(s)
     }
@@ -463,14 +569,17 @@ impl State {
             return;
         }
         let n = n as i64;
-        let mut wrote = owe(
-            &mut self.out,
-            0,
-            n,
-            &mut self.recv_owed,
-            &mut self.recv_window,
-            self.recv_target,
-        );
+        // An endpoint connection's window was granted back when the DATA arrived
+        // ([`State::credit_connection`]).
+        let mut wrote = self.role == Role::Server
+            && owe(
+                &mut self.out,
+                0,
+                n,
+                &mut self.recv_owed,
+                &mut self.recv_window,
+                self.recv_target,
+            );
         if let Some(s) = self.streams.get_mut(&sid)
             && !s.recv_done
         {
@@ -484,6 +593,25 @@ impl State {
             );
         }
         if wrote {
+            self.wake();
+        }
+    }
+
+    /// Grants back `n` bytes of an endpoint connection's window as soon as they arrived. Only
+    /// the stream's window waits for the client to take the bytes: a client that does not
+    /// read holds up its own streams, never the connection other clients' calls share (its
+    /// unread bytes are bounded by `max_held` on its own connection).
+    pub fn credit_connection(&mut self, n: usize) {
+        if !self.closed
+            && owe(
+                &mut self.out,
+                0,
+                n as i64,
+                &mut self.recv_owed,
+                &mut self.recv_window,
+                self.recv_target,
+            )
+        {
             self.wake();
         }
     }
@@ -506,32 +634,57 @@ impl State {
         Ok(())
     }
 
-    /// The peer's new SETTINGS_INITIAL_WINDOW_SIZE: every stream's window moves by the change.
-    pub fn set_peer_initial_window(&mut self, w: i64, credits: &mut Vec<Credit>) {
+    /// The peer's new SETTINGS_INITIAL_WINDOW_SIZE: every stream's window moves by the change;
+    /// one pushed past 2^31-1 is a connection error (RFC 9113 §6.9.2).
+    pub fn set_peer_initial_window(
+        &mut self,
+        w: i64,
+        credits: &mut Vec<Credit>,
+    ) -> Result<(), ConnError> {
         let delta = w - self.peer_initial_window;
         self.peer_initial_window = w;
+        let mut over = false;
         for s in self.streams.values_mut() {
             s.send_window += delta;
+            over |= s.send_window > frame::MAX_WINDOW;
+        }
+        if over {
+            return Err(ConnError::new(
+                Reason::FLOW_CONTROL_ERROR,
+                "SETTINGS_INITIAL_WINDOW_SIZE pushed a stream window above 2^31-1",
+            ));
         }
         if delta > 0 {
             self.drain_all(credits);
         }
+        Ok(())
     }
 }
 
-/// Writes DATA under a connection's and a stream's send windows.
+/// Writes DATA under a connection's and a stream's send windows, and the write buffer's bound.
 struct Writer<'a> {
     out: &'a mut BytesMut,
     conn_window: &'a mut i64,
     max_frame: usize,
+    max_out: usize,
+    /// Set when the write buffer's bound cut the DATA short.
+    full: &'a mut bool,
 }
 
 impl Writer<'_> {
-    /// Writes as much of `data` as both windows allow (END_STREAM with its last byte if `end`
-    /// and all of it fits, an empty DATA if `data` is empty) and takes it from the windows.
-    /// Returns the bytes written.
+    /// Writes as much of `data` as both windows and the write buffer's bound allow (END_STREAM
+    /// with its last byte if `end` and all of it fits, an empty DATA if `data` is empty) and
+    /// takes it from the windows. Returns the bytes written.
     fn data(&mut self, sid: u32, stream_window: &mut i64, data: &[u8], end: bool) -> usize {
-        let n = ((*self.conn_window).min(*stream_window).max(0) as usize).min(data.len());
+        let windows = ((*self.conn_window).min(*stream_window).max(0) as usize).min(data.len());
+        let room = self.max_out.saturating_sub(self.out.len());
+        if room < windows {
+            if !*self.full {
+                crate::metrics::WRITE_BUFFER_FULL.inc();
+            }
+            *self.full = true;
+        }
+        let n = windows.min(room);
         let all = n == data.len();
         if n == 0 && !(all && end) {
             return 0;

@@ -31,7 +31,7 @@ use super::{
     call::{Call, End, Replay},
     conn::{Conn, Credit, Fields, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
-    read::{self, ConnError, HeaderBlock, connection_frame, unpad},
+    read::{self, ConnError, HeaderBlock, check_connection_frame, connection_frame, unpad},
     read_more, up,
 };
 use crate::{
@@ -46,6 +46,7 @@ use crate::{
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
+        message::{self, Malformed},
     },
 };
 
@@ -189,6 +190,8 @@ pub async fn serve(
         conn_window,
         i64::from(l.initial_stream_window),
     );
+    state.max_out = l.max_send_buffer;
+    state.max_held = l.max_connection_buffer;
     frame::settings(
         &mut state.out,
         &[
@@ -250,21 +253,8 @@ pub async fn serve(
                     && k.due() <= Instant::now()
                     && !k.fire(&conn)
                 {
-                    down.proxy
-                        .metrics
-                        .client_connection_errors
-                        .with_label_values(&["keepalive_timeout"])
-                        .inc();
-                    {
-                        let mut st = conn.lock();
-                        frame::goaway(&mut st.out, down.last_sid, Reason::NO_ERROR, b"keepalive");
-                    }
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        flush(&conn, &sock),
-                    )
-                    .await;
-                    break Err("client connection: keepalive PING unanswered".into());
+                    let error = ConnError::new(Reason::NO_ERROR, "keepalive PING unanswered");
+                    break Err(down.close_for(&sock, "keepalive_timeout", error, FLUSH_WAIT).await);
                 }
                 continue;
             }
@@ -290,6 +280,19 @@ pub async fn serve(
                 }
             }
             Ok(Io::Work) => {
+                let held = {
+                    let st = conn.lock();
+                    st.overloaded().then_some(st.held)
+                };
+                if let Some(held) = held {
+                    let error = ConnError::new(
+                        Reason::ENHANCE_YOUR_CALM,
+                        format!("{held} response bytes left unread (limits.max_connection_buffer)"),
+                    );
+                    // The client does not read: the GOAWAY goes out only if there is room.
+                    let wait = std::time::Duration::from_millis(100);
+                    break Err(down.close_for(&sock, "unread_responses", error, wait).await);
+                }
                 let replays = std::mem::take(&mut conn.lock().replays);
                 for r in replays {
                     down.replay(r);
@@ -309,18 +312,7 @@ pub async fn serve(
             preface = true;
         }
         if let Err(e) = down.frames(&mut rbuf) {
-            down.proxy
-                .metrics
-                .client_connection_errors
-                .with_label_values(&["protocol"])
-                .inc();
-            {
-                let mut st = conn.lock();
-                frame::goaway(&mut st.out, down.last_sid, e.reason, e.message.as_bytes());
-            }
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), flush(&conn, &sock)).await;
-            break Err(format!("client connection: {}: {}", e.reason, e.message));
+            break Err(down.close_for(&sock, "protocol", e, FLUSH_WAIT).await);
         }
         if draining && conn.lock().streams.is_empty() {
             let _ = flush(&conn, &sock).await;
@@ -331,7 +323,37 @@ pub async fn serve(
     result
 }
 
+/// How long a connection being closed may take to write its last frames.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Down {
+    /// Closes the connection for `error`: counted under `label`, a GOAWAY with its reason and
+    /// message flushed for at most `wait`. Returns what the log says.
+    async fn close_for(
+        // `&mut`: the future stays `Send` (`Down` is not `Sync`).
+        &mut self,
+        sock: &TcpStream,
+        label: &str,
+        error: ConnError,
+        wait: std::time::Duration,
+    ) -> String {
+        self.proxy
+            .metrics
+            .client_connection_errors
+            .with_label_values(&[label])
+            .inc();
+        {
+            let mut st = self.conn.lock();
+            let debug = error.message.as_bytes();
+            frame::goaway(&mut st.out, self.last_sid, error.reason, debug);
+        }
+        // Its calls end now, not after the flush: their endpoints stop sending, and what
+        // waited for the client is freed.
+        self.close();
+        let _ = tokio::time::timeout(wait, flush(&self.conn, sock)).await;
+        format!("client connection: {}: {}", error.reason, error.message)
+    }
+
     /// Handles every complete frame in `rbuf`.
     fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
         let max_frame = self.proxy.limits.max_frame_size as usize;
@@ -356,8 +378,23 @@ impl Down {
 
     fn frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
         self.block.check(head.kind)?;
+        check_connection_frame(head)?;
         match head.kind {
             kind::DATA => self.data(head, payload),
+            kind::PRIORITY => match read::check_priority(head, payload)? {
+                Some(reason) => self.stream_error(head.stream, reason, "bad_priority"),
+                None => Ok(()),
+            },
+            kind::WINDOW_UPDATE if head.stream > self.last_sid || head.stream.is_multiple_of(2) => {
+                if head.stream == 0 {
+                    return connection_frame(&self.conn, head, payload, &mut self.credits)
+                        .map(drop);
+                }
+                Err(ConnError::new(
+                    Reason::PROTOCOL_ERROR,
+                    "WINDOW_UPDATE on a stream not opened",
+                ))
+            }
             kind::HEADERS | kind::CONTINUATION => {
                 if self.block.frame(head, payload, self.max_block)? {
                     self.headers()
@@ -372,8 +409,8 @@ impl Down {
                 }
                 Ok(())
             }
-            // PRIORITY, GOAWAY (the client opens no more streams; it closes when done) and
-            // unknown types are ignored.
+            // GOAWAY (the client opens no more streams; it closes when done) and unknown types
+            // are ignored.
             _ => connection_frame(&self.conn, head, payload, &mut self.credits).map(drop),
         }
     }
@@ -390,10 +427,35 @@ impl Down {
         let data = unpad(head.flags, payload)?;
         let mut st = self.conn.lock();
         st.received(sid, payload.len())?;
-        let link = match st.streams.get(&sid) {
-            Some(s) if !s.recv_done => Some(s.link.clone()),
-            // A closed stream (reset, or its call answered): the window goes back at once.
-            _ => None,
+        let reset_lately = st.reset_lately(sid);
+        let link = match st.streams.get_mut(&sid) {
+            Some(s) if !s.recv_done => {
+                if let Some(left) = &mut s.content_left {
+                    let n = data.len() as u64;
+                    if n > *left || (end && n != *left) {
+                        st.credit(sid, payload.len());
+                        drop(st);
+                        return self.malformed(sid, Malformed::ContentLengthMismatch);
+                    }
+                    *left -= n;
+                }
+                Some(s.link.clone())
+            }
+            // Half-closed (remote): the client ended its request already (RFC 9113 §5.1).
+            Some(_) => {
+                st.credit(sid, payload.len());
+                drop(st);
+                return self.stream_error(sid, Reason::STREAM_CLOSED, "stream_closed");
+            }
+            // A stream the proxy reset: DATA the client sent before it knew is expected, and
+            // its window goes back at once.
+            None if reset_lately => None,
+            None => {
+                return Err(ConnError::new(
+                    Reason::STREAM_CLOSED,
+                    format!("DATA on closed stream {sid}"),
+                ));
+            }
         };
         let padding = payload.len() - data.len();
         if end {
@@ -458,31 +520,29 @@ impl Down {
             Err(e) => return Err(ConnError::new(Reason::COMPRESSION_ERROR, e.to_string())),
         };
         if sid <= self.last_sid {
-            return self.trailers(sid, end);
+            return self.headers_again(sid, end, too_large);
         }
         self.last_sid = sid;
+        if self.block.self_dependent {
+            return self.stream_error(sid, Reason::PROTOCOL_ERROR, "bad_priority");
+        }
+        // A request is checked whole before anything of it leaves the proxy: a malformed one
+        // would make the endpoint close a connection other clients' calls share.
+        let head = match message::check_request(self.fields.iter(), end) {
+            Ok(head) => head,
+            Err(_) if too_large => return self.refuse(sid, Reason::PROTOCOL_ERROR),
+            Err(m) => return self.malformed(sid, m),
+        };
         let limits = &self.proxy.limits;
         {
             let mut st = self.conn.lock();
-            if st.going_away
-                || too_large
-                || st.streams.len() >= limits.max_concurrent_streams as usize
-            {
-                let reason = if too_large {
-                    Reason::PROTOCOL_ERROR
-                } else {
-                    Reason::REFUSED_STREAM
-                };
-                frame::rst_stream(&mut st.out, sid, reason);
-                st.wake();
-                self.refused += 1;
-                if self.refused > limits.max_local_error_reset_streams {
-                    return Err(ConnError::new(
-                        Reason::ENHANCE_YOUR_CALM,
-                        "too many streams refused",
-                    ));
-                }
-                return Ok(());
+            if too_large {
+                drop(st);
+                return self.refuse(sid, Reason::PROTOCOL_ERROR);
+            }
+            if st.going_away || st.streams.len() >= limits.max_concurrent_streams as usize {
+                drop(st);
+                return self.refuse(sid, Reason::REFUSED_STREAM);
             }
             let mut s = Stream::new(
                 None,
@@ -490,21 +550,126 @@ impl Down {
                 i64::from(limits.initial_stream_window),
             );
             s.recv_done = end;
+            s.content_left = head.content_length;
             st.streams.insert(sid, s);
         }
         self.open(sid, end);
         Ok(())
     }
 
+    /// Refuses new stream `sid` (over a limit, or its header list too large); too many
+    /// refusals close the connection.
+    fn refuse(&mut self, sid: u32, reason: Reason) -> Result<(), ConnError> {
+        self.conn.lock().refuse(sid, reason);
+        self.refuse_counted()
+    }
+
+    /// A malformed request (RFC 9113 §8.1.1, §8.2, §8.3): a stream error; what was routed of
+    /// it is cancelled.
+    fn malformed(&mut self, sid: u32, why: Malformed) -> Result<(), ConnError> {
+        debug!(stream = sid, reason = %why, "malformed request: stream reset");
+        self.stream_error(sid, Reason::PROTOCOL_ERROR, why.label())
+    }
+
+    /// A stream error on `sid`: RST_STREAM with `reason`, its call cancelled on its endpoint,
+    /// counted under `label`; too many close the connection.
+    fn stream_error(&mut self, sid: u32, reason: Reason, label: &str) -> Result<(), ConnError> {
+        self.proxy
+            .metrics
+            .client_stream_errors
+            .with_label_values(&[label])
+            .inc();
+        let removed = self.forget(sid, Some(reason));
+        if let Some(stream) = removed {
+            unlink(stream, Reason::CANCEL, End::Reset);
+        }
+        self.refuse_counted()
+    }
+
+    /// Counts a stream the proxy reset for an error of the client's.
+    fn refuse_counted(&mut self) -> Result<(), ConnError> {
+        self.refused += 1;
+        if self.refused > self.proxy.limits.max_local_error_reset_streams {
+            return Err(ConnError::new(
+                Reason::ENHANCE_YOUR_CALM,
+                "too many streams refused",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forgets stream `sid`: a call waiting for its endpoint connection is dropped (recorded
+    /// as cancelled, the window of what it held given back), and the stream leaves the
+    /// connection, reset with `rst` if given (even when it was closed already). The stream is
+    /// returned for its other end to be unlinked.
+    fn forget(&mut self, sid: u32, rst: Option<Reason>) -> Option<Stream> {
+        let (removed, waiting) = {
+            let mut st = self.conn.lock();
+            let waiting = self.waiting.remove(&sid);
+            if let Some(w) = &waiting {
+                // Its call waited for a connection: what it held goes nowhere.
+                st.credit(sid, w.held.data.len());
+            }
+            let removed = match rst {
+                Some(reason) => {
+                    let s = st.reset(sid, reason);
+                    if s.is_none() {
+                        st.refuse(sid, reason);
+                    }
+                    s
+                }
+                None => st.remove(sid),
+            };
+            (removed, waiting)
+        };
+        if let Some(w) = waiting {
+            w.abort.abort();
+            self.cancel(w.call);
+        }
+        removed
+    }
+
+    /// HEADERS on a stream opened before: the request's trailers if it is still open,
+    /// otherwise an error (RFC 9113 §5.1, §5.1.1, §8.1).
+    fn headers_again(&mut self, sid: u32, end: bool, too_large: bool) -> Result<(), ConnError> {
+        let recv_done = self.conn.lock().streams.get(&sid).map(|s| s.recv_done);
+        match recv_done {
+            Some(false) if too_large => self.stream_error(sid, Reason::PROTOCOL_ERROR, "too_large"),
+            Some(false) => self.trailers(sid, end),
+            Some(true) => self.stream_error(sid, Reason::STREAM_CLOSED, "stream_closed"),
+            None if self.conn.lock().reset_lately(sid) => Ok(()),
+            // The last stream opened, closed since: §5.1 (closed).
+            None if sid == self.last_sid => Err(ConnError::new(
+                Reason::STREAM_CLOSED,
+                format!("HEADERS on closed stream {sid}"),
+            )),
+            // A stream id below the last one opened can never open (§5.1.1).
+            None => Err(ConnError::new(
+                Reason::PROTOCOL_ERROR,
+                format!("HEADERS on stream {sid}, below the last stream opened"),
+            )),
+        }
+    }
+
     /// Trailers from the client (a request that ends with them).
     fn trailers(&mut self, sid: u32, end: bool) -> Result<(), ConnError> {
         if !end {
-            return Err(ConnError::new(
-                Reason::PROTOCOL_ERROR,
-                "second HEADERS without END_STREAM",
-            ));
+            // A second HEADERS that does not end the stream is a malformed message (§8.1).
+            return self.stream_error(sid, Reason::PROTOCOL_ERROR, "trailers_without_end");
+        }
+        if let Err(m) = message::check_trailers(self.fields.iter()) {
+            return self.malformed(sid, m);
         }
         let mut st = self.conn.lock();
+        if st
+            .streams
+            .get(&sid)
+            .and_then(|s| s.content_left)
+            .is_some_and(|left| left != 0)
+        {
+            drop(st);
+            return self.malformed(sid, Malformed::ContentLengthMismatch);
+        }
         let link = match st.streams.get(&sid) {
             Some(s) if !s.recv_done => Some(s.link.clone()),
             _ => None,
@@ -889,20 +1054,7 @@ impl Down {
                 "RST_STREAM on a stream not opened",
             ));
         }
-        let (removed, waiting) = {
-            let mut st = self.conn.lock();
-            let waiting = self.waiting.remove(&head.stream);
-            if let Some(w) = &waiting {
-                // Its call waited for a connection: what it held goes nowhere.
-                st.credit(head.stream, w.held.data.len());
-            }
-            (st.streams.remove(&head.stream), waiting)
-        };
-        if let Some(w) = waiting {
-            w.abort.abort();
-            self.cancel(w.call);
-        }
-        let Some(stream) = removed else {
+        let Some(stream) = self.forget(head.stream, None) else {
             return Ok(());
         };
         if stream.headers_sent {
@@ -926,6 +1078,7 @@ impl Down {
         let (streams, replays): (Vec<Stream>, Vec<Replayed>) = {
             let mut st = self.conn.lock();
             st.closed = true;
+            st.held = 0;
             let streams = st.streams.drain().map(|(_, s)| s).collect();
             (streams, std::mem::take(&mut st.replays))
         };

@@ -1,12 +1,11 @@
-//! The frame relay: our own HTTP/2 data plane, the default engine (`listeners[].engine: relay`).
+//! The frame relay: our own HTTP/2 data plane, the proxy's only engine.
 //!
-//! Where the h2 engine (`crate::proxy`, on the h2 crate) turns every call into request and
-//! response objects, a task and two pumps, the relay moves frames: a HEADERS frame from a
-//! client is decoded once (HPACK), routed, and encoded once onto a pooled endpoint connection;
-//! DATA is copied from one connection's read buffer into the other's write buffer under both
-//! flow-control windows; the response comes back the same way. One task per connection, none
-//! per call, no header map: what the h2 engine spends per call on the crate's stream store,
-//! header maps and per-stream tasks, the relay does not.
+//! The relay moves frames: a HEADERS frame from a client is decoded once (HPACK), checked
+//! (RFC 9113 §8: a malformed request is reset here and never reaches an endpoint), routed, and
+//! encoded once onto a pooled endpoint connection; DATA is copied from one connection's read
+//! buffer into the other's write buffer under both flow-control windows and the write
+//! buffer's bound; the response comes back the same way. One task per connection, none per
+//! call, no header map.
 //!
 //! - [`conn`]: a connection's shared state (write buffer, windows, streams) and the send side.
 //! - [`down`]: client connections (the proxy is the server).
@@ -72,9 +71,22 @@ fn poll_io(
             Ok(written) => !written,
             Err(e) => return Poll::Ready(Err(e)),
         };
+        if st.out_full && st.out.len() <= st.max_out / 2 {
+            // The peer read: DATA that waited for room in the write buffer goes out, and its
+            // window goes back to its sender.
+            st.out_full = false;
+            let mut credits = Vec::new();
+            st.drain_all(&mut credits);
+            drop(st);
+            conn::apply(&mut credits);
+            continue;
+        }
         if st.has_work() {
             return Poll::Ready(Ok(Io::Work));
         }
+        // A peer that does not read while it makes the proxy write (PINGs, SETTINGS, requests
+        // answered at once) is not read either until it does: the buffer stays bounded.
+        let stalled = st.out.len() > st.max_out;
         drop(st);
         if blocked {
             match sock.poll_write_ready(cx) {
@@ -82,6 +94,9 @@ fn poll_io(
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
+        }
+        if stalled {
+            return Poll::Pending;
         }
         rbuf.reserve(READ_RESERVE);
         // Through `AsyncRead`: a read that does not fill the buffer tells tokio the socket is

@@ -50,6 +50,8 @@ pub struct HeaderBlock {
     pub sid: u32,
     /// The HEADERS frame ended the stream.
     pub end_stream: bool,
+    /// Its priority names the stream itself as its parent: a stream error (RFC 9113 §5.3.1).
+    pub self_dependent: bool,
     open: bool,
 }
 
@@ -70,10 +72,16 @@ impl HeaderBlock {
     pub fn frame(&mut self, head: Head, payload: &[u8], max: usize) -> Result<bool, ConnError> {
         if head.kind == kind::HEADERS {
             let mut p = unpad(head.flags, payload)?;
+            self.self_dependent = false;
             if head.flags & flag::PRIORITY != 0 {
-                p = p.get(5..).ok_or_else(|| {
-                    ConnError::new(Reason::FRAME_SIZE_ERROR, "short HEADERS priority")
-                })?;
+                let Some((priority, rest)) = p.split_first_chunk::<5>() else {
+                    return Err(ConnError::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        "short HEADERS priority",
+                    ));
+                };
+                self.self_dependent = dependency(priority) == head.stream;
+                p = rest;
             }
             self.block.clear();
             self.block.extend_from_slice(p);
@@ -99,6 +107,38 @@ impl HeaderBlock {
     }
 }
 
+/// The stream a priority block (5 bytes: exclusive bit and stream, weight) depends on.
+pub fn dependency(priority: &[u8; 5]) -> u32 {
+    u32::from_be_bytes([priority[0], priority[1], priority[2], priority[3]]) & 0x7fff_ffff
+}
+
+/// Frames that belong to the connection, not a stream (SETTINGS, PING, GOAWAY), on a stream:
+/// a connection error (RFC 9113 §6.5, §6.7, §6.8).
+pub fn check_connection_frame(head: Head) -> Result<(), ConnError> {
+    if matches!(head.kind, kind::SETTINGS | kind::PING | kind::GOAWAY) && head.stream != 0 {
+        return Err(ConnError::new(
+            Reason::PROTOCOL_ERROR,
+            "SETTINGS, PING or GOAWAY on a stream",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a PRIORITY frame (RFC 9113 §6.3; the signal itself is deprecated and ignored):
+/// `Ok(Some(reason))` is a stream error.
+pub fn check_priority(head: Head, payload: &[u8]) -> Result<Option<Reason>, ConnError> {
+    if head.stream == 0 {
+        return Err(ConnError::new(
+            Reason::PROTOCOL_ERROR,
+            "PRIORITY on stream 0",
+        ));
+    }
+    let Ok(priority) = <&[u8; 5]>::try_from(payload) else {
+        return Ok(Some(Reason::FRAME_SIZE_ERROR));
+    };
+    Ok((dependency(priority) == head.stream).then_some(Reason::PROTOCOL_ERROR))
+}
+
 /// Handles the frames both kinds of connection treat alike (SETTINGS, PING, WINDOW_UPDATE,
 /// PUSH_PROMISE, which the proxy never allows); false for any other kind.
 pub fn connection_frame(
@@ -107,8 +147,16 @@ pub fn connection_frame(
     payload: &[u8],
     credits: &mut Vec<Credit>,
 ) -> Result<bool, ConnError> {
+    check_connection_frame(head)?;
     match head.kind {
-        kind::SETTINGS if head.flags & flag::ACK != 0 => {}
+        kind::SETTINGS if head.flags & flag::ACK != 0 => {
+            if !payload.is_empty() {
+                return Err(ConnError::new(
+                    Reason::FRAME_SIZE_ERROR,
+                    "SETTINGS ACK with a payload",
+                ));
+            }
+        }
         kind::SETTINGS => apply_settings(conn, payload, credits)?,
         kind::PING => ping(conn, head, payload)?,
         kind::WINDOW_UPDATE => window_update(conn, head, payload, credits)?,
@@ -161,6 +209,12 @@ fn apply_settings(conn: &Conn, payload: &[u8], credits: &mut Vec<Credit>) -> Res
         let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
         match id {
             setting::HEADER_TABLE_SIZE => st.enc.set_max(v as usize),
+            setting::ENABLE_PUSH if v > 1 => {
+                return Err(ConnError::new(
+                    Reason::PROTOCOL_ERROR,
+                    "SETTINGS_ENABLE_PUSH neither 0 nor 1",
+                ));
+            }
             setting::MAX_CONCURRENT_STREAMS => st.peer_max_streams = v as usize,
             setting::INITIAL_WINDOW_SIZE => {
                 if i64::from(v) > frame::MAX_WINDOW {
@@ -169,7 +223,7 @@ fn apply_settings(conn: &Conn, payload: &[u8], credits: &mut Vec<Credit>) -> Res
                         "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
                     ));
                 }
-                st.set_peer_initial_window(i64::from(v), credits);
+                st.set_peer_initial_window(i64::from(v), credits)?;
             }
             setting::MAX_FRAME_SIZE => {
                 if !(frame::DEFAULT_MAX_FRAME..=(1 << 24) - 1).contains(&v) {
@@ -221,14 +275,19 @@ fn window_update(
         st.drain_all(credits);
     } else if let Some(s) = st.streams.get_mut(&head.stream) {
         s.send_window += inc;
-        if inc == 0 || s.send_window > frame::MAX_WINDOW {
+        // A stream error: PROTOCOL_ERROR for an increment of 0, FLOW_CONTROL_ERROR for a
+        // window past 2^31-1 (RFC 9113 §6.9, §6.9.1).
+        let error = if inc == 0 {
+            Some(Reason::PROTOCOL_ERROR)
+        } else {
+            (s.send_window > frame::MAX_WINDOW).then_some(Reason::FLOW_CONTROL_ERROR)
+        };
+        if let Some(reason) = error {
             let end = match st.role {
                 Role::Server => End::Cancelled,
                 Role::Client => End::Reset,
             };
-            overflowed = st
-                .reset(head.stream, Reason::FLOW_CONTROL_ERROR)
-                .map(|s| (s, end));
+            overflowed = st.reset(head.stream, reason).map(|s| (s, end));
         } else {
             st.drain(head.stream, credits);
         }

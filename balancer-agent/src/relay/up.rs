@@ -48,7 +48,7 @@ const LAST_SID: u32 = (1 << 31) - 1024;
 const READY_PING: [u8; 8] = *b"ready?\0\0";
 
 /// One worker's relay connections to one endpoint: a shard of the endpoint's
-/// [`crate::proxy::pool::Pool`], which counts them with its own.
+/// [`crate::proxy::pool::Pool`], which counts them.
 #[derive(Debug, Default)]
 pub struct Shard {
     conns: Mutex<Vec<Arc<Conn>>>,
@@ -393,6 +393,7 @@ impl Up {
         let data = unpad(head.flags, payload)?;
         let mut st = self.conn.lock();
         st.received(sid, payload.len())?;
+        st.credit_connection(payload.len());
         let Some(s) = st.streams.get_mut(&sid).filter(|s| !s.recv_done) else {
             st.credit(sid, payload.len());
             return Ok(());
@@ -482,7 +483,7 @@ impl Up {
     /// The endpoint reset a stream: pass the reset to the client, or replay the call elsewhere
     /// if the endpoint refused it unprocessed.
     fn reset(&mut self, sid: u32, reason: Reason) {
-        let removed = self.conn.lock().streams.remove(&sid);
+        let removed = self.conn.lock().remove(sid);
         let Some(s) = removed else { return };
         if reason == Reason::REFUSED_STREAM {
             self.refused(s, "endpoint refused the stream (REFUSED_STREAM)");
@@ -497,9 +498,7 @@ impl Up {
             let mut st = self.conn.lock();
             st.going_away = true;
             let ids: Vec<u32> = st.streams.keys().copied().filter(|&id| id > last).collect();
-            ids.into_iter()
-                .filter_map(|id| st.streams.remove(&id))
-                .collect()
+            ids.into_iter().filter_map(|id| st.remove(id)).collect()
         };
         for s in refused {
             self.refused(

@@ -1,10 +1,11 @@
-//! HTTP/2 on the wire, without I/O: frames ([`frame`]) and header compression ([`hpack`],
-//! [`huffman`]). The frame relay (`crate::relay`) is built on it.
+//! HTTP/2 on the wire, without I/O: frames ([`frame`]), header compression ([`hpack`],
+//! [`huffman`]) and the rules of a well-formed message ([`message`]). The frame relay (`crate::relay`) is built on it.
 #![forbid(unsafe_code)]
 
 pub mod frame;
 pub mod hpack;
 pub mod huffman;
+pub mod message;
 
 /// Bytes from hex as the RFCs print them (`"f1e3 c2e5"`).
 #[cfg(test)]
