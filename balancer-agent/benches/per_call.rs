@@ -14,9 +14,9 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 
 use balancer_agent::{
     balance::{Balancer, FailurePolicy, Policy},
+    call::grpc,
     config::PoolConfig,
     metrics::Metrics,
-    proxy::grpc,
     state::{Endpoint, EndpointSpec, ServiceSpec, Store, Update},
     wire::hpack,
 };

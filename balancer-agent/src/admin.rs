@@ -323,8 +323,8 @@ impl Admin {
                 });
                 json_response(&self.endpoints(service.as_deref()))
             }
-            "/api/connections" => json_response(&self.proxy.registry.connections()),
-            "/api/calls" => json_response(&self.proxy.registry.calls()),
+            "/api/connections" => json_response(&self.proxy.calls.registry.connections()),
+            "/api/calls" => json_response(&self.proxy.calls.registry.calls()),
             "/api/bpf" => json_response(&self.bpf()),
             "/api/opted_in" => json_response(&**self.opted_in.borrow()),
             _ => text(

@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Admin, Readiness},
+    call::Calls,
     config::Config,
     discovery,
     ebpf::{self, Datapath},
@@ -78,14 +79,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let orig_dst = datapath.clone().map(|d| d as Arc<dyn OrigDstLookup>);
-    let proxy = Proxy::new(
-        store.clone(),
-        metrics.clone(),
-        config.limits.clone(),
-        orig_dst,
-        workers.clone(),
-        drain_rx,
-    );
+    let calls = Calls::new(store.clone(), metrics.clone(), config.limits.clone());
+    let proxy = Proxy::new(calls, orig_dst, workers.clone(), drain_rx);
 
     // Kubernetes discovery: its client configuration is checked now, so that a bad kubeconfig
     // fails the start; it runs on the control runtime and holds readiness until it synced.

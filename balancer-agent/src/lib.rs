@@ -5,10 +5,12 @@
 //! - [`state`]: the service/endpoint store; immutable snapshots swapped atomically.
 //! - [`discovery`]: what feeds the store (the static file, the Kubernetes API).
 //! - [`balance`]: per-call endpoint choice (P2C over peak-EWMA, least-request, round-robin).
-//! - [`proxy`]: inbound connections (protocol detection, plain TCP relay), endpoint pools,
-//!   gRPC statuses and timeouts, the registry of connections and calls.
-//! - [`relay`]: the HTTP/2 engine, a frame relay that sends each call to its own endpoint;
-//!   [`wire`]: the HTTP/2 frames and HPACK it speaks.
+//! - [`call`]: every rule about a call, without I/O (service, admission, pick, replay,
+//!   deadline, the proxy's own gRPC answers, accounting), gRPC statuses and timeouts, the
+//!   registry of connections and calls.
+//! - [`relay`]: the HTTP/2 engine, a frame relay that sends each call to its own endpoint and
+//!   asks [`call`] what to do with it; [`wire`]: the HTTP/2 frames, HPACK and message rules.
+//! - [`proxy`]: the front door: listeners, protocol detection, plain TCP relay, draining.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the localhost admin server.
 //! - [`ebpf`]: loading, attaching and talking to the kernel programs.
 //! - [`workers`]: the data plane's single-threaded runtimes, one per core.
@@ -17,6 +19,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, sync::atomic::Ordering::Relaxed, time::Duration};
 
-use balancer_agent::proxy::grpc::parse_timeout;
+use balancer_agent::call::grpc::parse_timeout;
 use balancer_tests::{
     greeter,
     harness::{

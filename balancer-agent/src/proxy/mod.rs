@@ -14,9 +14,7 @@
 //! own connection only.
 #![forbid(unsafe_code)]
 
-pub mod grpc;
 pub mod pool;
-pub mod registry;
 
 use std::{
     net::SocketAddr,
@@ -35,13 +33,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{Limits, ms},
-    metrics::Metrics,
-    state::{Snapshot, Store},
+    call::{Calls, Target},
+    config::ms,
     workers::Workers,
 };
-
-pub use registry::{ConnInfo, Registry};
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -60,58 +55,14 @@ pub trait OrigDstLookup: Send + Sync + 'static {
     fn lookup(&self, client: SocketAddr, local: SocketAddr) -> Option<OrigDst>;
 }
 
-/// What selects the service of a connection's calls.
-#[derive(Clone, Debug)]
-pub enum Target {
-    /// The datapath recorded the VIP the client dialed.
-    Vip(SocketAddr),
-    /// Each call's `:authority`, falling back to the listener's default service.
-    Authority {
-        /// The listener's default service.
-        default: Option<Arc<str>>,
-    },
-}
-
-impl Target {
-    /// The service for a call with `authority` in `snapshot`.
-    pub fn resolve<'s>(
-        &self,
-        snapshot: &'s Snapshot,
-        authority: Option<&str>,
-    ) -> Option<&'s Arc<crate::state::Service>> {
-        match self {
-            Target::Vip(vip) => snapshot.by_vip(vip),
-            Target::Authority { default } => authority
-                .and_then(|a| snapshot.by_authority(a))
-                .or_else(|| default.as_deref().and_then(|d| snapshot.by_name(d))),
-        }
-    }
-
-    /// How this target reads in logs and in `inspect`.
-    pub fn describe(&self) -> String {
-        match self {
-            Target::Vip(v) => format!("vip {v}"),
-            Target::Authority { default: Some(d) } => format!("authority (default {d})"),
-            Target::Authority { default: None } => "authority".into(),
-        }
-    }
-}
-
 /// The proxy: shared by every listener, connection and call.
 pub struct Proxy {
-    /// Services and endpoints.
-    pub store: Arc<Store>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Limits, fixed at start.
-    pub limits: Limits,
+    /// What every call shares (store, metrics, limits, registry) and its rules.
+    pub calls: Arc<Calls>,
     /// The datapath's original destinations, when the datapath runs.
     pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
-    /// Live connections and calls, for `inspect`.
-    pub registry: Registry,
     /// The workers that serve accepted connections.
     workers: Arc<Workers>,
-    active_calls: AtomicUsize,
     connections: AtomicUsize,
     drain: watch::Receiver<bool>,
 }
@@ -119,7 +70,7 @@ pub struct Proxy {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("active_calls", &self.active_calls)
+            .field("calls", &self.calls)
             .field("connections", &self.connections)
             .finish_non_exhaustive()
     }
@@ -138,21 +89,15 @@ impl Proxy {
     /// A proxy over `store`. Setting `drain` to true makes every connection finish its calls
     /// and close (GOAWAY), and every listener stop accepting.
     pub fn new(
-        store: Arc<Store>,
-        metrics: Arc<Metrics>,
-        limits: Limits,
+        calls: Arc<Calls>,
         orig_dst: Option<Arc<dyn OrigDstLookup>>,
         workers: Arc<Workers>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            store,
-            metrics,
-            limits,
+            calls,
             orig_dst,
-            registry: Registry::default(),
             workers,
-            active_calls: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             drain,
         })
@@ -160,24 +105,7 @@ impl Proxy {
 
     /// Calls in flight.
     pub fn active_calls(&self) -> usize {
-        self.active_calls.load(Relaxed)
-    }
-
-    /// A call started: counted in flight. Returns the calls in flight before it.
-    pub(crate) fn call_started(&self) -> usize {
-        self.metrics.active_calls.inc();
-        self.active_calls.fetch_add(1, Relaxed)
-    }
-
-    /// A call ended.
-    pub(crate) fn call_ended(&self) {
-        self.metrics.active_calls.dec();
-        self.active_calls.fetch_sub(1, Relaxed);
-    }
-
-    /// The drain signal (true: finish calls and close).
-    pub(crate) fn drain_signal(&self) -> watch::Receiver<bool> {
-        self.drain.clone()
+        self.calls.active()
     }
 
     /// Client connections open.
@@ -207,8 +135,9 @@ impl Proxy {
                 },
                 () = drained(&mut drain) => break,
             };
-            if self.connections.load(Relaxed) >= self.limits.max_connections {
-                self.metrics
+            if self.connections.load(Relaxed) >= self.calls.limits.max_connections {
+                self.calls
+                    .metrics
                     .client_connection_errors
                     .with_label_values(&["max_connections"])
                     .inc();
@@ -234,26 +163,28 @@ impl Proxy {
             },
         };
         self.connections.fetch_add(1, Relaxed);
-        self.metrics.client_connections.inc();
-        let info = self.registry.open_connection(peer, local, &target);
-        let result = match detect_h2(&stream, ms(self.limits.protocol_detect_timeout_ms)).await {
-            Ok(true) => {
-                crate::relay::serve(self.clone(), stream, Arc::new(target), info.clone()).await
-            }
-            Ok(false) => self.relay_tcp(stream, &target).await,
-            Err(e) => Err(e.to_string()),
-        };
+        self.calls.metrics.client_connections.inc();
+        let info = self.calls.registry.open_connection(peer, local, &target);
+        let result =
+            match detect_h2(&stream, ms(self.calls.limits.protocol_detect_timeout_ms)).await {
+                Ok(true) => {
+                    let (calls, drain) = (self.calls.clone(), self.drain.clone());
+                    crate::relay::serve(calls, stream, Arc::new(target), info.clone(), drain).await
+                }
+                Ok(false) => self.relay_tcp(stream, &target).await,
+                Err(e) => Err(e.to_string()),
+            };
         if let Err(e) = result {
             debug!(%peer, error = %e, "client connection ended with an error");
         }
-        self.registry.close_connection(&info);
-        self.metrics.client_connections.dec();
+        self.calls.registry.close_connection(&info);
+        self.calls.metrics.client_connections.dec();
         self.connections.fetch_sub(1, Relaxed);
     }
 
     /// A connection that is not HTTP/2: relay it to one endpoint of its service.
     async fn relay_tcp(&self, mut client: TcpStream, target: &Target) -> Result<(), String> {
-        let snapshot = self.store.snapshot();
+        let snapshot = self.calls.store.snapshot();
         let Some(service) = target.resolve(&snapshot, None) else {
             let _ = client.shutdown().await;
             return Err(format!(
@@ -320,6 +251,6 @@ async fn detect_h2(stream: &TcpStream, timeout: Duration) -> std::io::Result<boo
 }
 
 /// Resolves once the drain signal is set (or its sender is gone).
-pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
+async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }

@@ -22,15 +22,16 @@ use std::{
 use bytes::{Buf, BytesMut};
 use tokio::time::Instant;
 
-use crate::wire::{
-    frame::{self, Reason},
-    hpack,
+use crate::{
+    call::{Call, End},
+    wire::{
+        frame::{self, Reason},
+        hpack,
+        message::Fields,
+    },
 };
 
-use super::{
-    call::{Call, End},
-    read::ConnError,
-};
+use super::read::ConnError;
 
 /// A connection, shared between the task that owns its socket and the tasks of the
 /// connections its calls are relayed to.
@@ -64,42 +65,6 @@ pub struct Credit {
     pub conn: Arc<Conn>,
     pub sid: u32,
     pub n: usize,
-}
-
-/// A decoded header list, owned (trailers wait in it until the DATA before them is written).
-#[derive(Debug, Default, Clone)]
-pub struct Fields {
-    buf: Vec<u8>,
-    /// (name start, value start, end) in `buf`.
-    spans: Vec<(u32, u32, u32)>,
-}
-
-impl Fields {
-    pub fn clear(&mut self) {
-        self.buf.clear();
-        self.spans.clear();
-    }
-
-    pub fn push(&mut self, name: &[u8], value: &[u8]) {
-        let a = self.buf.len() as u32;
-        self.buf.extend_from_slice(name);
-        let b = self.buf.len() as u32;
-        self.buf.extend_from_slice(value);
-        self.spans.push((a, b, self.buf.len() as u32));
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|&(a, b, c)| {
-            (
-                &self.buf[a as usize..b as usize],
-                &self.buf[b as usize..c as usize],
-            )
-        })
-    }
-
-    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
-        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
-    }
 }
 
 /// Which end of HTTP/2 the proxy plays on a connection.

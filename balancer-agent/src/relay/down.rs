@@ -28,43 +28,25 @@ use tracing::debug;
 
 use super::{
     Io, Keepalive,
-    call::{Call, End, Replay},
-    conn::{Conn, Credit, Fields, Link, Replayed, Role, State, Stream, apply, unlink},
+    conn::{Conn, Credit, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
     read::{self, ConnError, HeaderBlock, check_connection_frame, connection_frame, unpad},
     read_more, up,
 };
 use crate::{
     balance::CallGuard,
-    config::ms,
-    proxy::{
-        Proxy, Target,
-        grpc::{self, Status},
+    call::{
+        self, Admitted, Attempts, Call, Calls, End, Replay, Target, grpc::Status,
         registry::ConnInfo,
     },
+    config::ms,
     state::Service,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
-        message::{self, Malformed},
+        message::{self, Fields, Malformed},
     },
 };
-
-/// The fields of a gRPC status the proxy answers itself: trailers-only when nothing was sent on
-/// the stream yet, trailers otherwise.
-pub fn status_fields(status: &Status, trailers_only: bool) -> Fields {
-    let mut f = Fields::default();
-    if trailers_only {
-        f.push(b":status", b"200");
-        f.push(b"content-type", b"application/grpc");
-    }
-    f.push(b"grpc-status", (status.code as u16).to_string().as_bytes());
-    f.push(
-        b"grpc-message",
-        crate::proxy::grpc::percent_encode(&status.message).as_bytes(),
-    );
-    f
-}
 
 /// Ends stream `sid` of `st` with the proxy's own status, if it is still open to send.
 pub fn fail_stream(st: &mut State, sid: u32, status: &Status, credits: &mut Vec<Credit>) {
@@ -74,7 +56,7 @@ pub fn fail_stream(st: &mut State, sid: u32, status: &Status, credits: &mut Vec<
     if s.send_done || s.trailers.is_some() {
         return;
     }
-    let fields = status_fields(status, !s.headers_sent);
+    let fields = call::answer_fields(status, !s.headers_sent);
     if s.headers_sent {
         st.send_trailers(sid, &fields, credits);
     } else {
@@ -83,7 +65,7 @@ pub fn fail_stream(st: &mut State, sid: u32, status: &Status, credits: &mut Vec<
 }
 
 struct Down {
-    proxy: Arc<Proxy>,
+    calls: Arc<Calls>,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
     conn: Arc<Conn>,
@@ -121,14 +103,8 @@ struct Waiting {
 }
 
 enum Routing {
-    /// A new call: what it is made of until it has an endpoint.
-    New {
-        service: Arc<Service>,
-        path: http::uri::PathAndQuery,
-        start: Instant,
-        registration: crate::proxy::registry::CallHandle,
-        replay: Box<Replay>,
-    },
+    /// A new call, admitted.
+    New(Admitted),
     /// A call an endpoint refused unprocessed, sent to another one.
     Replay(Box<Call>),
 }
@@ -137,7 +113,7 @@ impl Routing {
     /// The call's request as kept so far.
     fn replay(&mut self) -> &mut Replay {
         match self {
-            Self::New { replay, .. } => replay,
+            Self::New(a) => &mut a.replay,
             Self::Replay(call) => call
                 .replay
                 .as_mut()
@@ -147,8 +123,19 @@ impl Routing {
 
     fn service(&self) -> &Arc<Service> {
         match self {
-            Self::New { service, .. } => service,
+            Self::New(a) => &a.service,
             Self::Replay(call) => &call.service,
+        }
+    }
+
+    /// It ends before it was sent: cancelled by the client (`None`), or answered with
+    /// `status`.
+    fn end(self, calls: &Calls, status: Option<&Status>) {
+        match (self, status) {
+            (Self::New(a), None) => a.cancelled(calls),
+            (Self::New(a), Some(s)) => a.failed(calls, s),
+            (Self::Replay(c), None) => c.finish(End::Cancelled),
+            (Self::Replay(c), Some(s)) => c.finish(End::Status(&(s.code as u16).to_string())),
         }
     }
 }
@@ -173,17 +160,16 @@ struct Routed {
     result: Result<(CallGuard, Arc<Conn>), Status>,
 }
 
-/// Endpoints tried for one call at most (connect failures and refused streams).
-const MAX_ATTEMPTS: usize = 3;
-
-/// Serves one client connection whose first bytes are the HTTP/2 preface.
+/// Serves one client connection whose first bytes are the HTTP/2 preface, until it closes or
+/// `drain` is set (then: GOAWAY, its calls finish, it closes).
 pub async fn serve(
-    proxy: Arc<Proxy>,
+    calls: Arc<Calls>,
     mut sock: TcpStream,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let l = proxy.limits.clone();
+    let l = calls.limits.clone();
     let conn_window = i64::from(l.initial_connection_window);
     let mut state = State::new(
         Role::Server,
@@ -211,7 +197,7 @@ pub async fn serve(
     }
     let conn = Conn::new(state);
     let mut down = Down {
-        proxy,
+        calls,
         target,
         info,
         conn: conn.clone(),
@@ -229,7 +215,6 @@ pub async fn serve(
         routing: FuturesUnordered::new(),
     };
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
-    let mut drain = down.proxy.drain_signal();
     let mut draining = false;
     let mut preface = false;
     // Armed at the soonest call deadline or keepalive PING.
@@ -263,7 +248,7 @@ pub async fn serve(
                 down.routed(routed);
                 continue;
             }
-            () = crate::proxy::drained(&mut drain), if !draining => {
+            () = super::drained(&mut drain), if !draining => {
                 draining = true;
                 let mut st = conn.lock();
                 st.going_away = true;
@@ -337,7 +322,7 @@ impl Down {
         error: ConnError,
         wait: std::time::Duration,
     ) -> String {
-        self.proxy
+        self.calls
             .metrics
             .client_connection_errors
             .with_label_values(&[label])
@@ -356,7 +341,7 @@ impl Down {
 
     /// Handles every complete frame in `rbuf`.
     fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
-        let max_frame = self.proxy.limits.max_frame_size as usize;
+        let max_frame = self.calls.limits.max_frame_size as usize;
         while rbuf.len() >= frame::HEADER_LEN {
             let head = Head::parse(rbuf);
             if head.len > max_frame {
@@ -511,7 +496,7 @@ impl Down {
         let fields = &mut self.fields;
         let decoded = self.dec.decode(
             &self.block.block,
-            self.proxy.limits.max_header_list_size as usize,
+            self.calls.limits.max_header_list_size as usize,
             &mut |n, v| fields.push(n, v),
         );
         let too_large = match decoded {
@@ -533,7 +518,7 @@ impl Down {
             Err(_) if too_large => return self.refuse(sid, Reason::PROTOCOL_ERROR),
             Err(m) => return self.malformed(sid, m),
         };
-        let limits = &self.proxy.limits;
+        let limits = &self.calls.limits;
         {
             let mut st = self.conn.lock();
             if too_large {
@@ -574,7 +559,7 @@ impl Down {
     /// A stream error on `sid`: RST_STREAM with `reason`, its call cancelled on its endpoint,
     /// counted under `label`; too many close the connection.
     fn stream_error(&mut self, sid: u32, reason: Reason, label: &str) -> Result<(), ConnError> {
-        self.proxy
+        self.calls
             .metrics
             .client_stream_errors
             .with_label_values(&[label])
@@ -589,7 +574,7 @@ impl Down {
     /// Counts a stream the proxy reset for an error of the client's.
     fn refuse_counted(&mut self) -> Result<(), ConnError> {
         self.refused += 1;
-        if self.refused > self.proxy.limits.max_local_error_reset_streams {
+        if self.refused > self.calls.limits.max_local_error_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
                 "too many streams refused",
@@ -698,57 +683,19 @@ impl Down {
         Ok(())
     }
 
-    /// Routes the call of new stream `sid` and sends its headers to the endpoint chosen.
+    /// Admits the call of new stream `sid` (the call layer decides: its service, or the
+    /// proxy's own answer) and routes it.
     fn open(&mut self, sid: u32, end: bool) {
-        let start = Instant::now();
-        let deadline = self
-            .fields
-            .get(b"grpc-timeout")
-            .and_then(grpc::parse_timeout)
-            .map(|t| start + t);
-        let proxy = self.proxy.clone();
-        let path_bytes = self.fields.get(b":path").unwrap_or(b"/");
-        let path = http::uri::PathAndQuery::try_from(path_bytes)
-            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
-        let registration = self.info.start_call(Some(&path));
-        let active = proxy.call_started();
-        let snapshot = proxy.store.snapshot();
-        let authority = self
-            .fields
-            .get(b":authority")
-            .and_then(|a| std::str::from_utf8(a).ok());
-        let service = self.target.resolve(&snapshot, authority).cloned();
-        let Some(service) = service else {
-            let what = match (&*self.target, authority) {
-                (Target::Vip(vip), _) => format!("no service has VIP {vip}"),
-                (_, Some(a)) => format!("no service for authority {a:?} and no default service"),
-                (_, None) => "no :authority and no default service".into(),
-            };
-            self.answer(sid, None, &path, start, Status::unavailable(what));
-            return;
-        };
-        if active >= proxy.limits.max_active_calls {
-            let status = Status::exhausted(format!(
-                "proxy overloaded: {active} calls in flight (limits.max_active_calls)"
-            ));
-            self.answer(sid, Some(&service), &path, start, status);
-            return;
+        match self
+            .calls
+            .admit(&self.target, &self.info, &self.fields, end)
+        {
+            Ok(admitted) => self.route(sid, Routing::New(admitted), String::new()),
+            Err(refused) => {
+                self.answer(sid, &refused.status);
+                self.calls.refused(&refused);
+            }
         }
-        let replay = Box::new(Replay {
-            fields: self.fields.clone(),
-            data: BytesMut::new(),
-            complete: end,
-            deadline,
-            tried: Vec::new(),
-        });
-        let call = Routing::New {
-            service,
-            path,
-            start,
-            registration,
-            replay,
-        };
-        self.route(sid, call, String::new());
     }
 
     /// Routes the call of client stream `sid`: at once when a pooled connection can take it
@@ -757,20 +704,19 @@ impl Down {
     fn route(&mut self, sid: u32, mut call: Routing, last_error: String) {
         let service = call.service().clone();
         let r = call.replay();
-        let (mut tried, deadline) = (std::mem::take(&mut r.tried), r.deadline);
+        let deadline = r.deadline;
+        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error);
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
-        let first = next_pick(&service, &tried);
+        let first = attempts.next(&service);
         if let Some(guard) = &first
             && let Some(conn) = up::lease_pooled(guard.endpoint())
         {
-            tried.push(guard.endpoint().addr);
             let result = Ok((first.expect("picked"), conn));
-            let routed = Routed { sid, tried, result };
-            return self.routed_with(call, Held::default(), routed);
+            let tried = attempts.tried;
+            return self.routed_with(call, Held::default(), Routed { sid, tried, result });
         }
-        let mut routing: RouteFuture =
-            Box::pin(route(sid, service, tried, first, deadline, last_error));
+        let mut routing: RouteFuture = Box::pin(route(sid, service, attempts, first, deadline));
         // Polled once here, without a waker: a pooled connection is leased without waiting.
         // Pending, it is polled again by the connection's task, which registers its own.
         let waker = &mut Context::from_waker(Waker::noop());
@@ -802,45 +748,18 @@ impl Down {
             Err(status) => {
                 // The request DATA held is going nowhere: its window goes back.
                 self.conn.lock().credit(sid, held.data.len());
-                match call {
-                    Routing::New {
-                        service,
-                        path,
-                        start,
-                        ..
-                    } => self.answer(sid, Some(&service), &path, start, status),
-                    Routing::Replay(call) => self.fail_call(sid, call, &status),
-                }
+                self.answer(sid, &status);
+                call.end(&self.calls, Some(&status));
                 return;
             }
         };
         let mut call = match call {
-            Routing::New {
-                service,
-                path,
-                start,
-                registration,
-                replay,
-            } => Box::new(Call {
-                proxy: self.proxy.clone(),
-                service,
-                path,
-                start,
-                guard,
-                registration,
-                messages: Default::default(),
-                responded: false,
-                replay: Some(replay),
-            }),
+            Routing::New(admitted) => admitted.sent(self.calls.clone(), guard),
             Routing::Replay(mut call) => {
-                // The refusing endpoint's guard goes: it neither answered nor failed.
-                call.guard = guard;
+                call.resent(guard);
                 call
             }
         };
-        call.registration
-            .routed(&call.service.name, call.guard.endpoint().addr);
-        call.guard.sent();
         if let Some(r) = call.replay.as_mut() {
             r.tried = tried;
         }
@@ -887,7 +806,7 @@ impl Down {
             match r.deadline {
                 // The endpoint gets the time left, as the proxy counts it.
                 Some(d) => {
-                    let left = grpc::format_timeout(d.saturating_duration_since(Instant::now()));
+                    let left = call::deadline_field(d, Instant::now());
                     let fields = r.fields.iter().map(|(n, v)| {
                         if n == b"grpc-timeout" {
                             (n, left.as_bytes())
@@ -916,8 +835,7 @@ impl Down {
                     c.request_data(&held.data, held.end);
                 }
                 if held.trailers.is_some() {
-                    // A request with trailers is not replayed (gRPC clients send none).
-                    c.replay = None;
+                    c.request_trailers();
                 }
             }
         }
@@ -942,28 +860,17 @@ impl Down {
     }
 
     /// Sends a call an endpoint refused unprocessed to another endpoint, with the request
-    /// kept so far; it fails with UNAVAILABLE if it cannot be (request too large, every
-    /// endpoint tried), and is dropped if the client went away meanwhile.
+    /// kept so far, unless the call layer says it cannot be (request too large, deadline
+    /// passed); dropped if the client went away meanwhile.
     fn replay(&mut self, Replayed { sid, call }: Replayed) {
         if !self.conn.lock().streams.contains_key(&sid) {
             call.finish(End::Cancelled);
             return;
         }
-        let refused = call.guard.endpoint().addr;
-        let Some(r) = &call.replay else {
-            let status = Status::unavailable(format!(
-                "endpoint {refused} refused the call unprocessed, and its request outgrew the \
-                 replay buffer"
-            ));
-            return self.fail_call(sid, call, &status);
-        };
-        if r.deadline.is_some_and(|d| d <= Instant::now()) {
-            let status = Status::deadline(format!(
-                "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
-                call.service.name
-            ));
+        if let Some(status) = call.replay_refusal(Instant::now()) {
             return self.fail_call(sid, call, &status);
         }
+        let refused = call.guard.endpoint().addr;
         debug!(endpoint = %refused, "stream refused unprocessed; replaying the call");
         let last_error = format!("endpoint {refused} refused the call unprocessed");
         self.route(sid, Routing::Replay(call), last_error);
@@ -971,9 +878,7 @@ impl Down {
 
     /// Ends client stream `sid` with the proxy's own status and records its call.
     fn fail_call(&mut self, sid: u32, call: Box<Call>, status: &Status) {
-        debug!(code = ?status.code, message = %status.message, "call failed in the proxy");
-        fail_stream(&mut self.conn.lock(), sid, status, &mut self.credits);
-        apply(&mut self.credits);
+        self.answer(sid, status);
         call.finish(End::Status(&(status.code as u16).to_string()));
     }
 
@@ -1002,9 +907,7 @@ impl Down {
             }
             let call = taken.and_then(|s| s.call);
             let service = call.as_ref().map_or("", |c| &*c.service.name);
-            let status = Status::deadline(format!(
-                "deadline (grpc-timeout) exceeded in the proxy on a call to service {service}"
-            ));
+            let status = call::deadline_status(service, "on a call to");
             fail_stream(&mut self.conn.lock(), sid, &status, &mut self.credits);
             if let Some(call) = call {
                 call.finish(End::Status("4"));
@@ -1013,37 +916,12 @@ impl Down {
         }
     }
 
-    /// Answers stream `sid` with the proxy's own status and records the call.
-    fn answer(
-        &mut self,
-        sid: u32,
-        service: Option<&Service>,
-        path: &http::uri::PathAndQuery,
-        start: Instant,
-        status: Status,
-    ) {
+    /// Answers stream `sid` with the proxy's own status (unless the client reset it
+    /// meanwhile); the caller records the call.
+    fn answer(&mut self, sid: u32, status: &Status) {
         debug!(code = ?status.code, message = %status.message, "call failed in the proxy");
-        let mut st = self.conn.lock();
-        // Unless the client reset it meanwhile (while its call waited for a connection).
-        if st.streams.contains_key(&sid) {
-            st.send_headers(sid, status_fields(&status, true).iter(), true);
-        }
-        drop(st);
-        self.unrouted_ended(service, path, start, &(status.code as u16).to_string());
-    }
-
-    /// Records a call that ended before it had an endpoint, with gRPC status `code`.
-    fn unrouted_ended(
-        &self,
-        service: Option<&Service>,
-        path: &http::uri::PathAndQuery,
-        start: Instant,
-        code: &str,
-    ) {
-        self.proxy
-            .metrics
-            .record_call(service, path.path(), code, start.elapsed(), (0, 0));
-        self.proxy.call_ended();
+        fail_stream(&mut self.conn.lock(), sid, status, &mut self.credits);
+        apply(&mut self.credits);
     }
 
     fn reset(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
@@ -1063,7 +941,7 @@ impl Down {
             self.resets += 1;
         }
         unlink(stream, Reason::CANCEL, End::Cancelled);
-        if self.resets > self.proxy.limits.max_pending_accept_reset_streams {
+        if self.resets > self.calls.limits.max_pending_accept_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
                 "too many streams reset by the client before their response (rapid reset)",
@@ -1097,24 +975,7 @@ impl Down {
 
     /// Records a call the client cancelled before it had an endpoint.
     fn cancel(&self, call: Routing) {
-        match call {
-            Routing::New {
-                service,
-                path,
-                start,
-                ..
-            } => self.unrouted_ended(Some(&service), &path, start, "1"),
-            Routing::Replay(call) => call.finish(End::Cancelled),
-        }
-    }
-}
-
-/// The next endpoint to try for a call that tried `tried`, within [`MAX_ATTEMPTS`].
-fn next_pick(service: &Service, tried: &[SocketAddr]) -> Option<CallGuard> {
-    if tried.len() < MAX_ATTEMPTS {
-        service.balancer.pick(tried)
-    } else {
-        None
+        call.end(&self.calls, None);
     }
 }
 
@@ -1123,74 +984,49 @@ fn next_pick(service: &Service, tried: &[SocketAddr]) -> Option<CallGuard> {
 async fn route(
     sid: u32,
     service: Arc<Service>,
-    mut tried: Vec<SocketAddr>,
+    mut attempts: Attempts,
     first: Option<CallGuard>,
     deadline: Option<Instant>,
-    mut last_error: String,
 ) -> Routed {
-    let result = pick(&service, &mut tried, first, deadline, &mut last_error).await;
+    let result = pick(&service, &mut attempts, first, deadline).await;
+    let tried = attempts.tried;
     Routed { sid, tried, result }
 }
 
-/// Picks an endpoint of `service` not in `tried` and leases a connection to it; an
-/// endpoint that cannot be reached, or whose connections are all at its stream limit, is
-/// skipped for another (no byte of the call left the proxy), up to [`MAX_ATTEMPTS`]
-/// endpoints in all. The error is the status to answer: RESOURCE_EXHAUSTED if every
-/// endpoint tried was full, UNAVAILABLE otherwise.
+/// Leases a connection to the endpoint the call layer picks next: an endpoint that cannot be
+/// reached, or whose connections are all at its stream limit, is skipped for another (no byte
+/// of the call left the proxy) while [`Attempts`] allows; then the call layer's answer.
 async fn pick(
     service: &Arc<Service>,
-    tried: &mut Vec<SocketAddr>,
+    attempts: &mut Attempts,
     mut first: Option<CallGuard>,
     deadline: Option<Instant>,
-    last_error: &mut String,
 ) -> Result<(CallGuard, Arc<Conn>), Status> {
-    // RESOURCE_EXHAUSTED only if every endpoint tried was full (a replay's refusal is not).
-    let (mut full, mut failed) = (false, !last_error.is_empty());
     loop {
-        let picked = first.take().or_else(|| next_pick(service, tried));
-        let Some(guard) = picked else {
-            return Err(if tried.is_empty() {
-                Status::unavailable(format!("service {} has no ready endpoint", service.name))
-            } else if full && !failed {
-                Status::exhausted(format!(
-                    "service {}: {} endpoint(s) tried, every pooled connection at its \
-                     stream limit (pool.max_connections_per_endpoint)",
-                    service.name,
-                    tried.len()
-                ))
-            } else {
-                Status::unavailable(format!(
-                    "service {}: {} endpoint(s) tried, none took the call; last error: \
-                     {last_error}",
-                    service.name,
-                    tried.len()
-                ))
-            });
+        let Some(guard) = first.take().or_else(|| attempts.next(service)) else {
+            return Err(attempts.exhausted(service));
         };
         let ep = guard.endpoint().clone();
-        tried.push(ep.addr);
         let leased = match deadline {
             Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
             None => Ok(up::lease(&ep).await),
         };
         let Ok(leased) = leased else {
-            return Err(Status::deadline(format!(
-                "deadline (grpc-timeout) exceeded in the proxy on the way to service {}",
-                service.name
-            )));
+            return Err(call::deadline_status(&service.name, "on the way to"));
         };
         match leased {
             Ok(c) => return Ok((guard, c)),
             Err(up::LeaseError::Full) => {
-                full = true;
                 debug!(endpoint = %ep.addr, "endpoint's connections are full; trying another");
-                *last_error = format!("endpoint {}: every pooled connection full", ep.addr);
+                attempts.full(format!(
+                    "endpoint {}: every pooled connection full",
+                    ep.addr
+                ));
             }
             Err(up::LeaseError::Connect(e)) => {
-                failed = true;
                 ep.stats.connect_failed();
                 debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
-                *last_error = e;
+                attempts.failed(e);
             }
         }
     }

@@ -11,10 +11,8 @@
 //! - [`down`]: client connections (the proxy is the server).
 //! - [`up`]: endpoint connections (the proxy is the client) and their pool.
 //! - [`read`]: what both do with the frames they read.
-//! - [`call`]: the call record that ends in the metrics.
 #![forbid(unsafe_code)]
 
-pub mod call;
 pub mod conn;
 pub mod down;
 pub mod read;
@@ -108,6 +106,11 @@ fn poll_io(
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         };
     }
+}
+
+/// Resolves once the drain signal is set (or its sender is gone).
+async fn drained(drain: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
 }
 
 /// Keepalive PINGs on a connection: one every `interval`; one unanswered for `timeout` means

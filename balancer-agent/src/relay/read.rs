@@ -1,11 +1,11 @@
 //! What both kinds of connection do with the frames they read: connection errors, padding,
 //! header blocks split over CONTINUATION frames, SETTINGS, WINDOW_UPDATE and PING.
 
-use super::{
+use super::conn::{Conn, Credit, Role, apply, unlink};
+use crate::{
     call::End,
-    conn::{Conn, Credit, Role, apply, unlink},
+    wire::frame::{self, Head, Reason, flag, kind, setting},
 };
-use crate::wire::frame::{self, Head, Reason, flag, kind, setting};
 
 /// A connection error: GOAWAY with this reason, then close.
 #[derive(Debug)]

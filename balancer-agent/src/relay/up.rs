@@ -25,19 +25,19 @@ use tracing::debug;
 
 use super::{
     Io, Keepalive,
-    call::End,
-    conn::{Conn, Credit, Fields, Replayed, Role, State, Stream, apply, unlink},
+    conn::{Conn, Credit, Replayed, Role, State, Stream, apply, unlink},
     down::fail_stream,
     read::{self, ConnError, HeaderBlock, connection_frame, unpad},
     read_more,
 };
 use crate::{
+    call::{End, grpc::Status},
     config::{PoolConfig, ms},
-    proxy::grpc::Status,
     state::Endpoint,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
+        message::Fields,
     },
 };
 

@@ -1,5 +1,5 @@
-//! HTTP/2 message rules (RFC 9113 §8.1-§8.3): what makes a request's header list or its
-//! trailers malformed. A malformed request is answered by the proxy with a stream error
+//! HTTP/2 messages (RFC 9113 §8.1-§8.3): a decoded header list ([`Fields`]), and what makes a
+//! request's header list or its trailers malformed. A malformed request is answered by the proxy with a stream error
 //! (RST_STREAM PROTOCOL_ERROR) and never reaches an endpoint: a shared endpoint connection must
 //! not pay for one client's mistake (an endpoint that sees an uppercase header name may close
 //! the whole connection with GOAWAY).
@@ -7,6 +7,46 @@
 //! The checks walk the decoded fields once, with a table per byte; they allocate nothing.
 
 use std::fmt;
+
+/// A decoded header list, owned (trailers wait in it until the DATA before them is written).
+#[derive(Debug, Default, Clone)]
+pub struct Fields {
+    buf: Vec<u8>,
+    /// (name start, value start, end) in `buf`.
+    spans: Vec<(u32, u32, u32)>,
+}
+
+impl Fields {
+    /// Empties it.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.spans.clear();
+    }
+
+    /// Adds a field.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        let a = self.buf.len() as u32;
+        self.buf.extend_from_slice(name);
+        let b = self.buf.len() as u32;
+        self.buf.extend_from_slice(value);
+        self.spans.push((a, b, self.buf.len() as u32));
+    }
+
+    /// The fields, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|&(a, b, c)| {
+            (
+                &self.buf[a as usize..b as usize],
+                &self.buf[b as usize..c as usize],
+            )
+        })
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
 
 /// Why a header list is malformed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

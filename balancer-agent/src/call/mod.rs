@@ -1,0 +1,526 @@
+//! The call layer: every rule about a gRPC call, in one place and without I/O. The engine
+//! (`crate::relay`) moves frames and asks this layer what to do with a call:
+//!
+//! ```text
+//! request head ──▶ Calls::admit ──▶ which service, admitted or the proxy's own answer
+//!                  (the seam for routes, faults, authorization: a rule that picks the
+//!                   backends or answers the call itself goes here)
+//!                       │
+//!                       ▼
+//!                  Attempts::next ──▶ which endpoint, within MAX_ATTEMPTS; when none is left,
+//!                  (the seam for retries)  the status that says why (Attempts::exhausted)
+//!                       │
+//!                       ▼
+//!                  Call (sent) ──▶ request DATA kept for a replay (Call::request_data,
+//!                                  REPLAY_LIMIT), replay or not (Call::replay_refusal),
+//!                                  the deadline and the time left passed on (deadline_field),
+//!                                  how the call ends and is counted (Call::finish)
+//! ```
+//!
+//! The proxy's own answers are gRPC statuses ([`grpc::Status`]) written as header fields
+//! ([`answer_fields`]): trailers-only when nothing was sent on the stream, trailers otherwise.
+//! Nothing here reads a socket or a clock other than tokio's, so the rules are unit-tested with
+//! a paused clock.
+#![forbid(unsafe_code)]
+
+pub mod grpc;
+pub mod registry;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+};
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+
+use crate::{
+    balance::CallGuard,
+    config::Limits,
+    metrics::Metrics,
+    state::{Service, Snapshot, Store},
+    wire::message::Fields,
+};
+
+use grpc::{MessageCounter, Status};
+use registry::{CallHandle, ConnInfo, Registry};
+
+/// What selects the service of a connection's calls.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The datapath recorded the VIP the client dialed.
+    Vip(SocketAddr),
+    /// Each call's `:authority`, falling back to the listener's default service.
+    Authority {
+        /// The listener's default service.
+        default: Option<Arc<str>>,
+    },
+}
+
+impl Target {
+    /// The service for a call with `authority` in `snapshot`.
+    pub fn resolve<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        authority: Option<&str>,
+    ) -> Option<&'s Arc<Service>> {
+        match self {
+            Target::Vip(vip) => snapshot.by_vip(vip),
+            Target::Authority { default } => authority
+                .and_then(|a| snapshot.by_authority(a))
+                .or_else(|| default.as_deref().and_then(|d| snapshot.by_name(d))),
+        }
+    }
+
+    /// How this target reads in logs and in `inspect`.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Vip(v) => format!("vip {v}"),
+            Target::Authority { default: Some(d) } => format!("authority (default {d})"),
+            Target::Authority { default: None } => "authority".into(),
+        }
+    }
+}
+
+/// What every call shares: the store it is routed from, the metrics it ends in, the limits it
+/// is admitted under, the registry `inspect` reads.
+pub struct Calls {
+    /// Services and endpoints.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Limits, fixed at start.
+    pub limits: Limits,
+    /// Live connections and calls, for `inspect`.
+    pub registry: Registry,
+    active: AtomicUsize,
+}
+
+impl std::fmt::Debug for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Calls")
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Endpoints tried for one call at most (connect failures, full connections, refused streams).
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// Request bodies up to this size are kept until the response starts, to replay the call on
+/// another endpoint if the first one refused the stream unprocessed (REFUSED_STREAM, or above
+/// a GOAWAY's last stream id).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A call admitted, on its way to an endpoint: what it is made of until it has one.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Its service.
+    pub service: Arc<Service>,
+    /// Its `:path`.
+    pub path: http::uri::PathAndQuery,
+    /// When its headers arrived.
+    pub start: Instant,
+    /// Its entry in the registry.
+    pub registration: CallHandle,
+    /// Its request as kept so far (the headers, and DATA once it comes).
+    pub replay: Box<Replay>,
+}
+
+/// A call the proxy answers itself, before it has an endpoint.
+#[derive(Debug)]
+pub struct Refused {
+    /// Its service, if one was found.
+    pub service: Option<Arc<Service>>,
+    /// Its `:path`.
+    pub path: http::uri::PathAndQuery,
+    /// When its headers arrived.
+    pub start: Instant,
+    /// The answer.
+    pub status: Status,
+}
+
+impl Calls {
+    /// The calls of a proxy over `store`.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            metrics,
+            limits,
+            registry: Registry::default(),
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    /// Calls in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Relaxed)
+    }
+
+    /// A request's headers (`fields`, already checked well-formed; `end`: they ended the
+    /// request) arrived on a connection of `target` registered as `conn`: the call is counted
+    /// in flight, and admitted with its service, or refused with the proxy's own answer (no
+    /// service, or over `limits.max_active_calls`). A refused call is still in flight until
+    /// [`Calls::refused`] records it.
+    pub fn admit(
+        &self,
+        target: &Target,
+        conn: &Arc<ConnInfo>,
+        fields: &Fields,
+        end: bool,
+    ) -> Result<Admitted, Refused> {
+        let start = Instant::now();
+        let deadline = fields
+            .get(b"grpc-timeout")
+            .and_then(grpc::parse_timeout)
+            .map(|t| start + t);
+        let path = fields
+            .get(b":path")
+            .and_then(|p| http::uri::PathAndQuery::try_from(p).ok())
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let registration = conn.start_call(Some(&path));
+        let active = self.started();
+        let snapshot = self.store.snapshot();
+        let authority = fields
+            .get(b":authority")
+            .and_then(|a| std::str::from_utf8(a).ok());
+        let Some(service) = target.resolve(&snapshot, authority).cloned() else {
+            let what = match (target, authority) {
+                (Target::Vip(vip), _) => format!("no service has VIP {vip}"),
+                (_, Some(a)) => format!("no service for authority {a:?} and no default service"),
+                (_, None) => "no :authority and no default service".into(),
+            };
+            let status = Status::unavailable(what);
+            return Err(Refused {
+                service: None,
+                path,
+                start,
+                status,
+            });
+        };
+        if active >= self.limits.max_active_calls {
+            let status = Status::exhausted(format!(
+                "proxy overloaded: {active} calls in flight (limits.max_active_calls)"
+            ));
+            return Err(Refused {
+                service: Some(service),
+                path,
+                start,
+                status,
+            });
+        }
+        let replay = Box::new(Replay {
+            fields: fields.clone(),
+            data: BytesMut::new(),
+            complete: end,
+            deadline,
+            tried: Vec::new(),
+        });
+        Ok(Admitted {
+            service,
+            path,
+            start,
+            registration,
+            replay,
+        })
+    }
+
+    /// A call that ended before it had an endpoint, with gRPC status `code` (the proxy's own
+    /// answer, or `1` when the client cancelled it): counted, and out of flight.
+    pub fn unrouted_ended(
+        &self,
+        service: Option<&Service>,
+        path: &http::uri::PathAndQuery,
+        start: Instant,
+        code: &str,
+    ) {
+        self.metrics
+            .record_call(service, path.path(), code, start.elapsed(), (0, 0));
+        self.ended();
+    }
+
+    /// A call refused at admission was answered.
+    pub fn refused(&self, r: &Refused) {
+        let code = (r.status.code as u16).to_string();
+        self.unrouted_ended(r.service.as_deref(), &r.path, r.start, &code);
+    }
+
+    /// A call started: counted in flight. Returns the calls in flight before it.
+    fn started(&self) -> usize {
+        self.metrics.active_calls.inc();
+        self.active.fetch_add(1, Relaxed)
+    }
+
+    fn ended(&self) {
+        self.metrics.active_calls.dec();
+        self.active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Admitted {
+    /// The call sent to the endpoint of `guard`: from here on it is a [`Call`].
+    pub fn sent(self, calls: Arc<Calls>, mut guard: CallGuard) -> Box<Call> {
+        self.registration
+            .routed(&self.service.name, guard.endpoint().addr);
+        guard.sent();
+        Box::new(Call {
+            calls,
+            service: self.service,
+            path: self.path,
+            start: self.start,
+            guard,
+            registration: self.registration,
+            messages: Default::default(),
+            responded: false,
+            replay: Some(self.replay),
+        })
+    }
+
+    /// The client cancelled it before it had an endpoint.
+    pub fn cancelled(self, calls: &Calls) {
+        calls.unrouted_ended(Some(&self.service), &self.path, self.start, "1");
+    }
+
+    /// It could not be sent (every endpoint tried failed, or its deadline passed on the way):
+    /// answered with `status`.
+    pub fn failed(self, calls: &Calls, status: &Status) {
+        let code = (status.code as u16).to_string();
+        calls.unrouted_ended(Some(&self.service), &self.path, self.start, &code);
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End<'a> {
+    /// With this grpc-status (the endpoint's, or the proxy's own).
+    Status(&'a str),
+    /// The client went away or reset the stream.
+    Cancelled,
+    /// A reset ended it: the endpoint's (passed to the client), or the proxy's for a stream
+    /// error of the client's.
+    Reset,
+    /// The endpoint's connection was lost: UNAVAILABLE, and a failure of the endpoint.
+    Lost,
+}
+
+/// A call sent to an endpoint: what its metrics and its endpoint's statistics need when it
+/// ends. It lives on the endpoint side of the call (the endpoint's answer ends it).
+#[derive(Debug)]
+pub struct Call {
+    /// What every call shares.
+    pub calls: Arc<Calls>,
+    /// Its service.
+    pub service: Arc<Service>,
+    /// Its `:path`.
+    pub path: http::uri::PathAndQuery,
+    /// When its headers arrived.
+    pub start: Instant,
+    /// The endpoint it was sent to, counted in flight there.
+    pub guard: CallGuard,
+    /// Its entry in the registry.
+    pub registration: CallHandle,
+    /// gRPC messages of the request and of the response.
+    pub messages: [MessageCounter; 2],
+    /// The endpoint answered with headers.
+    pub responded: bool,
+    /// What it takes to send the call to another endpoint, until the response starts or the
+    /// request outgrows [`REPLAY_LIMIT`].
+    pub replay: Option<Box<Replay>>,
+}
+
+/// A call's request as the client sent it so far, kept for a replay.
+#[derive(Debug)]
+pub struct Replay {
+    /// The request headers.
+    pub fields: Fields,
+    /// The request DATA so far.
+    pub data: BytesMut,
+    /// The client ended the request.
+    pub complete: bool,
+    /// The call's deadline (`grpc-timeout`).
+    pub deadline: Option<Instant>,
+    /// Endpoints tried, in order.
+    pub tried: Vec<SocketAddr>,
+}
+
+impl Call {
+    /// A call an endpoint refused unprocessed, sent again to the endpoint of `guard` (the
+    /// refusing endpoint's guard goes: it neither answered nor failed).
+    pub fn resent(&mut self, mut guard: CallGuard) {
+        self.registration
+            .routed(&self.service.name, guard.endpoint().addr);
+        guard.sent();
+        self.guard = guard;
+    }
+
+    /// Request DATA from the client: counted, and kept for a replay while it is small.
+    pub fn request_data(&mut self, data: &[u8], end: bool) {
+        self.messages[0].feed(data);
+        if let Some(r) = self.replay.as_mut() {
+            if r.data.len() + data.len() > REPLAY_LIMIT {
+                self.replay = None;
+            } else {
+                r.data.extend_from_slice(data);
+                r.complete = end;
+            }
+        }
+    }
+
+    /// The endpoint answered with headers: the call is taken, no replay from here on.
+    pub fn responded(&mut self) -> bool {
+        if self.responded {
+            return false;
+        }
+        self.responded = true;
+        self.replay = None;
+        self.guard.first_byte();
+        true
+    }
+
+    /// The client sent request trailers: such a request is not replayed (gRPC clients send
+    /// none).
+    pub fn request_trailers(&mut self) {
+        self.replay = None;
+    }
+
+    /// The endpoint refused the call unprocessed: why it cannot be sent to another one, if it
+    /// cannot (its request outgrew the replay buffer, or its deadline passed).
+    pub fn replay_refusal(&self, now: Instant) -> Option<Status> {
+        let refused = self.guard.endpoint().addr;
+        let Some(r) = &self.replay else {
+            return Some(Status::unavailable(format!(
+                "endpoint {refused} refused the call unprocessed, and its request outgrew the \
+                 replay buffer"
+            )));
+        };
+        r.deadline
+            .is_some_and(|d| d <= now)
+            .then(|| deadline_status(&self.service.name, "on the way to"))
+    }
+
+    /// Records the end of the call in the metrics and the endpoint's statistics.
+    pub fn finish(self: Box<Self>, end: End<'_>) {
+        let status = match end {
+            End::Status(s) => {
+                self.guard.answered(Some(s.as_bytes()));
+                s
+            }
+            End::Cancelled => "1",
+            End::Reset => "reset",
+            End::Lost => {
+                self.guard.failed();
+                "14"
+            }
+        };
+        self.calls.metrics.record_call(
+            Some(&self.service),
+            self.path.path(),
+            status,
+            self.start.elapsed(),
+            (self.messages[0].count, self.messages[1].count),
+        );
+        self.calls.ended();
+    }
+}
+
+/// The endpoints a call tried, and the rule for the next one.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// The endpoints tried, in order.
+    pub tried: Vec<SocketAddr>,
+    /// One was full (every pooled connection at its stream limit).
+    full: bool,
+    /// One failed (connect failure, or it refused the call).
+    failed: bool,
+    last_error: String,
+}
+
+impl Attempts {
+    /// Attempts so far: `tried`, and `last_error` if the last one failed (a replay).
+    pub fn new(tried: Vec<SocketAddr>, last_error: String) -> Self {
+        Self {
+            tried,
+            failed: !last_error.is_empty(),
+            full: false,
+            last_error,
+        }
+    }
+
+    /// The next endpoint of `service` to try, within [`MAX_ATTEMPTS`]; counted as tried.
+    pub fn next(&mut self, service: &Service) -> Option<CallGuard> {
+        if self.tried.len() >= MAX_ATTEMPTS {
+            return None;
+        }
+        let guard = service.balancer.pick(&self.tried)?;
+        self.tried.push(guard.endpoint().addr);
+        Some(guard)
+    }
+
+    /// The endpoint tried last had every connection full.
+    pub fn full(&mut self, why: String) {
+        self.full = true;
+        self.last_error = why;
+    }
+
+    /// The endpoint tried last failed before the call was sent.
+    pub fn failed(&mut self, why: String) {
+        self.failed = true;
+        self.last_error = why;
+    }
+
+    /// No endpoint is left to try: the answer. RESOURCE_EXHAUSTED if every endpoint tried was
+    /// full, UNAVAILABLE otherwise.
+    pub fn exhausted(&self, service: &Service) -> Status {
+        if self.tried.is_empty() {
+            Status::unavailable(format!("service {} has no ready endpoint", service.name))
+        } else if self.full && !self.failed {
+            Status::exhausted(format!(
+                "service {}: {} endpoint(s) tried, every pooled connection at its stream \
+                 limit (pool.max_connections_per_endpoint)",
+                service.name,
+                self.tried.len()
+            ))
+        } else {
+            Status::unavailable(format!(
+                "service {}: {} endpoint(s) tried, none took the call; last error: {}",
+                service.name,
+                self.tried.len(),
+                self.last_error
+            ))
+        }
+    }
+}
+
+/// DEADLINE_EXCEEDED for a call to `service`, met `where_` it.
+pub fn deadline_status(service: &str, where_: &str) -> Status {
+    Status::deadline(format!(
+        "deadline (grpc-timeout) exceeded in the proxy {where_} service {service}"
+    ))
+}
+
+/// The `grpc-timeout` an endpoint gets for a call with `deadline`: the time left at `now`.
+pub fn deadline_field(deadline: Instant, now: Instant) -> http::HeaderValue {
+    grpc::format_timeout(deadline.saturating_duration_since(now))
+}
+
+/// The fields of a gRPC status the proxy answers itself: trailers-only when nothing was sent
+/// on the stream yet, trailers otherwise.
+pub fn answer_fields(status: &Status, trailers_only: bool) -> Fields {
+    let mut f = Fields::default();
+    if trailers_only {
+        f.push(b":status", b"200");
+        f.push(b"content-type", b"application/grpc");
+    }
+    f.push(b"grpc-status", (status.code as u16).to_string().as_bytes());
+    f.push(
+        b"grpc-message",
+        grpc::percent_encode(&status.message).as_bytes(),
+    );
+    f
+}
+
+#[cfg(test)]
+mod tests;
