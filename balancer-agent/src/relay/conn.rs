@@ -712,3 +712,155 @@ pub fn apply(credits: &mut Vec<Credit>) {
         c.conn.lock().credit(c.sid, c.n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::{HEADER_LEN, Head, kind};
+
+    /// A server-side connection with stream 1 linked to stream 3 of `peer`, our send window
+    /// on stream 1 at `window`.
+    fn linked(window: i64) -> (State, Arc<Conn>) {
+        let peer = Conn::new(State::new(Role::Client, 1 << 20, 1 << 20));
+        let mut st = State::new(Role::Server, 1 << 20, 1 << 20);
+        let link = Link {
+            conn: peer.clone(),
+            sid: 3,
+        };
+        st.streams
+            .insert(1, Stream::new(Some(link), window, 1 << 20));
+        (st, peer)
+    }
+
+    /// The DATA frames in `out`: (stream, payload length, END_STREAM).
+    fn data_frames(out: &[u8]) -> Vec<(u32, usize, bool)> {
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while at + HEADER_LEN <= out.len() {
+            let h = Head::parse(&out[at..]);
+            if h.kind == kind::DATA {
+                frames.push((h.stream, h.len, h.flags & frame::flag::END_STREAM != 0));
+            }
+            at += HEADER_LEN + h.len;
+        }
+        frames
+    }
+
+    fn credited(credits: &[Credit]) -> usize {
+        credits.iter().map(|c| c.n).sum()
+    }
+
+    #[test]
+    fn data_waits_for_window_and_its_sender_is_credited_as_it_is_written() {
+        let (mut st, _peer) = linked(10);
+        let mut credits = Vec::new();
+        assert!(st.send_data(1, &[7; 25], true, &mut credits));
+        assert_eq!(data_frames(&st.out), [(1, 10, false)]);
+        assert_eq!(credited(&credits), 10, "only what was written goes back");
+        assert_eq!((st.held, st.send_window), (15, frame::DEFAULT_WINDOW - 10));
+        st.out.clear();
+        credits.clear();
+        // The peer opens the stream's window: the rest goes, with END_STREAM.
+        st.streams.get_mut(&1).unwrap().send_window += 100;
+        st.drain(1, &mut credits);
+        assert_eq!(data_frames(&st.out), [(1, 15, true)]);
+        assert_eq!(credited(&credits), 15);
+        assert_eq!(st.held, 0);
+    }
+
+    #[test]
+    fn the_write_buffer_bound_holds_data_back_until_the_peer_reads() {
+        let (mut st, _peer) = linked(1 << 20);
+        st.max_out = 1000;
+        let mut credits = Vec::new();
+        st.send_data(1, &[1; 5000], false, &mut credits);
+        assert!(st.out_full);
+        assert!(st.out.len() <= 1000 + HEADER_LEN, "{}", st.out.len());
+        let written: usize = data_frames(&st.out).iter().map(|f| f.1).sum();
+        assert_eq!(credited(&credits), written);
+        assert_eq!(st.held, 5000 - written);
+        // The peer read everything: what waited goes, up to the bound again.
+        st.out.clear();
+        st.out_full = false;
+        st.drain_all(&mut credits);
+        let more: usize = data_frames(&st.out).iter().map(|f| f.1).sum();
+        assert_eq!(more, 1000);
+        assert_eq!(st.held, 5000 - written - more);
+    }
+
+    #[test]
+    fn a_reset_stream_gives_the_window_of_what_waited_back_to_its_sender() {
+        let (mut st, peer) = linked(0);
+        let mut credits = Vec::new();
+        st.send_data(1, &[1; 300], false, &mut credits);
+        assert_eq!((credited(&credits), st.held), (0, 300));
+        let s = st.reset(1, Reason::CANCEL).unwrap();
+        assert_eq!(st.held, 0);
+        let owed = s.uncredited().unwrap();
+        assert_eq!((owed.sid, owed.n), (3, 300));
+        assert!(Arc::ptr_eq(&owed.conn, &peer));
+        assert!(st.reset_lately(1));
+    }
+
+    #[test]
+    fn receive_windows_are_granted_back_in_halves_and_cannot_be_overrun() {
+        let mut st = State::new(Role::Server, 1000, 1000);
+        st.recv_window = 1000;
+        st.streams
+            .insert(1, Stream::new(None, frame::DEFAULT_WINDOW, 1000));
+        st.received(1, 400).unwrap();
+        st.credit(1, 400);
+        assert!(
+            st.out.is_empty(),
+            "less than half a window: no WINDOW_UPDATE yet"
+        );
+        st.received(1, 200).unwrap();
+        st.credit(1, 200);
+        // Connection and stream: one WINDOW_UPDATE each, for the 600 bytes owed.
+        let mut at = 0;
+        let mut updates = Vec::new();
+        while at < st.out.len() {
+            let h = Head::parse(&st.out[at..]);
+            let p = &st.out[at + HEADER_LEN..at + HEADER_LEN + h.len];
+            updates.push((h.stream, u32::from_be_bytes(p.try_into().unwrap())));
+            at += HEADER_LEN + h.len;
+        }
+        assert_eq!(updates, [(0, 600), (1, 600)]);
+        assert_eq!(st.recv_window, 1000);
+        // More than granted is a FLOW_CONTROL_ERROR.
+        let e = st.received(1, 1001).unwrap_err();
+        assert_eq!(e.reason, Reason::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn an_endpoint_connection_grants_its_window_back_on_arrival() {
+        let mut st = State::new(Role::Client, 1000, 1000);
+        st.recv_window = 1000;
+        st.streams.insert(1, Stream::new(None, 1000, 1000));
+        st.received(1, 600).unwrap();
+        st.credit_connection(600);
+        assert_eq!(
+            st.recv_window, 1000,
+            "the connection window is back at once"
+        );
+        // The stream's window waits for the client: credit() grants only the stream's.
+        st.out.clear();
+        st.credit(1, 600);
+        assert_eq!(Head::parse(&st.out).stream, 1);
+        assert_eq!(st.out.len(), HEADER_LEN + 4);
+    }
+
+    #[test]
+    fn a_new_initial_window_moves_every_stream_and_may_not_overflow_one() {
+        let (mut st, _peer) = linked(100);
+        let mut credits = Vec::new();
+        st.set_peer_initial_window(frame::DEFAULT_WINDOW + 50, &mut credits)
+            .unwrap();
+        assert_eq!(st.streams[&1].send_window, 150);
+        st.streams.get_mut(&1).unwrap().send_window = frame::MAX_WINDOW;
+        let e = st
+            .set_peer_initial_window(frame::DEFAULT_WINDOW + 51, &mut credits)
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::FLOW_CONTROL_ERROR);
+    }
+}

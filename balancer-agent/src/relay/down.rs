@@ -169,51 +169,8 @@ pub async fn serve(
     info: Arc<ConnInfo>,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let l = calls.limits.clone();
-    let conn_window = i64::from(l.initial_connection_window);
-    let mut state = State::new(
-        Role::Server,
-        conn_window,
-        i64::from(l.initial_stream_window),
-    );
-    state.max_out = l.max_send_buffer;
-    state.max_held = l.max_connection_buffer;
-    frame::settings(
-        &mut state.out,
-        &[
-            (setting::MAX_CONCURRENT_STREAMS, l.max_concurrent_streams),
-            (setting::INITIAL_WINDOW_SIZE, l.initial_stream_window),
-            (setting::MAX_FRAME_SIZE, l.max_frame_size),
-            (setting::MAX_HEADER_LIST_SIZE, l.max_header_list_size),
-        ],
-    );
-    if conn_window > frame::DEFAULT_WINDOW {
-        frame::window_update(
-            &mut state.out,
-            0,
-            (conn_window - frame::DEFAULT_WINDOW) as u32,
-        );
-        state.recv_window = conn_window;
-    }
-    let conn = Conn::new(state);
-    let mut down = Down {
-        calls,
-        target,
-        info,
-        conn: conn.clone(),
-        dec: hpack::Decoder::default(),
-        fields: Fields::default(),
-        block: HeaderBlock::default(),
-        max_block: 2 * l.max_header_list_size as usize,
-        last_sid: 0,
-        credits: Vec::new(),
-        resets: 0,
-        refused: 0,
-        deadlines: BinaryHeap::new(),
-        keepalive: Keepalive::new(ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
-        waiting: HashMap::new(),
-        routing: FuturesUnordered::new(),
-    };
+    let mut down = Down::new(calls, target, info);
+    let conn = down.conn.clone();
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut draining = false;
     let mut preface = false;
@@ -306,6 +263,57 @@ pub async fn serve(
     };
     down.close();
     result
+}
+
+impl Down {
+    /// A new client connection of `target`, registered as `info`: our SETTINGS (and the
+    /// connection window above the default) are queued.
+    fn new(calls: Arc<Calls>, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
+        let l = calls.limits.clone();
+        let conn_window = i64::from(l.initial_connection_window);
+        let mut state = State::new(
+            Role::Server,
+            conn_window,
+            i64::from(l.initial_stream_window),
+        );
+        state.max_out = l.max_send_buffer;
+        state.max_held = l.max_connection_buffer;
+        frame::settings(
+            &mut state.out,
+            &[
+                (setting::MAX_CONCURRENT_STREAMS, l.max_concurrent_streams),
+                (setting::INITIAL_WINDOW_SIZE, l.initial_stream_window),
+                (setting::MAX_FRAME_SIZE, l.max_frame_size),
+                (setting::MAX_HEADER_LIST_SIZE, l.max_header_list_size),
+            ],
+        );
+        if conn_window > frame::DEFAULT_WINDOW {
+            frame::window_update(
+                &mut state.out,
+                0,
+                (conn_window - frame::DEFAULT_WINDOW) as u32,
+            );
+            state.recv_window = conn_window;
+        }
+        Down {
+            calls,
+            target,
+            info,
+            conn: Conn::new(state),
+            dec: hpack::Decoder::default(),
+            fields: Fields::default(),
+            block: HeaderBlock::default(),
+            max_block: 2 * l.max_header_list_size as usize,
+            last_sid: 0,
+            credits: Vec::new(),
+            resets: 0,
+            refused: 0,
+            deadlines: BinaryHeap::new(),
+            keepalive: Keepalive::new(ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
+            waiting: HashMap::new(),
+            routing: FuturesUnordered::new(),
+        }
+    }
 }
 
 /// How long a connection being closed may take to write its last frames.
@@ -1029,5 +1037,128 @@ async fn pick(
                 attempts.failed(e);
             }
         }
+    }
+}
+
+/// Feeds `chunks` of client bytes (the preface first) to a client connection in memory, as a
+/// fuzzer does, and checks after each chunk what must hold whatever a client sends: no panic,
+/// flow-control windows that the client cannot push below zero, no more streams than the
+/// limit, DATA held for the streams accounted exactly, and a write buffer that grows by a
+/// bounded factor of what was read (the client "reads" everything between chunks). Every
+/// request is answered by the proxy itself: the store is empty, so nothing leaves the process.
+/// Returns whether the connection was closed for a connection error.
+#[doc(hidden)]
+pub fn feed_client_bytes(chunks: &[&[u8]]) -> bool {
+    use crate::{config::PoolConfig, metrics::Metrics, state::Store};
+    let store = Store::new(PoolConfig::default());
+    let metrics = Metrics::new(store.clone(), 10);
+    let calls = Calls::new(store, metrics, crate::config::Limits::default());
+    let target = Arc::new(Target::Authority { default: None });
+    let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let info = calls.registry.open_connection(peer, peer, &target);
+    let mut down = Down::new(calls.clone(), target, info);
+    let max_streams = calls.limits.max_concurrent_streams as usize;
+    let mut rbuf = BytesMut::new();
+    let mut preface = false;
+    let mut failed = false;
+    for chunk in chunks {
+        rbuf.extend_from_slice(chunk);
+        if !preface {
+            if rbuf.len() < frame::PREFACE.len() {
+                continue;
+            }
+            if &rbuf[..frame::PREFACE.len()] != frame::PREFACE {
+                break;
+            }
+            rbuf.advance(frame::PREFACE.len());
+            preface = true;
+        }
+        let result = down.frames(&mut rbuf);
+        let mut st = down.conn.lock();
+        assert!(st.recv_window >= 0, "connection window below zero");
+        assert!(
+            st.streams.len() <= max_streams,
+            "more streams than the limit"
+        );
+        let pending: usize = st.streams.values().map(|s| s.pending.len()).sum();
+        assert_eq!(st.held, pending, "held DATA accounted wrong");
+        for s in st.streams.values() {
+            assert!(s.recv_window >= 0, "stream window below zero");
+        }
+        // An answer (trailers-only HEADERS, RST_STREAM, PING ACK, WINDOW_UPDATE, SETTINGS
+        // ACK) per frame read, the smallest frame 9 bytes: a bounded factor.
+        assert!(
+            st.out.len() <= 64 * chunk.len() + 64 * 1024,
+            "{} bytes queued for {} bytes read",
+            st.out.len(),
+            chunk.len()
+        );
+        st.out.clear();
+        drop(st);
+        if result.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    down.close();
+    assert_eq!(
+        calls.active(),
+        0,
+        "calls left in flight after the connection closed"
+    );
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client's bytes: the preface, an empty SETTINGS, then `frames`.
+    fn client(frames: &[(u8, u8, u32, &[u8])]) -> Vec<u8> {
+        let mut b = BytesMut::from(frame::PREFACE);
+        frame::settings(&mut b, &[]);
+        for &(kind, flags, sid, payload) in frames {
+            Head::write(&mut b, payload.len(), kind, flags, sid);
+            b.extend_from_slice(payload);
+        }
+        b.to_vec()
+    }
+
+    fn request_block() -> Vec<u8> {
+        let mut enc = hpack::Encoder::default();
+        let mut block = BytesMut::new();
+        enc.begin(&mut block);
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/helloworld.Greeter/SayHello"),
+            (":authority", "greeter:50051"),
+            ("te", "trailers"),
+        ] {
+            enc.field(n.as_bytes(), v.as_bytes(), &mut block);
+        }
+        block.to_vec()
+    }
+
+    #[test]
+    fn requests_in_memory_are_answered_and_leave_nothing_in_flight() {
+        let block = request_block();
+        let end = flag::END_HEADERS | flag::END_STREAM;
+        let bytes = client(&[
+            (kind::HEADERS, end, 1, &block),
+            (kind::PING, 0, 0, &[1; 8]),
+            (kind::WINDOW_UPDATE, 0, 0, &[0, 0, 1, 0]),
+        ]);
+        // Whole, and byte by byte: the same outcome.
+        assert!(!feed_client_bytes(&[&bytes]));
+        let bytes_one_by_one: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert!(!feed_client_bytes(&bytes_one_by_one));
+    }
+
+    #[test]
+    fn a_connection_error_in_memory_is_reported() {
+        // DATA on stream 0.
+        let bytes = client(&[(kind::DATA, 0, 0, b"x")]);
+        assert!(feed_client_bytes(&[&bytes]));
     }
 }
