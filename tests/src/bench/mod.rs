@@ -12,7 +12,7 @@
 //! The load generator and the backends are pinned to the other CPUs (`--client-cpus`), so the
 //! proxy under test never competes with them for a core.
 //!
-//! Load: for each concurrency (default 1, 64, 1000), in each of `--rounds` rounds (default 3),
+//! Load: for each concurrency (default 1, 64, 100, 1000), in each of `--rounds` rounds (default 3),
 //! for each target in turn, one HTTP/2 connection carries that many unary `SayHello` calls in
 //! flight for a warm-up, then for the measured window. The machine is shared and noisy, so a
 //! ratio between the agent and a peer is taken within each round (runs seconds apart) and the
@@ -423,6 +423,20 @@ impl<'a> Report<'a> {
                     "value_mib": rss,
                 }));
             }
+        }
+        // The cost of a call must not grow with the streams open on the connection: the
+        // agent's CPU per call at 1000 in flight within 20% of its CPU per call at 100, the
+        // ratio taken within each round.
+        let (at_100, at_1000) = (runs(results, who, 100), runs(results, who, 1000));
+        if !at_100.is_empty() && !at_1000.is_empty() {
+            let scaling = paired(&at_1000, &at_100, |r| r.proxy_cpu_us_per_call);
+            targets.push(json!({
+                "concurrency": 1000,
+                "target": format!("{who} CPU per call at 1000 streams within 20% of 100 streams"),
+                "met": scaling.map(|(m, _, _)| (0.8..=1.2).contains(&m)),
+                "ratio": scaling.map(|(m, _, _)| m),
+                "range": scaling.map(|(_, lo, hi)| [lo, hi]),
+            }));
         }
         Self {
             results,

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     warmup_secs: f64,
     /// Calls in flight on the client connection, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "1,64,1000")]
+    #[arg(long, value_delimiter = ',', default_value = "1,64,100,1000")]
     concurrency: Vec<usize>,
     /// Rounds of every target at each concurrency; the agent's ratios to a peer are taken
     /// within a round and reported as the median over the rounds.
