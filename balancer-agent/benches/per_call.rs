@@ -24,11 +24,10 @@ use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-    let cfg = Arc::new(PoolConfig::default());
     (0..n)
         .map(|i| {
             let addr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1);
-            Endpoint::new(addr.parse().expect("an address"), cfg.clone())
+            Endpoint::new(addr.parse().expect("an address"))
         })
         .collect()
 }

@@ -264,7 +264,7 @@ impl Admin {
                     calls: st.calls.load(Relaxed),
                     failures: st.failures.load(Relaxed),
                     ejections: st.ejections.load(Relaxed),
-                    connections: e.endpoint.pool.connections(),
+                    connections: self.proxy.pools.connections(&e.endpoint),
                 });
             }
         }

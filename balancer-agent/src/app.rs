@@ -29,6 +29,7 @@ use crate::{
     ebpf::{self, Datapath},
     metrics::Metrics,
     proxy::{self, OrigDstLookup, Proxy},
+    relay::up::Pools,
     state::Store,
     workers::{self, Workers},
 };
@@ -62,12 +63,20 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = Config::from_file(&opts.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
 
-    // First: the pools of the store keep one shard per worker.
     let (data_plane, workers) = Workers::start(workers::resolve(opts.workers))?;
-    info!(workers = workers::count(), "data-plane workers started");
+    info!(workers = workers.count(), "data-plane workers started");
     let store = Store::new(config.pool.clone());
     store.apply(discovery::file::update_of(&config));
-    let metrics = Metrics::new(store.clone(), config.limits.max_methods_per_service);
+    // The relay's endpoint pools: one shard per endpoint and worker.
+    let pools = Pools::new(config.pool.clone(), workers.count());
+    let metrics = Metrics::with_connections(
+        store.clone(),
+        config.limits.max_methods_per_service,
+        Box::new({
+            let pools = pools.clone();
+            move |ep| pools.connections(ep)
+        }),
+    );
     let current = Arc::new(ArcSwap::from_pointee(config.clone()));
     let readiness = Readiness::new(&["listeners not bound"]);
 
@@ -80,7 +89,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
     let orig_dst = datapath.clone().map(|d| d as Arc<dyn OrigDstLookup>);
     let calls = Calls::new(store.clone(), metrics.clone(), config.limits.clone());
-    let proxy = Proxy::new(calls, orig_dst, workers.clone(), drain_rx);
+    let proxy = Proxy::new(calls, pools, orig_dst, workers.clone(), drain_rx);
 
     // Kubernetes discovery: its client configuration is checked now, so that a bad kubeconfig
     // fails the start; it runs on the control runtime and holds readiness until it synced.
@@ -173,12 +182,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         if let Some((kopts, kconfig)) = kube {
                             let (store, metrics) = (store.clone(), metrics.clone());
                             tokio::spawn(async move {
+                                let synced = move || readiness.resolve(discovery::kube::NOT_SYNCED);
                                 let r = discovery::kube::run(
                                     kconfig,
                                     kopts,
                                     store,
                                     metrics,
-                                    readiness,
+                                    synced,
                                     opted_in_tx,
                                 )
                                 .await;

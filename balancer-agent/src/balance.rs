@@ -1,7 +1,7 @@
 //! Per-call endpoint choice.
 //!
-//! A [`Balancer`] is built for each snapshot of a service (see `state`): an immutable list of
-//! the endpoints that take new calls. Picking reads only atomics and one short per-endpoint
+//! A [`Balancer`] is built for each snapshot of a service (the store, `state`, builds them):
+//! an immutable list of the [`Endpoint`]s that take new calls. Picking reads only atomics and one short per-endpoint
 //! lock (the EWMA); it never blocks on the control plane.
 //!
 //! - [`Policy::P2cEwma`] (default): two endpoints drawn at random, the one with the lower
@@ -36,12 +36,34 @@ use std::{
 use tokio::time::Instant;
 
 pub use crate::config::Policy;
-use crate::{config::PoolConfig, state::Endpoint};
+use crate::config::PoolConfig;
 
 /// How fast old latency observations fade (linkerd's default decay).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// The latency assumed for an endpoint that has not answered yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// An endpoint as the balancer sees it: its address and its live figures. The store keeps one
+/// per address and hands the same `Arc` to every snapshot that lists it, so the figures survive
+/// configuration changes; calls in flight keep it alive after it is removed. It holds no
+/// connection: the relay keeps its pool (`relay::up::Pools`), by address.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// IP:port.
+    pub addr: SocketAddr,
+    /// Live figures.
+    pub stats: EndpointStats,
+}
+
+impl Endpoint {
+    /// A new endpoint with fresh figures.
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            stats: EndpointStats::default(),
+        })
+    }
+}
 
 /// Live figures of one endpoint, shared by every snapshot that contains it.
 #[derive(Debug)]
@@ -417,12 +439,10 @@ impl Drop for CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::PoolConfig, state::Endpoint};
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-        let cfg = Arc::new(PoolConfig::default());
         (0..n)
-            .map(|i| Endpoint::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), cfg.clone()))
+            .map(|i| Endpoint::new(format!("10.0.0.{}:80", i + 1).parse().unwrap()))
             .collect()
     }
 

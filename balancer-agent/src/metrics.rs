@@ -2,7 +2,9 @@
 //!
 //! Per-call figures are recorded once, when the call ends. Per-endpoint figures (in flight,
 //! EWMA, pooled connections) are not updated on the hot path at all: a collector reads them
-//! from the store's live endpoint statistics when `/metrics` is scraped.
+//! from the store's live endpoint statistics when `/metrics` is scraped, and the connection
+//! counts from the relay's pools, through [`EndpointConnections`] (the relay sits above this
+//! module: the wiring passes the function in).
 //!
 //! Label cardinality is bounded: a service's distinct method labels are capped
 //! (`limits.max_methods_per_service`); further methods are counted as `other`, so a client
@@ -30,7 +32,11 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::state::{Service, Store};
+use crate::state::{Endpoint, Service, Store};
+
+/// How many pooled connections an endpoint has (over every worker): the relay's pools answer,
+/// given to [`Metrics::with_connections`] by the wiring.
+pub type EndpointConnections = Box<dyn Fn(&Endpoint) -> usize + Send + Sync>;
 
 /// Times a connection's write buffer reached its bound (`limits.max_send_buffer` for client
 /// connections) and DATA had to wait for the peer to read: a peer that does not read holds
@@ -78,8 +84,19 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; endpoint figures are read from `store` at scrape time.
+    /// Registers every metric; endpoint figures are read from `store` at scrape time, and no
+    /// endpoint has a pooled connection (for what runs without the relay: tests, benchmarks).
     pub fn new(store: Arc<Store>, max_methods: usize) -> Arc<Self> {
+        Self::with_connections(store, max_methods, Box::new(|_| 0))
+    }
+
+    /// Registers every metric; endpoint figures are read from `store`, and their pooled
+    /// connections from `connections`, at scrape time.
+    pub fn with_connections(
+        store: Arc<Store>,
+        max_methods: usize,
+        connections: EndpointConnections,
+    ) -> Arc<Self> {
         let registry = Registry::new();
         let calls = IntCounterVec::new(
             Opts::new(
@@ -185,7 +202,7 @@ impl Metrics {
             Box::new(WRITE_BUFFER_FULL.clone()),
             Box::new(config_reloads.clone()),
             Box::new(discovery_lag.clone()),
-            Box::new(EndpointCollector::new(store)),
+            Box::new(EndpointCollector::new(store, connections)),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -353,16 +370,17 @@ fn istio_destination(service: Option<&Service>, name: &str) -> (String, String, 
     }
 }
 
-/// Reads per-endpoint figures from the store at scrape time.
+/// Reads per-endpoint figures from the store (and the relay's pools) at scrape time.
 struct EndpointCollector {
     store: Arc<Store>,
+    connections: EndpointConnections,
     descs: Vec<Desc>,
 }
 
 const ENDPOINT_LABELS: [&str; 2] = ["service", "endpoint"];
 
 impl EndpointCollector {
-    fn new(store: Arc<Store>) -> Self {
+    fn new(store: Arc<Store>, connections: EndpointConnections) -> Self {
         let descs = Self::families()
             .iter()
             .map(|(name, help)| {
@@ -375,7 +393,11 @@ impl EndpointCollector {
                 .expect("valid desc")
             })
             .collect();
-        Self { store, descs }
+        Self {
+            store,
+            connections,
+            descs,
+        }
     }
 
     fn families() -> [(&'static str, &'static str); 7] {
@@ -436,7 +458,7 @@ impl Collector for EndpointCollector {
                     s.ewma().as_secs_f64(),
                     s.calls.load(Relaxed) as f64,
                     s.failures.load(Relaxed) as f64,
-                    ep.pool.connections() as f64,
+                    (self.connections)(ep) as f64,
                     f64::from(u8::from(s.ejected())),
                     s.ejections.load(Relaxed) as f64,
                 ];

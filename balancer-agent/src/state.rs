@@ -2,9 +2,12 @@
 //!
 //! Discovery sources (the file, Kubernetes) speak in [`Update`]s; the store applies them and
 //! publishes an immutable [`Snapshot`] that the proxy reads on every call without taking a lock
-//! (an `ArcSwap` load). An [`Endpoint`] is long-lived: the same `Arc` is reused by every
-//! snapshot that lists its address, so its statistics (EWMA, in-flight) and its connection pool
-//! survive configuration changes, and calls in flight keep it alive after it is removed.
+//! (an `ArcSwap` load). An [`Endpoint`] (the balancer's type) is long-lived: the same `Arc` is
+//! reused by every snapshot that lists its address, so its statistics (EWMA, in-flight) survive
+//! configuration changes, and calls in flight keep it alive after it is removed.
+//!
+//! The store holds specs and statistics, never a socket: the relay keeps the connection pools
+//! (`relay::up::Pools`), by endpoint address.
 //!
 //! The store never blocks the data plane: writers rebuild the snapshot under their own mutex.
 #![forbid(unsafe_code)]
@@ -18,10 +21,10 @@ use std::{
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+pub use crate::balance::Endpoint;
 use crate::{
-    balance::{Balancer, EndpointStats, FailurePolicy},
+    balance::{Balancer, FailurePolicy},
     config::{Policy, PoolConfig, ServiceConfig},
-    proxy::pool::Pool,
 };
 
 /// A service as discovery describes it.
@@ -122,28 +125,6 @@ pub enum Update {
     Remove(String),
 }
 
-/// A long-lived endpoint: its address, its live statistics and its connection pool.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// IP:port.
-    pub addr: SocketAddr,
-    /// Live figures.
-    pub stats: EndpointStats,
-    /// Pooled HTTP/2 connections to it.
-    pub pool: Pool,
-}
-
-impl Endpoint {
-    /// A new endpoint with an empty pool.
-    pub fn new(addr: SocketAddr, pool: Arc<PoolConfig>) -> Arc<Self> {
-        Arc::new(Self {
-            addr,
-            stats: EndpointStats::default(),
-            pool: Pool::new(pool),
-        })
-    }
-}
-
 /// One endpoint of a service in a snapshot, with what discovery said of it.
 #[derive(Debug)]
 pub struct ServiceEndpoint {
@@ -226,7 +207,7 @@ struct Inner {
     ids: HashMap<String, u32>,
     next_id: u32,
     endpoints: HashMap<SocketAddr, Weak<Endpoint>>,
-    pool: Arc<PoolConfig>,
+    failures: FailurePolicy,
     version: u64,
 }
 
@@ -239,7 +220,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// An empty store whose endpoints use `pool` settings.
+    /// An empty store whose balancers treat failing endpoints as `pool` says
+    /// ([`FailurePolicy`]).
     pub fn new(pool: PoolConfig) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
@@ -248,7 +230,7 @@ impl Store {
                 ids: HashMap::new(),
                 next_id: 1,
                 endpoints: HashMap::new(),
-                pool: Arc::new(pool),
+                failures: FailurePolicy::from_config(&pool),
                 version: 0,
             }),
             changed: tokio::sync::watch::channel(0).0,
@@ -365,7 +347,7 @@ impl Inner {
             name: spec.name.as_str().into(),
             spec: spec.clone(),
             endpoints,
-            balancer: Balancer::new(spec.policy, ready, FailurePolicy::from_config(&self.pool)),
+            balancer: Balancer::new(spec.policy, ready, self.failures),
         }
     }
 
@@ -373,7 +355,7 @@ impl Inner {
         if let Some(e) = self.endpoints.get(&addr).and_then(Weak::upgrade) {
             return e;
         }
-        let e = Endpoint::new(addr, self.pool.clone());
+        let e = Endpoint::new(addr);
         self.endpoints.insert(addr, Arc::downgrade(&e));
         e
     }

@@ -3,7 +3,7 @@
 //!
 //! A client connection is handed to one worker when it is accepted and stays there: its HTTP/2
 //! connection task, the tasks of its calls and the upstream connections those calls lease (the
-//! pools keep one shard per worker, see `proxy::pool`) all run on that worker's thread. So a
+//! relay's pools keep one shard per worker, see `relay::up`) all run on that worker's thread. So a
 //! call never wakes another thread, and because a single-threaded runtime runs woken tasks in
 //! the order they were woken (there is no "run the task just woken first" slot as in tokio's
 //! work-stealing scheduler), the frames that many calls queue on one HTTP/2 connection in one
@@ -15,7 +15,9 @@
 //! [`Workers::stop`].
 //!
 //! Invariant: a connection's tasks are spawned with `tokio::spawn` from the worker that runs the
-//! connection, so they stay on it; [`current`] names that worker for the pool shards.
+//! connection, so they stay on it; [`current`] names that worker for the pool shards. How many
+//! workers there are is [`Workers::count`], passed to what keeps a shard per worker: no
+//! process-wide count, so nothing depends on the order things start in.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -41,17 +43,9 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Workers started in this process (1 until [`Workers::start`]).
-static COUNT: AtomicUsize = AtomicUsize::new(1);
-
 /// The index of the worker running on this thread (0 outside of any worker).
 pub fn current() -> usize {
     INDEX.with(Cell::get)
-}
-
-/// How many workers this process runs: the number of shards a per-worker structure needs.
-pub fn count() -> usize {
-    COUNT.load(Relaxed)
 }
 
 /// The number of workers for `requested` (0: one per CPU this process may use, which counts
@@ -79,7 +73,6 @@ impl Workers {
     /// (`block_on`) on this thread, and the set of workers.
     pub fn start(n: usize) -> anyhow::Result<(Runtime, Arc<Self>)> {
         let n = n.max(1);
-        COUNT.store(n, Relaxed);
         INDEX.with(|i| i.set(0));
         let main = runtime().context("starting data-plane worker 0")?;
         let (stop, _) = watch::channel(false);
@@ -111,6 +104,11 @@ impl Workers {
                 stop,
             }),
         ))
+    }
+
+    /// How many workers there are: the number of shards a per-worker structure needs.
+    pub fn count(&self) -> usize {
+        self.handles.len()
     }
 
     /// Client connections each worker serves, by worker index.
@@ -196,7 +194,7 @@ mod tests {
     #[test]
     fn connections_go_to_the_least_loaded_worker_and_run_there() {
         let (rt, workers) = Workers::start(3).expect("workers");
-        assert_eq!(count(), 3);
+        assert_eq!(workers.count(), 3);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -3,7 +3,8 @@
 //! - `setup`: installs what building and testing need on a fresh Debian 12 machine (Debian's
 //!   Rust toolchain with the BPF `core`, bpf-linker against LLVM 22, protoc, test peers).
 //!   Idempotent: quick when everything is there.
-//! - `test`: setup, then format and lint checks, then every test (unit, end to end, and the
+//! - `test`: setup, then format and lint checks and the agent's layer order (`layers`; alone:
+//!   `cargo xtask layers`), then every test (unit, end to end, and the
 //!   kernel tests, which run as root).
 //! - `demo`: setup, build, then the main job on an embedded default.
 //! - `bench`: setup, build (release), then the end-to-end benchmark beside nginx and haproxy.
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod image;
+mod layers;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -46,6 +48,9 @@ enum Cmd {
     },
     /// Build the agent's container image into target/image/balancer-agent.oci.tar.
     Image,
+    /// Check only the agent's layer order (ARCHITECTURE.md, "## Layers"); part of `test`.
+    #[command(hide = true)]
+    Layers,
 }
 
 /// The workspace root.
@@ -91,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo(),
         Cmd::Bench { no_criterion } => bench(no_criterion),
         Cmd::Image => image::image().map(|_| ()),
+        Cmd::Layers => layers::check(&root()),
     }
 }
 
@@ -98,6 +104,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    layers::check(&root())?;
     // Default members only: balancer-ebpf builds for the BPF target, from the agent's build.rs.
     // The end-to-end tests start the real binaries.
     run(cargo().args(["build", "--bins"]))?;

@@ -1,5 +1,5 @@
 //! The call layer: every rule about a gRPC call, in one place and without I/O. The engine
-//! (`crate::relay`) moves frames and asks this layer what to do with a call:
+//! (`relay`, a layer above) moves frames and asks this layer what to do with a call:
 //!
 //! ```text
 //! request head ──▶ Calls::admit ──▶ which service, admitted or the proxy's own answer

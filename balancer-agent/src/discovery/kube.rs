@@ -52,13 +52,13 @@ use tracing::{debug, info, warn};
 
 use super::pods::{self, ENABLED_LABEL, OptedIn, OptedInPod, PodInfo};
 use crate::{
-    admin::Readiness,
     config::Policy,
     metrics::Metrics,
     state::{EndpointSpec, ServiceSpec, Source, Store, Update},
 };
 
-/// The readiness reason held until every watcher has listed once.
+/// The readiness reason the agent holds until every watcher has listed once (see `synced` in
+/// [`run`]).
 pub const NOT_SYNCED: &str = "kubernetes caches not synced";
 /// The label of an EndpointSlice that names its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -643,13 +643,14 @@ impl Cgroups {
 }
 
 /// Runs the Kubernetes source until the process ends: feeds `store`, publishes opted-in pods
-/// on `opted_in`, resolves [`NOT_SYNCED`] on `readiness` once every watcher has listed.
+/// on `opted_in`, and calls `synced` once every watcher has listed (the agent then drops
+/// [`NOT_SYNCED`] from its readiness).
 pub async fn run(
     config: kube::Config,
     opts: Options,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+    synced: impl FnOnce() + Send,
     opted_in: watch::Sender<Arc<OptedIn>>,
 ) -> Result<(), Error> {
     let client = Client::try_from(config)?;
@@ -711,7 +712,7 @@ pub async fn run(
         root: opts.cgroup_root.clone(),
         found: HashMap::new(),
     };
-    let mut ready = false;
+    let mut synced = Some(synced);
     let mut retry = tokio::time::interval(CGROUP_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unresolved = false;
@@ -765,8 +766,7 @@ pub async fn run(
                 }
             });
         }
-        if !ready && model.caches_synced(with_pods) {
-            ready = true;
+        if synced.is_some() && model.caches_synced(with_pods) {
             let snap = store.snapshot();
             info!(
                 services = model.services.objects.len(),
@@ -774,7 +774,9 @@ pub async fn run(
                 store_services = snap.services.len(),
                 "kubernetes caches synced"
             );
-            readiness.resolve(NOT_SYNCED);
+            if let Some(synced) = synced.take() {
+                synced();
+            }
         }
     }
 }

@@ -3,8 +3,8 @@
 //! A client connection is accepted on a listener ([`Proxy::serve`]), its protocol detected
 //! (the HTTP/2 client preface, or plain TCP), and for HTTP/2 served by the frame relay
 //! (`crate::relay`), which sends every stream, one gRPC call, to an endpoint chosen for that
-//! call over pooled connections ([`pool`]). A connection that is not HTTP/2 is relayed as TCP to
-//! one endpoint.
+//! call over pooled connections (the relay's [`Pools`]). A connection that is not HTTP/2 is
+//! relayed as TCP to one endpoint.
 //!
 //! Which service a connection means: the original destination the datapath recorded
 //! ([`OrigDstLookup`]), else each call's `:authority`, else the listener's default service.
@@ -13,8 +13,6 @@
 //! (streams, header size, frame size, windows, resets), and a client that breaks one loses its
 //! own connection only.
 #![forbid(unsafe_code)]
-
-pub mod pool;
 
 use std::{
     net::SocketAddr,
@@ -35,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::{
     call::{Calls, Target},
     config::ms,
+    relay::up::Pools,
     workers::Workers,
 };
 
@@ -59,6 +58,8 @@ pub trait OrigDstLookup: Send + Sync + 'static {
 pub struct Proxy {
     /// What every call shares (store, metrics, limits, registry) and its rules.
     pub calls: Arc<Calls>,
+    /// The endpoint pools the relay leases from.
+    pub pools: Arc<Pools>,
     /// The datapath's original destinations, when the datapath runs.
     pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
     /// The workers that serve accepted connections.
@@ -90,12 +91,14 @@ impl Proxy {
     /// and close (GOAWAY), and every listener stop accepting.
     pub fn new(
         calls: Arc<Calls>,
+        pools: Arc<Pools>,
         orig_dst: Option<Arc<dyn OrigDstLookup>>,
         workers: Arc<Workers>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
             calls,
+            pools,
             orig_dst,
             workers,
             connections: AtomicUsize::new(0),
@@ -169,7 +172,9 @@ impl Proxy {
             match detect_h2(&stream, ms(self.calls.limits.protocol_detect_timeout_ms)).await {
                 Ok(true) => {
                     let (calls, drain) = (self.calls.clone(), self.drain.clone());
-                    crate::relay::serve(calls, stream, Arc::new(target), info.clone(), drain).await
+                    let relay =
+                        crate::relay::serve(calls, stream, Arc::new(target), info.clone(), drain);
+                    self.pools.serve(relay).await
                 }
                 Ok(false) => self.relay_tcp(stream, &target).await,
                 Err(e) => Err(e.to_string()),
@@ -201,7 +206,8 @@ impl Proxy {
                 ));
             };
             let ep = guard.endpoint().clone();
-            match tokio::time::timeout(ep.pool.connect_timeout(), TcpStream::connect(ep.addr)).await
+            match tokio::time::timeout(self.pools.connect_timeout(), TcpStream::connect(ep.addr))
+                .await
             {
                 Ok(Ok(mut upstream)) => {
                     let _ = upstream.set_nodelay(true);

@@ -1,8 +1,10 @@
-//! The relay's connections to endpoints (the proxy is the HTTP/2 client), and their pool.
+//! The relay's connections to endpoints (the proxy is the HTTP/2 client), and their pools.
 //!
-//! The pool keeps one [`Shard`] per endpoint and worker thread (every call of a client
-//! connection runs on its worker, see `crate::workers`), inside the endpoint's
-//! [`crate::proxy::pool::Pool`]. A call takes the first connection to its endpoint with a free
+//! [`Pools`] keeps one [`Shard`] per endpoint and worker thread (every call of a client
+//! connection runs on its worker, see `crate::workers`), as Envoy's per-worker pools do;
+//! `max_connections_per_endpoint` applies to each shard. The store (`crate::state`) holds no
+//! connection: an endpoint's shards are found by its address, the store's identity of an
+//! endpoint. A call takes the first connection to its endpoint with a free
 //! stream slot (below the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS), else opens one (up to
 //! `pool.max_connections_per_endpoint`), else goes to another endpoint. A new connection joins the
 //! pool once the endpoint answered a PING on it; one too old or that carried its share of
@@ -15,7 +17,13 @@
 //! when the connection is lost, every call on it ends with UNAVAILABLE at once.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -31,9 +39,9 @@ use super::{
     read_more,
 };
 use crate::{
+    balance::Endpoint,
     call::{End, grpc::Status},
     config::{PoolConfig, ms},
-    state::Endpoint,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -47,13 +55,169 @@ const LAST_SID: u32 = (1 << 31) - 1024;
 /// The payload of the PING a new connection waits on before it joins the pool ("ready?").
 const READY_PING: [u8; 8] = *b"ready?\0\0";
 
-/// One worker's relay connections to one endpoint: a shard of the endpoint's
-/// [`crate::proxy::pool::Pool`], which counts them.
+/// A map of one worker's shards this big is pruned of the endpoints the store dropped.
+const PRUNE_MIN: usize = 64;
+
+tokio::task_local! {
+    /// The pools the calls of this task lease from: a client connection's task runs inside
+    /// [`Pools::serve`].
+    static POOLS: Arc<Pools>;
+}
+
+/// The relay's endpoint pools: for each endpoint, one [`Shard`] of connections per data-plane
+/// worker, made on the endpoint's first call on that worker. Made once by the agent's wiring
+/// (`app`) with the pool configuration and the number of workers.
+///
+/// An endpoint's shards are keyed by its address, as the store keys its endpoints; they live
+/// while the store's [`Endpoint`] at that address does (calls in flight included), and go the
+/// next time their worker's map is pruned after it is gone.
+#[derive(Debug)]
+pub struct Pools {
+    cfg: PoolConfig,
+    /// By worker index (`crate::workers::current`).
+    workers: Box<[Mutex<WorkerShards>]>,
+}
+
+/// One worker's shards, by endpoint address.
+#[derive(Debug, Default)]
+struct WorkerShards {
+    by_addr: HashMap<SocketAddr, Entry>,
+    /// Entries whose endpoint is gone are pruned when the map reaches this size.
+    prune_at: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The store's endpoint at this address: the entry is pruned once it is gone.
+    endpoint: Weak<Endpoint>,
+    shard: Arc<Shard>,
+}
+
+impl Pools {
+    /// Empty pools configured by `cfg`, with one shard per endpoint for each of `workers`.
+    pub fn new(cfg: PoolConfig, workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            workers: (0..workers.max(1))
+                .map(|_| Mutex::new(WorkerShards::default()))
+                .collect(),
+        })
+    }
+
+    /// The pool configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// How long a connect to an endpoint may take.
+    pub fn connect_timeout(&self) -> Duration {
+        ms(self.cfg.connect_timeout_ms)
+    }
+
+    /// Runs `task`, a client connection's task (`relay::serve`), with these pools: [`lease`]
+    /// and [`lease_pooled`] in it lease from them.
+    pub async fn serve<F: Future>(self: &Arc<Self>, task: F) -> F::Output {
+        POOLS.scope(self.clone(), task).await
+    }
+
+    /// Connections to `ep` that take calls, over every worker (`/api/endpoints`, metrics).
+    pub fn connections(&self, ep: &Endpoint) -> usize {
+        self.shards_of(ep).iter().map(|s| s.connections()).sum()
+    }
+
+    /// Connections opened to `ep` since its pool was made, over every worker.
+    pub fn opened(&self, ep: &Endpoint) -> u64 {
+        self.shards_of(ep)
+            .iter()
+            .map(|s| s.opened.load(Relaxed))
+            .sum()
+    }
+
+    /// Every worker's shard for `ep`, taken out of the maps so that counting them holds up no
+    /// worker.
+    fn shards_of(&self, ep: &Endpoint) -> Vec<Arc<Shard>> {
+        self.workers
+            .iter()
+            .filter_map(|w| {
+                let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                w.by_addr.get(&ep.addr).map(|e| e.shard.clone())
+            })
+            .collect()
+    }
+
+    /// Runs `f` on this worker's shard for `ep`, made on first use.
+    fn with_shard<T>(&self, ep: &Arc<Endpoint>, f: impl FnOnce(&Arc<Shard>) -> T) -> T {
+        let worker = &self.workers[crate::workers::current() % self.workers.len()];
+        let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
+        f(w.shard(ep))
+    }
+
+    /// A pooled connection of `ep` with a free stream slot, if there is one now.
+    pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
+        self.with_shard(ep, |s| s.try_lease(&self.cfg))
+    }
+
+    /// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
+    /// `pool.max_connections_per_endpoint` in this worker's shard).
+    pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
+        let shard = self.with_shard(ep, Arc::clone);
+        let cfg = &self.cfg;
+        if let Some(c) = shard.try_lease(cfg) {
+            return Ok(c);
+        }
+        let _connecting = shard.connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(c) = shard.try_lease(cfg) {
+            return Ok(c);
+        }
+        if shard.connections() >= cfg.max_connections_per_endpoint {
+            return Err(LeaseError::Full);
+        }
+        let conn = connect(ep, cfg).await.map_err(LeaseError::Connect)?;
+        shard.opened.fetch_add(1, Relaxed);
+        {
+            // Its task ran between the endpoint's answer and now: it may have closed already
+            // (a GOAWAY right after the handshake, say). A call put on it would have no reader.
+            let st = conn.lock();
+            if st.closed || st.going_away {
+                return Err(LeaseError::Connect(format!(
+                    "endpoint {}: closed the connection right after the handshake",
+                    ep.addr
+                )));
+            }
+        }
+        shard.conns().push(conn.clone());
+        Ok(conn)
+    }
+}
+
+impl WorkerShards {
+    /// The shard for `ep`, made on first use.
+    fn shard(&mut self, ep: &Arc<Endpoint>) -> &Arc<Shard> {
+        if !self.by_addr.contains_key(&ep.addr) && self.by_addr.len() >= self.prune_at {
+            self.by_addr.retain(|_, e| e.endpoint.strong_count() > 0);
+            self.prune_at = (2 * self.by_addr.len()).max(PRUNE_MIN);
+        }
+        let e = self.by_addr.entry(ep.addr).or_insert_with(|| Entry {
+            endpoint: Weak::new(),
+            shard: Arc::default(),
+        });
+        // The store had dropped the endpoint at this address and made a new one since.
+        if e.endpoint.strong_count() == 0 {
+            e.endpoint = Arc::downgrade(ep);
+        }
+        &e.shard
+    }
+}
+
+/// One worker's relay connections to one endpoint, a shard of [`Pools`].
 #[derive(Debug, Default)]
 pub struct Shard {
     conns: Mutex<Vec<Arc<Conn>>>,
     /// Connects are serialized, so a burst of calls opens one connection, not one per call.
     connecting: tokio::sync::Mutex<()>,
+    /// Connections opened.
+    opened: AtomicU64,
 }
 
 impl Shard {
@@ -113,51 +277,30 @@ pub enum LeaseError {
     Connect(String),
 }
 
-/// A pooled connection of `ep` with a free stream slot, if there is one now.
+/// A pooled connection of `ep` with a free stream slot, if there is one now, from the pools of
+/// this task ([`Pools::serve`]; none outside of it).
 pub fn lease_pooled(ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-    ep.pool.relay_shard().try_lease(ep.pool.config())
+    POOLS.try_with(|p| p.lease_pooled(ep)).ok().flatten()
 }
 
-/// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
-/// `pool.max_connections_per_endpoint` in this worker's shard).
+/// A connection to `ep` with room for one more call, from the pools of this task
+/// ([`Pools::serve`], [`Pools::lease`]).
 pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
-    let shard = ep.pool.relay_shard();
-    let cfg = ep.pool.config();
-    if let Some(c) = shard.try_lease(cfg) {
-        return Ok(c);
-    }
-    let _connecting = shard.connecting.lock().await;
-    // Someone else may have connected while we waited.
-    if let Some(c) = shard.try_lease(cfg) {
-        return Ok(c);
-    }
-    if shard.connections() >= cfg.max_connections_per_endpoint {
-        return Err(LeaseError::Full);
-    }
-    let conn = connect(ep).await.map_err(LeaseError::Connect)?;
-    ep.pool.count_opened();
-    {
-        // Its task ran between the endpoint's answer and now: it may have closed already
-        // (a GOAWAY right after the handshake, say). A call put on it would have no reader.
-        let st = conn.lock();
-        if st.closed || st.going_away {
-            return Err(LeaseError::Connect(format!(
-                "endpoint {}: closed the connection right after the handshake",
-                ep.addr
-            )));
-        }
-    }
-    shard.conns().push(conn.clone());
-    Ok(conn)
+    let Ok(pools) = POOLS.try_with(Arc::clone) else {
+        return Err(LeaseError::Connect(format!(
+            "endpoint {}: this task has no endpoint pools (relay::up::Pools::serve)",
+            ep.addr
+        )));
+    };
+    pools.lease(ep).await
 }
 
 /// Opens a connection to `ep`: TCP, the preface, our SETTINGS and a PING. It is ready once the
 /// endpoint answered the PING: its SETTINGS came first, so its stream limit is known before a
 /// call takes a slot, and a socket that only sits in the backlog of a server that stopped
 /// accepting is never handed a call it would lose unprocessed.
-async fn connect(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
-    let cfg = ep.pool.config();
-    let timeout = ep.pool.connect_timeout();
+async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, String> {
+    let timeout = ms(cfg.connect_timeout_ms);
     let addr = ep.addr;
     let mut opened = None;
     let handshake = async {
@@ -573,5 +716,57 @@ impl Up {
             }
         }
         apply(&mut self.credits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(i: usize) -> Arc<Endpoint> {
+        Endpoint::new(
+            format!("10.0.{}.{}:80", i / 250, i % 250 + 1)
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_endpoint_keeps_its_shard_and_a_gone_one_is_pruned() {
+        let mut w = WorkerShards::default();
+        let a = endpoint(0);
+        let first = w.shard(&a).clone();
+        assert!(Arc::ptr_eq(&first, w.shard(&a)), "one shard per endpoint");
+        // The store dropped the endpoint and made a new one at the same address before the
+        // map was pruned: the new one takes the shard over, and it is not pruned.
+        drop(a);
+        let a = endpoint(0);
+        assert!(Arc::ptr_eq(&first, w.shard(&a)));
+        let gone: Vec<_> = (1..PRUNE_MIN).map(endpoint).collect();
+        for e in &gone {
+            w.shard(e);
+        }
+        drop(gone);
+        assert_eq!(w.by_addr.len(), PRUNE_MIN);
+        // The next endpoint new to the map prunes it: only the live ones stay.
+        let b = endpoint(PRUNE_MIN);
+        w.shard(&b);
+        let mut live: Vec<_> = w.by_addr.keys().copied().collect();
+        live.sort();
+        assert_eq!(live, [a.addr, b.addr]);
+        assert!(Arc::ptr_eq(&first, w.shard(&a)));
+    }
+
+    #[tokio::test]
+    async fn calls_lease_from_the_pools_of_their_task_only() {
+        let pools = Pools::new(PoolConfig::default(), 2);
+        let ep = endpoint(0);
+        assert!(lease_pooled(&ep).is_none());
+        assert!(matches!(lease(&ep).await, Err(LeaseError::Connect(_))));
+        assert_eq!(pools.connections(&ep), 0);
+        let inside = pools.serve(async { (lease_pooled(&ep).is_none(), pools.connections(&ep)) });
+        assert_eq!(inside.await, (true, 0));
+        // The lease made this worker's (worker 0's) shard for the endpoint; none elsewhere.
+        assert_eq!(pools.shards_of(&ep).len(), 1);
     }
 }

@@ -1,5 +1,5 @@
 //! HTTP/2 frames (RFC 9113 §4, §6): the 9-byte frame header, and writing the frames the relay
-//! sends. Payloads are parsed where they are used (`crate::relay`), straight from the read
+//! sends. Payloads are parsed where they are used (the frame relay), straight from the read
 //! buffer.
 
 use bytes::{BufMut, BytesMut};

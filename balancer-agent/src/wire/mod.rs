@@ -1,5 +1,6 @@
 //! HTTP/2 on the wire, without I/O: frames ([`frame`]), header compression ([`hpack`],
-//! [`huffman`]) and the rules of a well-formed message ([`message`]). The frame relay (`crate::relay`) is built on it.
+//! [`huffman`]) and the rules of a well-formed message ([`message`]). The frame relay
+//! (`relay`, a layer above) is built on it.
 #![forbid(unsafe_code)]
 
 pub mod frame;
