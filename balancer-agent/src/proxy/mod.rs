@@ -171,10 +171,12 @@ impl Proxy {
         let result =
             match detect_h2(&stream, ms(self.calls.limits.protocol_detect_timeout_ms)).await {
                 Ok(true) => {
-                    let (calls, drain) = (self.calls.clone(), self.drain.clone());
-                    let relay =
-                        crate::relay::serve(calls, stream, Arc::new(target), info.clone(), drain);
-                    self.pools.serve(relay).await
+                    let relay = crate::relay::Relay {
+                        calls: self.calls.clone(),
+                        pools: self.pools.clone(),
+                        drain: self.drain.clone(),
+                    };
+                    crate::relay::serve(relay, stream, Arc::new(target), info.clone()).await
                 }
                 Ok(false) => self.relay_tcp(stream, &target).await,
                 Err(e) => Err(e.to_string()),

@@ -31,7 +31,8 @@ use super::{
     conn::{Conn, Credit, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
     read::{self, ConnError, HeaderBlock, check_connection_frame, connection_frame, unpad},
-    read_more, up,
+    read_more,
+    up::{self, Pools},
 };
 use crate::{
     balance::CallGuard,
@@ -66,6 +67,7 @@ pub fn fail_stream(st: &mut State, sid: u32, status: &Status, credits: &mut Vec<
 
 struct Down {
     calls: Arc<Calls>,
+    pools: Arc<Pools>,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
     conn: Arc<Conn>,
@@ -163,13 +165,13 @@ struct Routed {
 /// Serves one client connection whose first bytes are the HTTP/2 preface, until it closes or
 /// `drain` is set (then: GOAWAY, its calls finish, it closes).
 pub async fn serve(
-    calls: Arc<Calls>,
+    relay: super::Relay,
     mut sock: TcpStream,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
-    mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let mut down = Down::new(calls, target, info);
+    let mut drain = relay.drain;
+    let mut down = Down::new(relay.calls, relay.pools, target, info);
     let conn = down.conn.clone();
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut draining = false;
@@ -268,7 +270,7 @@ pub async fn serve(
 impl Down {
     /// A new client connection of `target`, registered as `info`: our SETTINGS (and the
     /// connection window above the default) are queued.
-    fn new(calls: Arc<Calls>, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
+    fn new(calls: Arc<Calls>, pools: Arc<Pools>, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
         let l = calls.limits.clone();
         let conn_window = i64::from(l.initial_connection_window);
         let mut state = State::new(
@@ -297,6 +299,7 @@ impl Down {
         }
         Down {
             calls,
+            pools,
             target,
             info,
             conn: Conn::new(state),
@@ -718,13 +721,15 @@ impl Down {
         // connection with a free stream slot.
         let first = attempts.next(&service);
         if let Some(guard) = &first
-            && let Some(conn) = up::lease_pooled(guard.endpoint())
+            && let Some(conn) = self.pools.lease_pooled(guard.endpoint())
         {
             let result = Ok((first.expect("picked"), conn));
             let tried = attempts.tried;
             return self.routed_with(call, Held::default(), Routed { sid, tried, result });
         }
-        let mut routing: RouteFuture = Box::pin(route(sid, service, attempts, first, deadline));
+        let pools = self.pools.clone();
+        let mut routing: RouteFuture =
+            Box::pin(route(pools, sid, service, attempts, first, deadline));
         // Polled once here, without a waker: a pooled connection is leased without waiting.
         // Pending, it is polled again by the connection's task, which registers its own.
         let waker = &mut Context::from_waker(Waker::noop());
@@ -990,13 +995,14 @@ impl Down {
 /// Routes the call of client stream `sid` (see [`pick`]), starting with endpoint `first` if
 /// one was picked already.
 async fn route(
+    pools: Arc<Pools>,
     sid: u32,
     service: Arc<Service>,
     mut attempts: Attempts,
     first: Option<CallGuard>,
     deadline: Option<Instant>,
 ) -> Routed {
-    let result = pick(&service, &mut attempts, first, deadline).await;
+    let result = pick(&pools, &service, &mut attempts, first, deadline).await;
     let tried = attempts.tried;
     Routed { sid, tried, result }
 }
@@ -1005,6 +1011,7 @@ async fn route(
 /// reached, or whose connections are all at its stream limit, is skipped for another (no byte
 /// of the call left the proxy) while [`Attempts`] allows; then the call layer's answer.
 async fn pick(
+    pools: &Pools,
     service: &Arc<Service>,
     attempts: &mut Attempts,
     mut first: Option<CallGuard>,
@@ -1016,8 +1023,8 @@ async fn pick(
         };
         let ep = guard.endpoint().clone();
         let leased = match deadline {
-            Some(d) => tokio::time::timeout_at(d, up::lease(&ep)).await,
-            None => Ok(up::lease(&ep).await),
+            Some(d) => tokio::time::timeout_at(d, pools.lease(&ep)).await,
+            None => Ok(pools.lease(&ep).await),
         };
         let Ok(leased) = leased else {
             return Err(call::deadline_status(&service.name, "on the way to"));
@@ -1056,7 +1063,8 @@ pub fn feed_client_bytes(chunks: &[&[u8]]) -> bool {
     let target = Arc::new(Target::Authority { default: None });
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
     let info = calls.registry.open_connection(peer, peer, &target);
-    let mut down = Down::new(calls.clone(), target, info);
+    let pools = Pools::new(PoolConfig::default(), 1);
+    let mut down = Down::new(calls.clone(), pools, target, info);
     let max_streams = calls.limits.max_concurrent_streams as usize;
     let mut rbuf = BytesMut::new();
     let mut preface = false;

@@ -36,6 +36,18 @@ use conn::Conn;
 
 pub use down::serve;
 
+/// What a client connection's task needs besides its socket: the call layer it asks, the
+/// endpoint pools it leases from, and the drain signal (true: finish the calls and close).
+#[derive(Clone)]
+pub struct Relay {
+    /// The call layer.
+    pub calls: std::sync::Arc<crate::call::Calls>,
+    /// The endpoint pools.
+    pub pools: std::sync::Arc<up::Pools>,
+    /// The drain signal.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Read buffer space kept free before each read.
 const READ_RESERVE: usize = 16 * 1024;
 

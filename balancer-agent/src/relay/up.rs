@@ -18,7 +18,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
@@ -57,12 +56,6 @@ const READY_PING: [u8; 8] = *b"ready?\0\0";
 
 /// A map of one worker's shards this big is pruned of the endpoints the store dropped.
 const PRUNE_MIN: usize = 64;
-
-tokio::task_local! {
-    /// The pools the calls of this task lease from: a client connection's task runs inside
-    /// [`Pools::serve`].
-    static POOLS: Arc<Pools>;
-}
 
 /// The relay's endpoint pools: for each endpoint, one [`Shard`] of connections per data-plane
 /// worker, made on the endpoint's first call on that worker. Made once by the agent's wiring
@@ -112,12 +105,6 @@ impl Pools {
     /// How long a connect to an endpoint may take.
     pub fn connect_timeout(&self) -> Duration {
         ms(self.cfg.connect_timeout_ms)
-    }
-
-    /// Runs `task`, a client connection's task (`relay::serve`), with these pools: [`lease`]
-    /// and [`lease_pooled`] in it lease from them.
-    pub async fn serve<F: Future>(self: &Arc<Self>, task: F) -> F::Output {
-        POOLS.scope(self.clone(), task).await
     }
 
     /// Connections to `ep` that take calls, over every worker (`/api/endpoints`, metrics).
@@ -275,24 +262,6 @@ pub enum LeaseError {
     Full,
     /// The connection could not be opened (refused, timed out, closed at once).
     Connect(String),
-}
-
-/// A pooled connection of `ep` with a free stream slot, if there is one now, from the pools of
-/// this task ([`Pools::serve`]; none outside of it).
-pub fn lease_pooled(ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-    POOLS.try_with(|p| p.lease_pooled(ep)).ok().flatten()
-}
-
-/// A connection to `ep` with room for one more call, from the pools of this task
-/// ([`Pools::serve`], [`Pools::lease`]).
-pub async fn lease(ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
-    let Ok(pools) = POOLS.try_with(Arc::clone) else {
-        return Err(LeaseError::Connect(format!(
-            "endpoint {}: this task has no endpoint pools (relay::up::Pools::serve)",
-            ep.addr
-        )));
-    };
-    pools.lease(ep).await
 }
 
 /// Opens a connection to `ep`: TCP, the preface, our SETTINGS and a PING. It is ready once the
@@ -758,14 +727,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn calls_lease_from_the_pools_of_their_task_only() {
+    async fn a_lease_makes_only_its_workers_shard() {
         let pools = Pools::new(PoolConfig::default(), 2);
         let ep = endpoint(0);
-        assert!(lease_pooled(&ep).is_none());
-        assert!(matches!(lease(&ep).await, Err(LeaseError::Connect(_))));
+        assert!(pools.lease_pooled(&ep).is_none(), "no connection yet");
         assert_eq!(pools.connections(&ep), 0);
-        let inside = pools.serve(async { (lease_pooled(&ep).is_none(), pools.connections(&ep)) });
-        assert_eq!(inside.await, (true, 0));
         // The lease made this worker's (worker 0's) shard for the endpoint; none elsewhere.
         assert_eq!(pools.shards_of(&ep).len(), 1);
     }
