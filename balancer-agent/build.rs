@@ -30,8 +30,11 @@ fn main() -> anyhow::Result<()> {
     // aya-ebpf needs `asm_experimental_arch` on bpf. Unlocking it for that crate alone keeps
     // aya-build from adding `-Z build-std`, which Debian's toolchain cannot do (and needs not:
     // it ships core for the target). The child cargo inherits this process's environment.
+    #[allow(unsafe_code)] // `set_var` is unsafe since edition 2024.
     // SAFETY: build scripts are single-threaded at this point.
-    unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
+    unsafe {
+        env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf")
+    };
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
         .join("../balancer-ebpf");
     let root = root.to_str().expect("a UTF-8 path");

@@ -205,12 +205,17 @@ const _: () = assert!(core::mem::size_of::<AgentState>() == 24);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)] // `aya::Pod` is an unsafe trait: its impls promise plain old data.
 mod pod {
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, and has its
     // padding spelled out as fields, so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::AgentState {}
 }

@@ -5,13 +5,15 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bench;
 pub mod greeter;
 pub mod harness;
 pub mod node;
 
 use std::time::Duration;
 
-/// The generated gRPC code of `proto/greeter.proto`.
+/// The generated gRPC code of `proto/greeter.proto` (documented in the .proto file).
+#[allow(missing_docs)]
 pub mod pb {
     tonic::include_proto!("helloworld");
 }

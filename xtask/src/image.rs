@@ -29,10 +29,10 @@ use anyhow::{Context, bail, ensure};
 use crate::{cargo, root, run, setup};
 
 /// The image's name; the tag is the agent's version.
-pub const IMAGE_NAME: &str = "balancer-agent";
+pub(crate) const IMAGE_NAME: &str = "balancer-agent";
 
 /// What `cargo xtask image` leaves behind.
-pub struct Built {
+pub(crate) struct Built {
     /// The OCI archive.
     pub archive: PathBuf,
     /// `balancer-agent:<version>`.
@@ -40,7 +40,7 @@ pub struct Built {
 }
 
 /// Builds the static binary and the image archive.
-pub fn image() -> anyhow::Result<Built> {
+pub(crate) fn image() -> anyhow::Result<Built> {
     let started = Instant::now();
     setup::setup()?;
     setup::image_tools()?;

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, bail};
 
 /// Checks the agent's sources under `root` against the layers in `architecture`.
-pub fn check(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn check(root: &Path) -> anyhow::Result<()> {
     let doc =
         fs::read_to_string(root.join("ARCHITECTURE.md")).context("reading ARCHITECTURE.md")?;
     let layers = parse_layers(&doc)?;

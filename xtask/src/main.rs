@@ -54,7 +54,7 @@ enum Cmd {
 }
 
 /// The workspace root.
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -62,7 +62,7 @@ pub fn root() -> PathBuf {
 }
 
 /// Runs a command in the workspace root, failing on a non-zero exit.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
     let status = cmd
         .current_dir(root())
@@ -82,7 +82,7 @@ fn show(cmd: &Command) -> String {
 }
 
 /// `cargo` with the environment setup arranged (bpf-linker on PATH).
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.env("PATH", setup::path_with_tools());
     c

@@ -28,7 +28,7 @@ const BENCH_PACKAGES: &[&str] = &["nginx", "haproxy"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Whether we run as root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -46,7 +46,7 @@ fn cargo_bin() -> PathBuf {
 }
 
 /// PATH with cargo's bin directory (bpf-linker) in front.
-pub fn path_with_tools() -> String {
+pub(crate) fn path_with_tools() -> String {
     let path = std::env::var("PATH").unwrap_or_default();
     let bin = cargo_bin();
     if path.split(':').any(|p| Path::new(p) == bin) {
@@ -165,7 +165,7 @@ fn bpffs() -> anyhow::Result<()> {
 }
 
 /// Installs what building and testing need.
-pub fn setup() -> anyhow::Result<()> {
+pub(crate) fn setup() -> anyhow::Result<()> {
     apt_install(PACKAGES)?;
     bpf_linker()?;
     bpffs()?;
@@ -179,7 +179,7 @@ pub fn setup() -> anyhow::Result<()> {
 const IMAGE_PACKAGES: &[&str] = &["buildah", "file", "binutils"];
 
 /// Installs the image builder.
-pub fn image_tools() -> anyhow::Result<()> {
+pub(crate) fn image_tools() -> anyhow::Result<()> {
     apt_install(IMAGE_PACKAGES)
 }
 
@@ -226,7 +226,7 @@ fn kubernetes_validate() -> anyhow::Result<()> {
 }
 
 /// Installs the benchmark's peer proxies (their services stay stopped; the bench runs its own).
-pub fn bench_peers() -> anyhow::Result<()> {
+pub(crate) fn bench_peers() -> anyhow::Result<()> {
     let fresh = !missing_packages(BENCH_PACKAGES).is_empty();
     apt_install(BENCH_PACKAGES)?;
     if fresh && is_root() {

@@ -507,6 +507,7 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+#[allow(unsafe_code)] // clock_gettime: std's Instant does not expose the raw value.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -519,6 +520,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it where we may.
+#[allow(unsafe_code)] // setrlimit: libc has no safe wrapper.
 fn raise_memlock() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

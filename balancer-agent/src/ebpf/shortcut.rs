@@ -31,6 +31,7 @@ pub fn tuple_of(local: SocketAddr, remote: SocketAddr) -> Option<SockTuple> {
 }
 
 /// Data segments the socket has sent over TCP (`tcp_info.tcpi_data_segs_out`).
+#[allow(unsafe_code)] // getsockopt(TCP_INFO): libc has no safe wrapper.
 pub fn data_segs_out(sock: &impl AsRawFd) -> std::io::Result<u32> {
     // SAFETY: tcp_info is plain old data; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

@@ -41,12 +41,14 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection with `state`.
     pub fn new(state: State) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(state),
         })
     }
 
+    /// Its state (never contended: see the module's note on locking).
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -55,15 +57,20 @@ impl Conn {
 /// The other end of a relayed stream: a connection and the stream's id on it.
 #[derive(Debug, Clone)]
 pub struct Link {
+    /// The other connection.
     pub conn: Arc<Conn>,
+    /// The stream's id there.
     pub sid: u32,
 }
 
 /// Bytes of stream `sid` of `conn` that were written on: their receive window goes back.
 #[derive(Debug)]
 pub struct Credit {
+    /// The connection that received the bytes.
     pub conn: Arc<Conn>,
+    /// Their stream there.
     pub sid: u32,
+    /// How many.
     pub n: usize,
 }
 
@@ -109,6 +116,7 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// A stream linked to `link`, with our send window and the peer's receive window.
     pub fn new(link: Option<Link>, send_window: i64, recv_window: i64) -> Self {
         Self {
             link,
@@ -162,12 +170,14 @@ impl Stream {
 pub struct Replayed {
     /// The client's stream.
     pub sid: u32,
+    /// The call, with its request as kept so far.
     pub call: Box<Call>,
 }
 
 /// The shared state of a connection.
 #[derive(Debug)]
 pub struct State {
+    /// Which end the proxy plays.
     pub role: Role,
     /// Bytes to write to the socket.
     pub out: BytesMut,
@@ -176,6 +186,7 @@ pub struct State {
     pub closed: bool,
     /// No new streams (GOAWAY received or sent).
     pub going_away: bool,
+    /// The HPACK encoder of what the proxy sends.
     pub enc: hpack::Encoder,
     block: BytesMut,
     /// Connection-level send window.
@@ -191,12 +202,15 @@ pub struct State {
     recv_owed: i64,
     /// What we grant a connection and a stream when the window is back to full.
     pub recv_target: i64,
+    /// The same for a stream.
     pub stream_recv_target: i64,
+    /// Its open streams.
     pub streams: HashMap<u32, Stream>,
     /// Next stream id to open (client role).
     pub next_sid: u32,
     /// Out of its pool (too old, too many calls, idle): it closes once its streams are done.
     pub retired: bool,
+    /// When it was opened.
     pub created: Instant,
     /// Calls to send to another endpoint (server role).
     pub replays: Vec<Replayed>,
@@ -237,6 +251,8 @@ pub const EARLY_CANCEL_RETIRE: u32 = 10;
 const EARLY_CANCEL_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl State {
+    /// A connection's state: `recv_target` and `stream_recv_target` are the windows the proxy
+    /// grants its peer.
     pub fn new(role: Role, recv_target: i64, stream_recv_target: i64) -> Self {
         Self {
             role,
@@ -335,6 +351,7 @@ impl State {
         }
     }
 
+    /// Wakes the task that owns the socket: something was queued.
     pub fn wake(&mut self) {
         if let Some(w) = &self.waker {
             w.wake_by_ref();

@@ -162,6 +162,7 @@ impl Keepalive {
         self.heard = true;
     }
 
+    /// When [`Keepalive::fire`] is next due.
     pub fn due(&self) -> Instant {
         self.due
     }

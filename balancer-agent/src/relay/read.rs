@@ -10,11 +10,14 @@ use crate::{
 /// A connection error: GOAWAY with this reason, then close.
 #[derive(Debug)]
 pub struct ConnError {
+    /// The GOAWAY's error code.
     pub reason: Reason,
+    /// What was wrong, for the GOAWAY's debug data and the log.
     pub message: String,
 }
 
 impl ConnError {
+    /// A connection error with `reason`, saying `message`.
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Self {
             reason,

@@ -17,34 +17,55 @@ pub const DEFAULT_WINDOW: i64 = 65_535;
 
 /// Frame types.
 pub mod kind {
+    /// `DATA` (RFC 9113 §6).
     pub const DATA: u8 = 0;
+    /// `HEADERS` (RFC 9113 §6).
     pub const HEADERS: u8 = 1;
+    /// `PRIORITY` (RFC 9113 §6).
     pub const PRIORITY: u8 = 2;
+    /// `RST_STREAM` (RFC 9113 §6).
     pub const RST_STREAM: u8 = 3;
+    /// `SETTINGS` (RFC 9113 §6).
     pub const SETTINGS: u8 = 4;
+    /// `PUSH_PROMISE` (RFC 9113 §6).
     pub const PUSH_PROMISE: u8 = 5;
+    /// `PING` (RFC 9113 §6).
     pub const PING: u8 = 6;
+    /// `GOAWAY` (RFC 9113 §6).
     pub const GOAWAY: u8 = 7;
+    /// `WINDOW_UPDATE` (RFC 9113 §6).
     pub const WINDOW_UPDATE: u8 = 8;
+    /// `CONTINUATION` (RFC 9113 §6).
     pub const CONTINUATION: u8 = 9;
 }
 
 /// Frame flags.
 pub mod flag {
+    /// The `END_STREAM` flag.
     pub const END_STREAM: u8 = 0x1;
+    /// The `ACK` flag.
     pub const ACK: u8 = 0x1;
+    /// The `END_HEADERS` flag.
     pub const END_HEADERS: u8 = 0x4;
+    /// The `PADDED` flag.
     pub const PADDED: u8 = 0x8;
+    /// The `PRIORITY` flag.
     pub const PRIORITY: u8 = 0x20;
 }
 
 /// SETTINGS identifiers.
 pub mod setting {
+    /// `SETTINGS_HEADER_TABLE_SIZE` (RFC 9113 §6.5.2).
     pub const HEADER_TABLE_SIZE: u16 = 1;
+    /// `SETTINGS_ENABLE_PUSH` (RFC 9113 §6.5.2).
     pub const ENABLE_PUSH: u16 = 2;
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` (RFC 9113 §6.5.2).
     pub const MAX_CONCURRENT_STREAMS: u16 = 3;
+    /// `SETTINGS_INITIAL_WINDOW_SIZE` (RFC 9113 §6.5.2).
     pub const INITIAL_WINDOW_SIZE: u16 = 4;
+    /// `SETTINGS_MAX_FRAME_SIZE` (RFC 9113 §6.5.2).
     pub const MAX_FRAME_SIZE: u16 = 5;
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113 §6.5.2).
     pub const MAX_HEADER_LIST_SIZE: u16 = 6;
 }
 
@@ -53,15 +74,25 @@ pub mod setting {
 pub struct Reason(pub u32);
 
 impl Reason {
+    /// `NO_ERROR`.
     pub const NO_ERROR: Reason = Reason(0);
+    /// `PROTOCOL_ERROR`.
     pub const PROTOCOL_ERROR: Reason = Reason(1);
+    /// `INTERNAL_ERROR`.
     pub const INTERNAL_ERROR: Reason = Reason(2);
+    /// `FLOW_CONTROL_ERROR`.
     pub const FLOW_CONTROL_ERROR: Reason = Reason(3);
+    /// `STREAM_CLOSED`.
     pub const STREAM_CLOSED: Reason = Reason(5);
+    /// `FRAME_SIZE_ERROR`.
     pub const FRAME_SIZE_ERROR: Reason = Reason(6);
+    /// `REFUSED_STREAM`.
     pub const REFUSED_STREAM: Reason = Reason(7);
+    /// `CANCEL`.
     pub const CANCEL: Reason = Reason(8);
+    /// `COMPRESSION_ERROR`.
     pub const COMPRESSION_ERROR: Reason = Reason(9);
+    /// `ENHANCE_YOUR_CALM`.
     pub const ENHANCE_YOUR_CALM: Reason = Reason(11);
 }
 
@@ -91,9 +122,13 @@ impl std::fmt::Display for Reason {
 /// A frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
+    /// The payload's length.
     pub len: usize,
+    /// The frame type ([`kind`]).
     pub kind: u8,
+    /// Its flags ([`flag`]).
     pub flags: u8,
+    /// The stream id, reserved bit cleared.
     pub stream: u32,
 }
 

@@ -13,7 +13,7 @@ use http::{Request, Uri, header::CONTENT_TYPE};
 use prost::Message;
 use tokio::net::TcpStream;
 
-use balancer_tests::pb::HelloRequest;
+use crate::pb::HelloRequest;
 
 const PATH: &str = "/helloworld.Greeter/SayHello";
 

@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{agent::TempDir, free_port, greeter};
 use anyhow::{Context, bail};
-use balancer_tests::{agent::TempDir, free_port, greeter};
 use tokio::net::TcpListener;
 
 use super::procfs;
@@ -187,7 +187,7 @@ pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Re
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, config)?;
-    let bin = balancer_tests::agent::agent_bin();
+    let bin = crate::agent::agent_bin();
     let mut cmd = pinned(placement, &bin, &dir.0)?;
     cmd.args(["run", "--config"])
         .arg(&path)
@@ -199,10 +199,7 @@ pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Re
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     finish("agent", child, addr, dir, || {
-        matches!(
-            balancer_tests::agent::http_get(admin, "/ready"),
-            Ok((200, _))
-        )
+        matches!(crate::agent::http_get(admin, "/ready"), Ok((200, _)))
     })
 }
 

@@ -2,8 +2,7 @@
 //! (see `tests/src/bench/mod.rs` for what is measured and how it is kept fair).
 #![forbid(unsafe_code)]
 
-#[path = "../bench/mod.rs"]
-mod bench;
+use balancer_tests::bench;
 
 use std::{path::PathBuf, time::Duration};
 

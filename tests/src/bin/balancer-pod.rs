@@ -175,6 +175,7 @@ fn churn(target: SocketAddr, count: usize) -> anyhow::Result<()> {
 }
 
 /// SO_LINGER with a zero timeout: close sends RST, leaving no TIME_WAIT behind.
+#[allow(unsafe_code)] // setsockopt(SO_LINGER): std has no safe wrapper.
 fn reset_on_close(s: &StdTcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
