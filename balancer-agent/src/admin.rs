@@ -97,6 +97,9 @@ pub struct StatusView {
     pub uptime_seconds: f64,
     /// Where services come from.
     pub source: String,
+    /// Sections of the configuration file that changed since the start and wait for a
+    /// restart (`listeners`, `admin`, `datapath`): the file's values are not in force.
+    pub restart_required: Vec<&'static str>,
     /// The datapath, if loaded.
     pub datapath: Option<DatapathView>,
     /// Services known.
@@ -188,6 +191,7 @@ impl Admin {
             not_ready_reasons: reasons,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             source: self.source.clone(),
+            restart_required: self.metrics.restart_required(),
             datapath: self.datapath.as_ref().map(|d| DatapathView {
                 programs: vec![
                     "blb_connect4 (cgroup/connect4)".into(),
@@ -233,7 +237,7 @@ impl Admin {
     /// Endpoints of one service, or of all.
     pub fn endpoints(&self, service: Option<&str>) -> Vec<EndpointView> {
         let snap = self.store.snapshot();
-        let backoff = crate::config::ms(self.config.load().pool.failure_backoff_ms);
+        let backoff = self.config.load().pool.failure_backoff;
         let mut out = Vec::new();
         for s in snap.services.values() {
             if service.is_some_and(|n| n != s.spec.name) {

@@ -107,7 +107,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listeners: Vec<(TcpListener, proxy::Listener)> = data_plane.block_on(async {
         let mut v = Vec::new();
         for l in &config.listeners {
-            let addr: SocketAddr = l.address.parse().expect("validated");
+            let addr = l.address;
             let tcp = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding listener {} on {addr}", l.name))?;
@@ -144,7 +144,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
 
     // The control plane.
-    let admin_addr: SocketAddr = config.admin.address.parse().expect("validated");
+    let admin_addr = config.admin.address;
     let admin = Arc::new(Admin {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -167,6 +167,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         .spawn({
             let opts = opts.clone();
             let readiness = readiness.clone();
+            let (calls, pools) = (proxy.calls.clone(), proxy.pools.clone());
             move || {
                 let end = match control_plane(|| {
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -200,9 +201,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         discovery::file::watch(
                             opts.config.clone(),
                             opts.reload_interval,
-                            store,
                             current,
-                            metrics,
+                            calls,
+                            pools,
                         )
                         .await;
                         anyhow::Ok(())
@@ -263,20 +264,18 @@ fn control_plane(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
 
 fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
     let d = &config.datapath;
-    let cgroup_root = if d.cgroup_root.is_empty() {
-        ebpf::cgroup::v2_mount().context("finding the cgroup v2 mount")?
-    } else {
-        PathBuf::from(&d.cgroup_root)
+    let cgroup_root = match &d.cgroup_root {
+        Some(root) => root.clone(),
+        None => ebpf::cgroup::v2_mount().context("finding the cgroup v2 mount")?,
     };
-    let proxy = match d.proxy_address.parse() {
-        Ok(SocketAddr::V4(a)) => a,
-        _ => bail!("datapath.proxy_address must be an IPv4 IP:port"),
+    let Some(proxy) = d.proxy_address else {
+        bail!("datapath.proxy_address must be an IPv4 IP:port");
     };
     Ok(Datapath::load(ebpf::Options {
         cgroup_root,
         proxy,
-        pin_dir: (!d.pin_path.is_empty()).then(|| PathBuf::from(&d.pin_path)),
-        shortcut: d.shortcut.clone(),
+        pin_dir: d.pin_path.clone(),
+        shortcut: d.shortcut,
     })?)
 }
 
@@ -334,11 +333,10 @@ async fn kube_setup(
     k: &KubernetesOptions,
     config: &Config,
 ) -> anyhow::Result<(discovery::kube::Options, kube::Config)> {
-    let cgroup_root = if config.datapath.cgroup_root.is_empty() {
+    let cgroup_root = match &config.datapath.cgroup_root {
+        Some(root) => root.clone(),
         // Without a cgroup v2 mount no pod can be redirected anyway; discovery still runs.
-        ebpf::cgroup::v2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
-    } else {
-        PathBuf::from(&config.datapath.cgroup_root)
+        None => ebpf::cgroup::v2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup")),
     };
     let opts = discovery::kube::Options {
         kubeconfig: k.kubeconfig.clone(),

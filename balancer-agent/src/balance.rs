@@ -197,10 +197,10 @@ impl FailurePolicy {
     pub fn from_config(pool: &PoolConfig) -> Self {
         let o = &pool.outlier_detection;
         Self {
-            connect_backoff: Duration::from_millis(pool.failure_backoff_ms),
+            connect_backoff: pool.failure_backoff,
             consecutive_failures: o.consecutive_failures,
-            base_ejection: Duration::from_millis(o.base_ejection_ms),
-            max_ejection: Duration::from_millis(o.max_ejection_ms),
+            base_ejection: o.base_ejection,
+            max_ejection: o.max_ejection,
         }
     }
 }

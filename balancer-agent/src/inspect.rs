@@ -184,6 +184,15 @@ fn render(what: &What, v: &Value) -> String {
             out += &format!("ready:              {ready}\n");
             out += &format!("uptime:             {}s\n", s(&v["uptime_seconds"]));
             out += &format!("source:             {}\n", s(&v["source"]));
+            if v["restart_required"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            {
+                out += &format!(
+                    "restart required:   {} (changed in the file; `inspect config` shows the values in force)\n",
+                    s(&v["restart_required"])
+                );
+            }
             match &v["datapath"] {
                 Value::Null => out += "datapath:           off (standalone proxy)\n",
                 d => {

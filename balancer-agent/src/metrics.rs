@@ -21,18 +21,24 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, RwLock, atomic::Ordering::Relaxed},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
-use crate::state::{Endpoint, Service, Store};
+use crate::{
+    config::Section,
+    state::{Endpoint, Service, Store},
+};
 
 /// How many pooled connections an endpoint has (over every worker): the relay's pools answer,
 /// given to [`Metrics::with_connections`] by the wiring.
@@ -69,10 +75,14 @@ pub struct Metrics {
     /// Client streams the proxy reset for a stream error, by reason (the request never
     /// reached an endpoint, or its call was cancelled there).
     pub client_stream_errors: IntCounterVec,
-    /// Configuration reloads by result (`ok`, `rejected`).
+    /// Configuration reloads by result: `ok` (every change in force), `restart_required` (the
+    /// live sections in force, a section that needs a restart changed), `rejected`.
     pub config_reloads: IntCounterVec,
+    /// By section that needs a restart (`listeners`, `admin`, `datapath`): 1 while the file's
+    /// value differs from the one in force.
+    pub config_restart_required: IntGaugeVec,
     methods: RwLock<HashMap<String, HashSet<String>>>,
-    max_methods: usize,
+    max_methods: AtomicUsize,
     /// A histogram of how long a discovery change takes to reach the balancer, seconds.
     pub discovery_lag: Histogram,
 }
@@ -178,6 +188,19 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let config_restart_required = IntGaugeVec::new(
+            Opts::new(
+                "balancer_config_restart_required",
+                "1 while the file changes this section and the change waits for a restart.",
+            ),
+            &["section"],
+        )
+        .expect("valid metric");
+        for s in Section::ALL.into_iter().filter(|s| !s.live()) {
+            config_restart_required
+                .with_label_values(&[s.name()])
+                .set(0);
+        }
         let discovery_lag = Histogram::with_opts(
             HistogramOpts::new(
                 "balancer_discovery_apply_seconds",
@@ -201,6 +224,7 @@ impl Metrics {
             Box::new(client_stream_errors.clone()),
             Box::new(WRITE_BUFFER_FULL.clone()),
             Box::new(config_reloads.clone()),
+            Box::new(config_restart_required.clone()),
             Box::new(discovery_lag.clone()),
             Box::new(EndpointCollector::new(store, connections)),
         ] {
@@ -220,10 +244,33 @@ impl Metrics {
             client_connection_errors,
             client_stream_errors,
             config_reloads,
+            config_restart_required,
             methods: RwLock::new(HashMap::new()),
-            max_methods,
+            max_methods: AtomicUsize::new(max_methods),
             discovery_lag,
         })
+    }
+
+    /// Distinct method labels per service from now on (`limits.max_methods_per_service`, on a
+    /// reload); methods already labelled keep their label.
+    pub fn set_max_methods(&self, max: usize) {
+        self.max_methods.store(max, Relaxed);
+    }
+
+    /// The sections of the configuration file whose change waits for a restart.
+    pub fn restart_required(&self) -> Vec<&'static str> {
+        Section::ALL
+            .into_iter()
+            .filter(|s| {
+                !s.live()
+                    && self
+                        .config_restart_required
+                        .with_label_values(&[s.name()])
+                        .get()
+                        != 0
+            })
+            .map(Section::name)
+            .collect()
     }
 
     /// Records a finished call: its service (if one was resolved), `:path`, final gRPC status
@@ -298,14 +345,14 @@ impl Metrics {
                 if set.contains(path) {
                     return path;
                 }
-                if set.len() >= self.max_methods {
+                if set.len() >= self.max_methods.load(Relaxed) {
                     return "other";
                 }
             }
         }
         let mut methods = self.methods.write().unwrap_or_else(|p| p.into_inner());
         let set = methods.entry(service.to_string()).or_default();
-        if set.len() < self.max_methods {
+        if set.len() < self.max_methods.load(Relaxed) {
             set.insert(path.to_string());
             path
         } else {

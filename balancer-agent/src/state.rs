@@ -83,20 +83,18 @@ impl ServiceSpec {
                 .iter()
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
-            vips: s.vips.iter().filter_map(|v| v.parse().ok()).collect(),
-            policy: s.policy(),
+            vips: s.vips.clone(),
+            policy: s.policy,
             endpoints: s
                 .endpoints
                 .iter()
-                .filter_map(|e| {
-                    Some(EndpointSpec {
-                        addr: e.address.parse().ok()?,
-                        ready: true,
-                        terminating: false,
-                        zone: e.zone.clone(),
-                        node: e.node.clone(),
-                        name: e.name.clone(),
-                    })
+                .map(|e| EndpointSpec {
+                    addr: e.address,
+                    ready: true,
+                    terminating: false,
+                    zone: e.zone.clone(),
+                    node: e.node.clone(),
+                    name: e.name.clone(),
                 })
                 .collect(),
         }
@@ -279,6 +277,24 @@ impl Store {
             return;
         }
         let snapshot = inner.build(&self.current.load());
+        self.publish(inner, snapshot);
+    }
+
+    /// Treats failing endpoints as `pool` says from now on (a reload of the `pool` section):
+    /// every service's balancer is made again, over the same endpoints and their statistics.
+    pub fn set_pool(&self, pool: &PoolConfig) {
+        let failures = FailurePolicy::from_config(pool);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.failures == failures {
+            return;
+        }
+        inner.failures = failures;
+        // No service of an empty previous snapshot is reused: each gets a new balancer.
+        let snapshot = inner.build(&Snapshot::default());
+        self.publish(inner, snapshot);
+    }
+
+    fn publish(&self, inner: std::sync::MutexGuard<'_, Inner>, snapshot: Snapshot) {
         let version = snapshot.version;
         self.current.store(Arc::new(snapshot));
         drop(inner);
@@ -491,5 +507,47 @@ mod tests {
         assert_eq!(s.by_name("f").unwrap().spec.endpoints.len(), 1);
         store.apply_from(Source::Kubernetes, [Update::Reset(vec![])]);
         assert!(store.snapshot().services.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_pool_section_remakes_the_balancers_over_the_same_endpoints() {
+        let store = Store::new(PoolConfig::default());
+        store.apply(Update::Upsert(spec(
+            "a",
+            "10.96.0.1:80",
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        )));
+        let before = store.snapshot();
+        let refusing = before.by_name("a").unwrap().endpoints[0].endpoint.clone();
+        refusing.stats.connect_failed();
+        let picks = |snap: &Snapshot| -> Vec<SocketAddr> {
+            let a = snap.by_name("a").unwrap();
+            (0..8)
+                .map(|_| a.balancer.pick(&[]).unwrap().endpoint().addr)
+                .collect()
+        };
+        // Backing off for the default second: only the other endpoint is picked.
+        assert!(!picks(&before).contains(&refusing.addr));
+        // The same settings publish nothing.
+        store.set_pool(&PoolConfig::default());
+        assert_eq!(store.snapshot().version, before.version);
+        store.set_pool(&PoolConfig {
+            failure_backoff: std::time::Duration::ZERO,
+            ..PoolConfig::default()
+        });
+        let after = store.snapshot();
+        assert!(after.version > before.version);
+        let a = after.by_name("a").unwrap();
+        assert!(
+            Arc::ptr_eq(&refusing, &a.endpoints[0].endpoint),
+            "statistics kept"
+        );
+        assert_eq!(a.id, before.by_name("a").unwrap().id);
+        // Failures are stamped in whole milliseconds: one must have passed.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(
+            picks(&after).contains(&refusing.addr),
+            "no backoff any more"
+        );
     }
 }

@@ -413,18 +413,15 @@ fn daemonset_is_wired_to_the_agent_and_its_configuration() {
     // and the proxy address is a listener's address.
     assert_eq!(pod["hostNetwork"], true);
     assert!(config.datapath.enabled);
-    let proxy: SocketAddr = config.datapath.proxy_address.parse().unwrap();
+    let proxy = SocketAddr::V4(config.datapath.proxy_address.unwrap());
     assert_eq!(proxy.ip().to_string(), NODE_IP);
     assert!(
-        config
-            .listeners
-            .iter()
-            .any(|l| l.address.parse::<SocketAddr>().ok() == Some(proxy)),
+        config.listeners.iter().any(|l| l.address == proxy),
         "datapath.proxy_address {proxy} is not a listener's address"
     );
 
     // The probes reach the admin server on the node's loopback.
-    let admin: SocketAddr = config.admin.address.parse().unwrap();
+    let admin = config.admin.address;
     for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/live")] {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["host"], admin.ip().to_string(), "{probe} host");
@@ -441,8 +438,12 @@ fn daemonset_is_wired_to_the_agent_and_its_configuration() {
         let v = volume(str_of(&m["name"], "mount name"));
         str_of(&v["hostPath"]["path"], "hostPath").to_string()
     };
-    assert_eq!(host_path_of(&config.datapath.cgroup_root), "/sys/fs/cgroup");
-    let pin_parent = Path::new(&config.datapath.pin_path).parent().unwrap();
+    let cgroup_root = config.datapath.cgroup_root.as_ref().unwrap();
+    assert_eq!(
+        host_path_of(cgroup_root.to_str().unwrap()),
+        "/sys/fs/cgroup"
+    );
+    let pin_parent = config.datapath.pin_path.as_ref().unwrap().parent().unwrap();
     assert_eq!(host_path_of(pin_parent.to_str().unwrap()), "/sys/fs/bpf");
 
     // Draining ends before the kubelet's SIGKILL.
@@ -471,7 +472,7 @@ fn configmap_holds_a_configuration_the_agent_accepts() {
     let config = deployed_config();
     assert!(config.services.is_empty(), "services come from Kubernetes");
     assert!(
-        !config.datapath.cgroup_root.is_empty(),
+        config.datapath.cgroup_root.is_some(),
         "inside a container, auto-detection finds the container's own cgroup namespace"
     );
 }

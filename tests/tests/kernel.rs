@@ -11,6 +11,7 @@ use std::{
 };
 
 use balancer_agent::{
+    config::Shortcut,
     ebpf::{self, Datapath},
     proxy::OrigDstLookup,
 };
@@ -37,7 +38,7 @@ fn root_connect4_redirects_a_cgroup_member_and_records_the_original_destination(
         cgroup_root: cg.path().to_path_buf(),
         proxy: proxy_addr,
         pin_dir: None,
-        shortcut: "off".into(),
+        shortcut: Shortcut::Off,
     })
     .expect("loading and attaching the eBPF programs");
     let vip: SocketAddrV4 = "127.77.0.1:8080".parse().unwrap();

@@ -13,13 +13,26 @@ use std::{
 use balancer_tests::{
     agent::{TempDir, agent_bin, metric},
     greeter,
-    harness::{client, config, hello, setup_with},
-    pb::HelloRequest,
+    harness::{client, config, hello, local_addr, setup_with},
+    pb::{HelloRequest, greeter_client::GreeterClient},
     wait_until,
 };
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 const BOUND: Duration = Duration::from_secs(10);
+
+/// A call on `c` that the backend holds for 30 s: in flight until the task is aborted.
+fn hold_a_call(c: &GreeterClient<Channel>) -> tokio::task::JoinHandle<()> {
+    let mut slow = c.clone();
+    tokio::spawn(async move {
+        let _ = slow
+            .say_hello(HelloRequest {
+                sleep_ms: 30_000,
+                ..hello("held")
+            })
+            .await;
+    })
+}
 
 #[test]
 fn check_lists_every_problem_with_its_place_and_fails() {
@@ -201,14 +214,7 @@ async fn admin_reports_readiness_metrics_and_the_config_in_force() {
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // A call in flight shows in the active-call gauges.
-    let mut slow = c.clone();
-    let held = tokio::spawn(async move {
-        slow.say_hello(HelloRequest {
-            sleep_ms: 30_000,
-            ..hello("held")
-        })
-        .await
-    });
+    let held = hold_a_call(&c);
     wait_until("one active call", BOUND, || {
         let m = s.agent.metrics();
         metric(&m, "balancer_active_calls", &[]) == 1.0
@@ -285,4 +291,95 @@ async fn admin_reports_readiness_metrics_and_the_config_in_force() {
     let want: Vec<String> = s.backends.iter().map(|b| b.addr.to_string()).collect();
     assert_eq!(eps, want);
     held.abort();
+}
+
+#[tokio::test]
+async fn a_reload_puts_the_live_sections_in_force_and_leaves_the_others_waiting_for_a_restart() {
+    let s = setup_with("round-robin", 2, "").await;
+    let admin = s.agent.admin;
+    let mut c = client(s.listen).await;
+    let restart_required = |section: &str| {
+        metric(
+            &s.agent.metrics(),
+            "balancer_config_restart_required",
+            &[&format!("section=\"{section}\"")],
+        )
+    };
+    let reloads = |result: &str| {
+        metric(
+            &s.agent.metrics(),
+            "balancer_config_reloads_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    // A file that changes a live section of each kind (services: one endpoint left; limits:
+    // one call at a time; pool) beside the admin address, which is bound once at start.
+    let first = s.backends[0].addr;
+    let rewrite = |admin_address| {
+        s.agent.rewrite_config(&config(
+            s.listen,
+            admin_address,
+            "round-robin",
+            &[first],
+            "limits:\n  max_active_calls: 1\npool:\n  max_connections_per_endpoint: 3\n",
+        ))
+    };
+    assert_eq!(restart_required("admin"), 0.0);
+
+    let moved_admin = local_addr();
+    rewrite(moved_admin);
+    wait_until(
+        "the reload, counted as waiting for a restart",
+        BOUND,
+        || reloads("restart_required") == 1.0,
+    )
+    .await;
+    assert_eq!(restart_required("admin"), 1.0);
+    assert_eq!(restart_required("listeners"), 0.0);
+    assert_eq!(
+        s.agent.json("/api/status")["restart_required"],
+        serde_json::json!(["admin"])
+    );
+
+    // The dump is what runs: the admin server still where it was, the live sections new.
+    let dump = s.agent.json("/config_dump");
+    assert_eq!(dump["admin"]["address"], admin.to_string(), "{dump}");
+    assert_eq!(dump["limits"]["max_active_calls"], 1, "{dump}");
+    assert_eq!(dump["pool"]["max_connections_per_endpoint"], 3, "{dump}");
+    assert_eq!(
+        dump["services"][0]["endpoints"],
+        serde_json::json!([{"address": first.to_string(), "zone": null, "node": null, "name": null}])
+    );
+    assert!(
+        balancer_tests::agent::http_get(moved_admin, "/ready").is_err(),
+        "the new admin address is not bound before a restart"
+    );
+
+    // And the live sections act: every call goes to the endpoint left, and a second call in
+    // flight is over the new limit.
+    for i in 0..4 {
+        let r = c.say_hello(hello(&format!("n{i}"))).await.unwrap();
+        assert_eq!(r.into_inner().backend, "backend-1");
+    }
+    let held = hold_a_call(&c);
+    wait_until("one active call", BOUND, || {
+        metric(&s.agent.metrics(), "balancer_active_calls", &[]) == 1.0
+    })
+    .await;
+    let e = c.say_hello(hello("over")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("limits.max_active_calls"), "{e:?}");
+    held.abort();
+
+    // The file goes back to the admin address in force: nothing waits any more.
+    rewrite(admin);
+    wait_until("a reload with everything in force", BOUND, || {
+        reloads("ok") == 1.0
+    })
+    .await;
+    assert_eq!(restart_required("admin"), 0.0);
+    assert_eq!(
+        s.agent.json("/api/status")["restart_required"],
+        serde_json::json!([])
+    );
 }

@@ -34,6 +34,7 @@ use std::{
     },
 };
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::time::Instant;
 
@@ -92,8 +93,8 @@ pub struct Calls {
     pub store: Arc<Store>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Limits, fixed at start.
-    pub limits: Limits,
+    /// The limits in force (a reload replaces them: [`Calls::set_limits`]).
+    limits: ArcSwap<Limits>,
     /// Live connections and calls, for `inspect`.
     pub registry: Registry,
     active: AtomicUsize,
@@ -149,10 +150,23 @@ impl Calls {
         Arc::new(Self {
             store,
             metrics,
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             registry: Registry::default(),
             active: AtomicUsize::new(0),
         })
+    }
+
+    /// The limits in force. A connection takes them once, when it is accepted, and keeps them
+    /// (its SETTINGS told the client so).
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
+    }
+
+    /// Puts `limits` in force (a reload): for connections accepted from now on, and at once
+    /// for what is counted across connections (calls in flight, connections, method labels).
+    pub fn set_limits(&self, limits: Limits) {
+        self.metrics.set_max_methods(limits.max_methods_per_service);
+        self.limits.store(Arc::new(limits));
     }
 
     /// Calls in flight.
@@ -201,7 +215,7 @@ impl Calls {
                 status,
             });
         };
-        if active >= self.limits.max_active_calls {
+        if active >= self.limits.load().max_active_calls {
             let status = Status::exhausted(format!(
                 "proxy overloaded: {active} calls in flight (limits.max_active_calls)"
             ));
@@ -426,6 +440,21 @@ impl Call {
     }
 }
 
+/// Why an endpoint tried for a call did not take it.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// Every pooled connection to it was at its stream limit.
+    #[error("endpoint {0}: every pooled connection full")]
+    Full(SocketAddr),
+    /// It refused the call unprocessed (REFUSED_STREAM, or above a GOAWAY's last stream id).
+    #[error("endpoint {0} refused the call unprocessed")]
+    Refused(SocketAddr),
+    /// It could not be reached: the engine's error (the connect refused or timed out, the
+    /// connection closed at once).
+    #[error(transparent)]
+    Unreachable(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// The endpoints a call tried, and the rule for the next one.
 #[derive(Debug, Default)]
 pub struct Attempts {
@@ -435,18 +464,20 @@ pub struct Attempts {
     full: bool,
     /// One failed (connect failure, or it refused the call).
     failed: bool,
-    last_error: String,
+    last_error: Option<AttemptError>,
 }
 
 impl Attempts {
-    /// Attempts so far: `tried`, and `last_error` if the last one failed (a replay).
-    pub fn new(tried: Vec<SocketAddr>, last_error: String) -> Self {
-        Self {
+    /// Attempts so far: `tried`, and why the last one did not take the call (a replay).
+    pub fn new(tried: Vec<SocketAddr>, last_error: Option<AttemptError>) -> Self {
+        let mut attempts = Self {
             tried,
-            failed: !last_error.is_empty(),
-            full: false,
-            last_error,
+            ..Self::default()
+        };
+        if let Some(e) = last_error {
+            attempts.record(e);
         }
+        attempts
     }
 
     /// The next endpoint of `service` to try, within [`MAX_ATTEMPTS`]; counted as tried.
@@ -459,16 +490,13 @@ impl Attempts {
         Some(guard)
     }
 
-    /// The endpoint tried last had every connection full.
-    pub fn full(&mut self, why: String) {
-        self.full = true;
-        self.last_error = why;
-    }
-
-    /// The endpoint tried last failed before the call was sent.
-    pub fn failed(&mut self, why: String) {
-        self.failed = true;
-        self.last_error = why;
+    /// Why the endpoint tried last did not take the call (the call was not sent).
+    pub fn record(&mut self, why: AttemptError) {
+        match why {
+            AttemptError::Full(_) => self.full = true,
+            AttemptError::Refused(_) | AttemptError::Unreachable(_) => self.failed = true,
+        }
+        self.last_error = Some(why);
     }
 
     /// No endpoint is left to try: the answer. RESOURCE_EXHAUSTED if every endpoint tried was
@@ -484,11 +512,14 @@ impl Attempts {
                 self.tried.len()
             ))
         } else {
+            let last = self
+                .last_error
+                .as_ref()
+                .map_or_else(|| "none".to_string(), ToString::to_string);
             Status::unavailable(format!(
-                "service {}: {} endpoint(s) tried, none took the call; last error: {}",
+                "service {}: {} endpoint(s) tried, none took the call; last error: {last}",
                 service.name,
                 self.tried.len(),
-                self.last_error
             ))
         }
     }

@@ -103,6 +103,13 @@ async fn calls_over_the_active_limit_are_answered_resource_exhausted() {
     assert_eq!(second.status.code, Code::ResourceExhausted);
     assert!(second.status.message.contains("limits.max_active_calls"));
     calls.refused(&second);
+    // A reload raises the limit: in force for the next call.
+    calls.set_limits(Limits {
+        max_active_calls: 2,
+        ..Limits::default()
+    });
+    let second = calls.admit(&BY_AUTHORITY, &conn, &fields, true).unwrap();
+    second.cancelled(&calls);
     first.cancelled(&calls);
     assert_eq!(calls.active(), 0);
 }
@@ -187,18 +194,38 @@ async fn at_most_three_distinct_endpoints_are_tried_and_the_answer_says_why() {
             "an endpoint tried twice"
         );
         seen.push(g.endpoint().addr);
-        attempts.full(format!("endpoint {}: full", g.endpoint().addr));
+        attempts.record(AttemptError::Full(g.endpoint().addr));
     }
     assert_eq!(seen.len(), MAX_ATTEMPTS);
     assert_eq!(attempts.exhausted(&service).code, Code::ResourceExhausted);
     // One of them failed: the answer is UNAVAILABLE with the last error.
-    let mut attempts = Attempts::new(vec![seen[0]], "endpoint refused".into());
-    while attempts.next(&service).is_some() {
-        attempts.full("full".into());
+    let mut attempts = Attempts::new(vec![seen[0]], Some(AttemptError::Refused(seen[0])));
+    while let Some(g) = attempts.next(&service) {
+        attempts.record(AttemptError::Full(g.endpoint().addr));
     }
     let status = attempts.exhausted(&service);
     assert_eq!(status.code, Code::Unavailable);
     assert!(status.message.contains("3 endpoint(s) tried"));
+    assert!(
+        status.message.ends_with("every pooled connection full"),
+        "the last error: {}",
+        status.message
+    );
+    // An endpoint out of reach: the engine's error, as it says it.
+    let mut attempts = Attempts::default();
+    assert!(attempts.next(&service).is_some());
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    attempts.record(AttemptError::Unreachable(refused.into()));
+    while let Some(g) = attempts.next(&service) {
+        attempts.record(AttemptError::Refused(g.endpoint().addr));
+    }
+    let status = attempts.exhausted(&service);
+    assert_eq!(status.code, Code::Unavailable);
+    assert!(
+        status.message.contains("refused the call unprocessed"),
+        "{}",
+        status.message
+    );
     // No endpoint at all.
     let empty = self::calls(0, Limits::default());
     let service = empty.store.snapshot().by_name("greeter").unwrap().clone();

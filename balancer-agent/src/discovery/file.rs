@@ -4,6 +4,13 @@
 //! updates a mounted ConfigMap by swapping a symlink, which inotify watchers of the file miss,
 //! and a stat per second costs nothing. A new file that fails validation is refused with one
 //! log line listing every problem, and the configuration in force stays.
+//!
+//! A valid file is put in force section by section ([`Config::reload`]): `services`,
+//! `limits` and `pool` at once; `listeners`, `admin` and `datapath` are used once at start,
+//! so a change to them is not put in force: it is logged as waiting for a restart, counted
+//! (`balancer_config_reloads_total{result="restart_required"}`,
+//! `balancer_config_restart_required{section}`), and the configuration in force
+//! (`/config_dump`) keeps the values the agent runs with.
 #![forbid(unsafe_code)]
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -12,9 +19,10 @@ use arc_swap::ArcSwap;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
-    metrics::Metrics,
-    state::{ServiceSpec, Store, Update},
+    call::Calls,
+    config::{Config, Section},
+    relay::up::Pools,
+    state::{ServiceSpec, Update},
 };
 
 /// The store update that makes it serve exactly the file's services.
@@ -28,14 +36,17 @@ pub fn update_of(config: &Config) -> Update {
     )
 }
 
-/// Watches `path`; applies every valid change to `store` and `current`.
+/// Watches `path`; puts every valid change in force: the services in the store, the limits
+/// in the call layer, the pool settings in the pools and the balancers, and the configuration
+/// in force in `current`.
 pub async fn watch(
     path: PathBuf,
     interval: Duration,
-    store: Arc<Store>,
     current: Arc<ArcSwap<Config>>,
-    metrics: Arc<Metrics>,
+    calls: Arc<Calls>,
+    pools: Arc<Pools>,
 ) {
+    let metrics = calls.metrics.clone();
     let mut last_text = std::fs::read_to_string(&path).ok();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -55,30 +66,63 @@ pub async fn watch(
             continue;
         }
         last_text = Some(text.clone());
-        match Config::from_yaml(&text, &path.display().to_string()) {
-            Ok(new) => {
-                let old = current.load_full();
-                if new.listeners != old.listeners
-                    || new.admin != old.admin
-                    || new.limits != old.limits
-                    || new.datapath != old.datapath
-                {
-                    warn!(
-                        "listeners, admin, limits and datapath changes take effect at the next restart; services reload now"
-                    );
-                }
-                store.apply(update_of(&new));
-                current.store(Arc::new(new));
-                metrics.config_reloads.with_label_values(&["ok"]).inc();
-                info!(path = %path.display(), "configuration reloaded");
-            }
+        let source = path.display().to_string();
+        let reload = Config::from_yaml(&text, &source).and_then(|file| {
+            current
+                .load()
+                .reload(file)
+                .map_err(|problems| crate::config::Error {
+                    source_name: source.clone(),
+                    problems,
+                })
+        });
+        let reload = match reload {
+            Ok(r) => r,
             Err(e) => {
                 metrics
                     .config_reloads
                     .with_label_values(&["rejected"])
                     .inc();
                 error!("configuration refused, the previous one stays in force: {e}");
+                continue;
             }
+        };
+        apply_live(&reload.in_force, &calls, &pools);
+        current.store(Arc::new(reload.in_force));
+        for s in Section::ALL.into_iter().filter(|s| !s.live()) {
+            let waits = reload.restart_required.contains(&s);
+            metrics
+                .config_restart_required
+                .with_label_values(&[s.name()])
+                .set(i64::from(waits));
+        }
+        let applied = Section::join(&reload.applied);
+        if reload.restart_required.is_empty() {
+            metrics.config_reloads.with_label_values(&["ok"]).inc();
+            info!(path = %path.display(), applied = %applied, "configuration reloaded");
+        } else {
+            metrics
+                .config_reloads
+                .with_label_values(&["restart_required"])
+                .inc();
+            let waiting = Section::join(&reload.restart_required);
+            warn!(
+                path = %path.display(),
+                applied = %applied,
+                restart_required = %waiting,
+                "configuration reloaded in part: the file changes {waiting}, which take effect at \
+                 the next restart; until then the values in force stay (/config_dump shows them)"
+            );
         }
     }
+}
+
+/// Puts the live sections of `config` in force: the services in the store, the pool
+/// settings in the pools and the store's balancers, the limits in the call layer. Sections
+/// that did not change are the same values again: nothing is rebuilt for them.
+fn apply_live(config: &Config, calls: &Calls, pools: &Pools) {
+    calls.store.apply(update_of(config));
+    calls.store.set_pool(&config.pool);
+    pools.set_config(config.pool.clone());
+    calls.set_limits(config.limits.clone());
 }

@@ -36,7 +36,10 @@ use balancer_common::{
 };
 use tracing::{info, warn};
 
-use crate::proxy::{self, OrigDstLookup};
+use crate::{
+    config::Shortcut,
+    proxy::{self, OrigDstLookup},
+};
 
 /// The eBPF object, built by `build.rs` (empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
@@ -122,8 +125,8 @@ pub struct Options {
     pub proxy: SocketAddrV4,
     /// Where maps are pinned for the CLI; `None` to pin nothing.
     pub pin_dir: Option<PathBuf>,
-    /// The `sk_msg` shortcut: `auto`, `on` or `off`.
-    pub shortcut: String,
+    /// The `sk_msg` shortcut.
+    pub shortcut: Shortcut,
 }
 
 /// Whether the same-node shortcut is in use, and why.
@@ -276,8 +279,8 @@ impl Datapath {
                 HINT_SOCKMAP,
             ))?;
         }
-        let shortcut = match opts.shortcut.as_str() {
-            "off" => ShortcutState {
+        let shortcut = match opts.shortcut {
+            Shortcut::Off => ShortcutState {
                 enabled: false,
                 reason: "turned off by configuration (datapath.shortcut: off)".into(),
             },
@@ -287,7 +290,7 @@ impl Datapath {
                     reason: "self-test passed: data moved intact between sockets without TCP"
                         .into(),
                 },
-                Err(e) if mode == "on" => {
+                Err(e) if mode == Shortcut::On => {
                     warn!(error = %e, "sk_msg shortcut self-test failed; shortcut forced on");
                     ShortcutState {
                         enabled: true,

@@ -32,8 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     call::{Calls, Target},
-    config::ms,
-    relay::up::Pools,
+    relay::{ConnectionEnded, up::Pools},
     workers::Workers,
 };
 
@@ -75,6 +74,23 @@ impl std::fmt::Debug for Proxy {
             .field("connections", &self.connections)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a client connection ended with an error (for the log).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    /// Its protocol could not be told: the socket failed, or the client closed at once.
+    #[error("detecting the protocol: {0}")]
+    Detect(#[source] std::io::Error),
+    /// An HTTP/2 connection ended with an error (the relay's).
+    #[error(transparent)]
+    Relay(#[from] ConnectionEnded),
+    /// A plain TCP connection whose target names no service.
+    #[error("plain TCP connection for {0}: no service")]
+    NoService(String),
+    /// A plain TCP connection that no endpoint of its service accepted.
+    #[error("plain TCP connection for service {0}: no endpoint accepted it")]
+    NoEndpoint(String),
 }
 
 /// One listener's settings.
@@ -138,7 +154,7 @@ impl Proxy {
                 },
                 () = drained(&mut drain) => break,
             };
-            if self.connections.load(Relaxed) >= self.calls.limits.max_connections {
+            if self.connections.load(Relaxed) >= self.calls.limits().max_connections {
                 self.calls
                     .metrics
                     .client_connection_errors
@@ -168,19 +184,21 @@ impl Proxy {
         self.connections.fetch_add(1, Relaxed);
         self.calls.metrics.client_connections.inc();
         let info = self.calls.registry.open_connection(peer, local, &target);
-        let result =
-            match detect_h2(&stream, ms(self.calls.limits.protocol_detect_timeout_ms)).await {
-                Ok(true) => {
-                    let relay = crate::relay::Relay {
-                        calls: self.calls.clone(),
-                        pools: self.pools.clone(),
-                        drain: self.drain.clone(),
-                    };
-                    crate::relay::serve(relay, stream, Arc::new(target), info.clone()).await
-                }
-                Ok(false) => self.relay_tcp(stream, &target).await,
-                Err(e) => Err(e.to_string()),
-            };
+        let detect_timeout = self.calls.limits().protocol_detect_timeout;
+        let result = match detect_h2(&stream, detect_timeout).await {
+            Ok(true) => {
+                let relay = crate::relay::Relay {
+                    calls: self.calls.clone(),
+                    pools: self.pools.clone(),
+                    drain: self.drain.clone(),
+                };
+                crate::relay::serve(relay, stream, Arc::new(target), info.clone())
+                    .await
+                    .map_err(ConnectionError::from)
+            }
+            Ok(false) => self.relay_tcp(stream, &target).await,
+            Err(e) => Err(ConnectionError::Detect(e)),
+        };
         if let Err(e) = result {
             debug!(%peer, error = %e, "client connection ended with an error");
         }
@@ -190,22 +208,20 @@ impl Proxy {
     }
 
     /// A connection that is not HTTP/2: relay it to one endpoint of its service.
-    async fn relay_tcp(&self, mut client: TcpStream, target: &Target) -> Result<(), String> {
+    async fn relay_tcp(
+        &self,
+        mut client: TcpStream,
+        target: &Target,
+    ) -> Result<(), ConnectionError> {
         let snapshot = self.calls.store.snapshot();
         let Some(service) = target.resolve(&snapshot, None) else {
             let _ = client.shutdown().await;
-            return Err(format!(
-                "plain TCP connection for {}: no service",
-                target.describe()
-            ));
+            return Err(ConnectionError::NoService(target.describe()));
         };
         let mut tried = Vec::new();
         loop {
             let Some(guard) = service.balancer.pick(&tried) else {
-                return Err(format!(
-                    "plain TCP connection for service {}: no endpoint accepted it",
-                    service.spec.name
-                ));
+                return Err(ConnectionError::NoEndpoint(service.spec.name.clone()));
             };
             let ep = guard.endpoint().clone();
             match tokio::time::timeout(self.pools.connect_timeout(), TcpStream::connect(ep.addr))

@@ -27,7 +27,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{
-    Io, Keepalive,
+    ConnectionEnded, Io, Keepalive,
     conn::{Conn, Credit, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
     read::{self, ConnError, HeaderBlock, check_connection_frame, connection_frame, unpad},
@@ -37,10 +37,10 @@ use super::{
 use crate::{
     balance::CallGuard,
     call::{
-        self, Admitted, Attempts, Call, Calls, End, Replay, Target, grpc::Status,
+        self, Admitted, AttemptError, Attempts, Call, Calls, End, Replay, Target, grpc::Status,
         registry::ConnInfo,
     },
-    config::ms,
+    config::Limits,
     state::Service,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
@@ -67,6 +67,9 @@ pub fn fail_stream(st: &mut State, sid: u32, status: &Status, credits: &mut Vec<
 
 struct Down {
     calls: Arc<Calls>,
+    /// The limits in force when the connection was accepted, kept for its life: its SETTINGS
+    /// told the client so.
+    limits: Arc<Limits>,
     pools: Arc<Pools>,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
@@ -163,13 +166,14 @@ struct Routed {
 }
 
 /// Serves one client connection whose first bytes are the HTTP/2 preface, until it closes or
-/// `drain` is set (then: GOAWAY, its calls finish, it closes).
+/// `drain` is set (then: GOAWAY, its calls finish, it closes). An error says why the proxy
+/// closed it, or why it broke.
 pub async fn serve(
     relay: super::Relay,
     mut sock: TcpStream,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
-) -> Result<(), String> {
+) -> Result<(), ConnectionEnded> {
     let mut drain = relay.drain;
     let mut down = Down::new(relay.calls, relay.pools, target, info);
     let conn = down.conn.clone();
@@ -197,8 +201,8 @@ pub async fn serve(
                     && k.due() <= Instant::now()
                     && !k.fire(&conn)
                 {
-                    let error = ConnError::new(Reason::NO_ERROR, "keepalive PING unanswered");
-                    break Err(down.close_for(&sock, "keepalive_timeout", error, FLUSH_WAIT).await);
+                    let ended = ConnectionEnded::KeepaliveTimeout;
+                    break Err(down.close_for(&sock, ended, FLUSH_WAIT).await);
                 }
                 continue;
             }
@@ -229,13 +233,10 @@ pub async fn serve(
                     st.overloaded().then_some(st.held)
                 };
                 if let Some(held) = held {
-                    let error = ConnError::new(
-                        Reason::ENHANCE_YOUR_CALM,
-                        format!("{held} response bytes left unread (limits.max_connection_buffer)"),
-                    );
                     // The client does not read: the GOAWAY goes out only if there is room.
                     let wait = std::time::Duration::from_millis(100);
-                    break Err(down.close_for(&sock, "unread_responses", error, wait).await);
+                    let ended = ConnectionEnded::UnreadResponses(held);
+                    break Err(down.close_for(&sock, ended, wait).await);
                 }
                 let replays = std::mem::take(&mut conn.lock().replays);
                 for r in replays {
@@ -243,20 +244,21 @@ pub async fn serve(
                 }
                 continue;
             }
-            Err(e) => break Err(format!("client connection: {e}")),
+            Err(e) => break Err(ConnectionEnded::Io(e)),
         }
         if !preface {
             if rbuf.len() < frame::PREFACE.len() {
                 continue;
             }
             if &rbuf[..frame::PREFACE.len()] != frame::PREFACE {
-                break Err("client connection: bad HTTP/2 preface".into());
+                break Err(ConnectionEnded::BadPreface);
             }
             rbuf.advance(frame::PREFACE.len());
             preface = true;
         }
         if let Err(e) = down.frames(&mut rbuf) {
-            break Err(down.close_for(&sock, "protocol", e, FLUSH_WAIT).await);
+            let ended = ConnectionEnded::Protocol(e);
+            break Err(down.close_for(&sock, ended, FLUSH_WAIT).await);
         }
         if draining && conn.lock().streams.is_empty() {
             let _ = flush(&conn, &sock).await;
@@ -268,10 +270,10 @@ pub async fn serve(
 }
 
 impl Down {
-    /// A new client connection of `target`, registered as `info`: our SETTINGS (and the
-    /// connection window above the default) are queued.
+    /// A new client connection of `target`, registered as `info`, under the limits in force:
+    /// our SETTINGS (and the connection window above the default) are queued.
     fn new(calls: Arc<Calls>, pools: Arc<Pools>, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
-        let l = calls.limits.clone();
+        let l = calls.limits();
         let conn_window = i64::from(l.initial_connection_window);
         let mut state = State::new(
             Role::Server,
@@ -312,9 +314,10 @@ impl Down {
             resets: 0,
             refused: 0,
             deadlines: BinaryHeap::new(),
-            keepalive: Keepalive::new(ms(l.keepalive_interval_ms), ms(l.keepalive_timeout_ms)),
+            keepalive: Keepalive::new(l.keepalive_interval, l.keepalive_timeout),
             waiting: HashMap::new(),
             routing: FuturesUnordered::new(),
+            limits: l,
         }
     }
 }
@@ -323,36 +326,34 @@ impl Down {
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Down {
-    /// Closes the connection for `error`: counted under `label`, a GOAWAY with its reason and
-    /// message flushed for at most `wait`. Returns what the log says.
+    /// Closes the connection for `ended`: counted under its label, its GOAWAY flushed for at
+    /// most `wait`. Returns `ended`, for the log.
     async fn close_for(
         // `&mut`: the future stays `Send` (`Down` is not `Sync`).
         &mut self,
         sock: &TcpStream,
-        label: &str,
-        error: ConnError,
+        ended: ConnectionEnded,
         wait: std::time::Duration,
-    ) -> String {
+    ) -> ConnectionEnded {
         self.calls
             .metrics
             .client_connection_errors
-            .with_label_values(&[label])
+            .with_label_values(&[ended.label()])
             .inc();
-        {
+        if let Some((reason, debug)) = ended.goaway() {
             let mut st = self.conn.lock();
-            let debug = error.message.as_bytes();
-            frame::goaway(&mut st.out, self.last_sid, error.reason, debug);
+            frame::goaway(&mut st.out, self.last_sid, reason, debug.as_bytes());
         }
         // Its calls end now, not after the flush: their endpoints stop sending, and what
         // waited for the client is freed.
         self.close();
         let _ = tokio::time::timeout(wait, flush(&self.conn, sock)).await;
-        format!("client connection: {}: {}", error.reason, error.message)
+        ended
     }
 
     /// Handles every complete frame in `rbuf`.
     fn frames(&mut self, rbuf: &mut BytesMut) -> Result<(), ConnError> {
-        let max_frame = self.calls.limits.max_frame_size as usize;
+        let max_frame = self.limits.max_frame_size as usize;
         while rbuf.len() >= frame::HEADER_LEN {
             let head = Head::parse(rbuf);
             if head.len > max_frame {
@@ -507,7 +508,7 @@ impl Down {
         let fields = &mut self.fields;
         let decoded = self.dec.decode(
             &self.block.block,
-            self.calls.limits.max_header_list_size as usize,
+            self.limits.max_header_list_size as usize,
             &mut |n, v| fields.push(n, v),
         );
         let too_large = match decoded {
@@ -529,7 +530,7 @@ impl Down {
             Err(_) if too_large => return self.refuse(sid, Reason::PROTOCOL_ERROR),
             Err(m) => return self.malformed(sid, m),
         };
-        let limits = &self.calls.limits;
+        let limits = &self.limits;
         {
             let mut st = self.conn.lock();
             if too_large {
@@ -585,7 +586,7 @@ impl Down {
     /// Counts a stream the proxy reset for an error of the client's.
     fn refuse_counted(&mut self) -> Result<(), ConnError> {
         self.refused += 1;
-        if self.refused > self.calls.limits.max_local_error_reset_streams {
+        if self.refused > self.limits.max_local_error_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
                 "too many streams refused",
@@ -701,7 +702,7 @@ impl Down {
             .calls
             .admit(&self.target, &self.info, &self.fields, end)
         {
-            Ok(admitted) => self.route(sid, Routing::New(admitted), String::new()),
+            Ok(admitted) => self.route(sid, Routing::New(admitted), None),
             Err(refused) => {
                 self.answer(sid, &refused.status);
                 self.calls.refused(&refused);
@@ -712,7 +713,7 @@ impl Down {
     /// Routes the call of client stream `sid`: at once when a pooled connection can take it
     /// (the usual case), else once its endpoint's new connection is ready, while the client's
     /// other calls go on.
-    fn route(&mut self, sid: u32, mut call: Routing, last_error: String) {
+    fn route(&mut self, sid: u32, mut call: Routing, last_error: Option<AttemptError>) {
         let service = call.service().clone();
         let r = call.replay();
         let deadline = r.deadline;
@@ -885,8 +886,11 @@ impl Down {
         }
         let refused = call.guard.endpoint().addr;
         debug!(endpoint = %refused, "stream refused unprocessed; replaying the call");
-        let last_error = format!("endpoint {refused} refused the call unprocessed");
-        self.route(sid, Routing::Replay(call), last_error);
+        self.route(
+            sid,
+            Routing::Replay(call),
+            Some(AttemptError::Refused(refused)),
+        );
     }
 
     /// Ends client stream `sid` with the proxy's own status and records its call.
@@ -954,7 +958,7 @@ impl Down {
             self.resets += 1;
         }
         unlink(stream, Reason::CANCEL, End::Cancelled);
-        if self.resets > self.calls.limits.max_pending_accept_reset_streams {
+        if self.resets > self.limits.max_pending_accept_reset_streams {
             return Err(ConnError::new(
                 Reason::ENHANCE_YOUR_CALM,
                 "too many streams reset by the client before their response (rapid reset)",
@@ -1031,17 +1035,14 @@ async fn pick(
         };
         match leased {
             Ok(c) => return Ok((guard, c)),
-            Err(up::LeaseError::Full) => {
+            Err(e @ up::LeaseError::Full(_)) => {
                 debug!(endpoint = %ep.addr, "endpoint's connections are full; trying another");
-                attempts.full(format!(
-                    "endpoint {}: every pooled connection full",
-                    ep.addr
-                ));
+                attempts.record(e.into());
             }
-            Err(up::LeaseError::Connect(e)) => {
+            Err(e @ up::LeaseError::Connect(_)) => {
                 ep.stats.connect_failed();
                 debug!(endpoint = %ep.addr, error = %e, "endpoint failed before the call was sent");
-                attempts.failed(e);
+                attempts.record(e.into());
             }
         }
     }
@@ -1065,7 +1066,7 @@ pub fn feed_client_bytes(chunks: &[&[u8]]) -> bool {
     let info = calls.registry.open_connection(peer, peer, &target);
     let pools = Pools::new(PoolConfig::default(), 1);
     let mut down = Down::new(calls.clone(), pools, target, info);
-    let max_streams = calls.limits.max_concurrent_streams as usize;
+    let max_streams = calls.limits().max_concurrent_streams as usize;
     let mut rbuf = BytesMut::new();
     let mut preface = false;
     let mut failed = false;

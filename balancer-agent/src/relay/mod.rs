@@ -30,9 +30,10 @@ use bytes::{Buf, BytesMut};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::io::poll_read_buf;
 
-use crate::wire::frame;
+use crate::wire::frame::{self, Reason};
 
 use conn::Conn;
+use read::ConnError;
 
 pub use down::serve;
 
@@ -46,6 +47,66 @@ pub struct Relay {
     pub pools: std::sync::Arc<up::Pools>,
     /// The drain signal.
     pub drain: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Why a connection's task ended: a client connection's ([`down::serve`]) or an endpoint
+/// connection's ([`up`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionEnded {
+    /// The peer closed the connection.
+    #[error("closed by the peer")]
+    PeerClosed,
+    /// The peer broke the protocol or a limit: the proxy sent a GOAWAY with this reason and
+    /// message, and closed.
+    #[error("{}: {}", .0.reason, .0.message)]
+    Protocol(ConnError),
+    /// A keepalive PING went unanswered.
+    #[error("keepalive PING unanswered")]
+    KeepaliveTimeout,
+    /// A client left this many response bytes unread, more than
+    /// `limits.max_connection_buffer`.
+    #[error("{0} response bytes left unread (limits.max_connection_buffer)")]
+    UnreadResponses(usize),
+    /// A client's first bytes were not the HTTP/2 preface.
+    #[error("bad HTTP/2 preface")]
+    BadPreface,
+    /// Reading or writing the socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The endpoint's connection finished its calls after a GOAWAY.
+    #[error("drained after GOAWAY")]
+    Drained,
+    /// The pool retired the endpoint's connection (too old, its share of calls, idle) and
+    /// its last call ended.
+    #[error("retired from the pool")]
+    Retired,
+}
+
+impl ConnectionEnded {
+    /// Its label in metrics (`balancer_client_connection_errors_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::Protocol(_) => "protocol",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::UnreadResponses(_) => "unread_responses",
+            Self::BadPreface => "bad_preface",
+            Self::Io(_) => "io",
+            Self::Drained => "drained",
+            Self::Retired => "retired",
+        }
+    }
+
+    /// The GOAWAY the proxy sends when it closes a connection for this: its error code and
+    /// debug data. None for an end the peer caused by closing, or that needs no GOAWAY.
+    pub fn goaway(&self) -> Option<(Reason, String)> {
+        match self {
+            Self::Protocol(e) => Some((e.reason, e.message.clone())),
+            Self::KeepaliveTimeout => Some((Reason::NO_ERROR, self.to_string())),
+            Self::UnreadResponses(_) => Some((Reason::ENHANCE_YOUR_CALM, self.to_string())),
+            _ => None,
+        }
+    }
 }
 
 /// Read buffer space kept free before each read.

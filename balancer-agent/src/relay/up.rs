@@ -9,7 +9,9 @@
 //! `pool.max_connections_per_endpoint`), else goes to another endpoint. A new connection joins the
 //! pool once the endpoint answered a PING on it; one too old or that carried its share of
 //! calls is retired and closes when its last call ends; one idle for `pool.idle_timeout_ms`
-//! closes; keepalive PINGs find a dead endpoint.
+//! closes; keepalive PINGs find a dead endpoint. The pool configuration can be replaced (a
+//! reload, [`Pools::set_config`]): leases read it each time, a new connection takes its
+//! windows, keepalive and idle timeout from it.
 //!
 //! A connection's task reads the endpoint's frames and writes them on to the clients'
 //! streams. A stream the endpoint refused unprocessed (REFUSED_STREAM, or above a GOAWAY's
@@ -18,6 +20,7 @@
 
 use std::{
     collections::HashMap,
+    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
@@ -26,12 +29,13 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use tokio::{net::TcpStream, sync::oneshot, time::Instant};
 use tracing::debug;
 
 use super::{
-    Io, Keepalive,
+    ConnectionEnded, Io, Keepalive,
     conn::{Conn, Credit, Replayed, Role, State, Stream, apply, unlink},
     down::fail_stream,
     read::{self, ConnError, HeaderBlock, connection_frame, unpad},
@@ -39,8 +43,8 @@ use super::{
 };
 use crate::{
     balance::Endpoint,
-    call::{End, grpc::Status},
-    config::{PoolConfig, ms},
+    call::{AttemptError, End, grpc::Status},
+    config::PoolConfig,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -59,14 +63,15 @@ const PRUNE_MIN: usize = 64;
 
 /// The relay's endpoint pools: for each endpoint, one [`Shard`] of connections per data-plane
 /// worker, made on the endpoint's first call on that worker. Made once by the agent's wiring
-/// (`app`) with the pool configuration and the number of workers.
+/// (`app`) with the pool configuration and the number of workers; a reload replaces the
+/// configuration ([`Pools::set_config`]).
 ///
 /// An endpoint's shards are keyed by its address, as the store keys its endpoints; they live
 /// while the store's [`Endpoint`] at that address does (calls in flight included), and go the
 /// next time their worker's map is pruned after it is gone.
 #[derive(Debug)]
 pub struct Pools {
-    cfg: PoolConfig,
+    cfg: ArcSwap<PoolConfig>,
     /// By worker index (`crate::workers::current`).
     workers: Box<[Mutex<WorkerShards>]>,
 }
@@ -90,21 +95,27 @@ impl Pools {
     /// Empty pools configured by `cfg`, with one shard per endpoint for each of `workers`.
     pub fn new(cfg: PoolConfig, workers: usize) -> Arc<Self> {
         Arc::new(Self {
-            cfg,
+            cfg: ArcSwap::from_pointee(cfg),
             workers: (0..workers.max(1))
                 .map(|_| Mutex::new(WorkerShards::default()))
                 .collect(),
         })
     }
 
-    /// The pool configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.cfg
+    /// The pool configuration in force.
+    pub fn config(&self) -> Arc<PoolConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Puts `cfg` in force (a reload): for every lease from now on, and for the connections
+    /// opened from now on.
+    pub fn set_config(&self, cfg: PoolConfig) {
+        self.cfg.store(Arc::new(cfg));
     }
 
     /// How long a connect to an endpoint may take.
     pub fn connect_timeout(&self) -> Duration {
-        ms(self.cfg.connect_timeout_ms)
+        self.cfg.load().connect_timeout
     }
 
     /// Connections to `ep` that take calls, over every worker (`/api/endpoints`, metrics).
@@ -141,14 +152,15 @@ impl Pools {
 
     /// A pooled connection of `ep` with a free stream slot, if there is one now.
     pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-        self.with_shard(ep, |s| s.try_lease(&self.cfg))
+        self.with_shard(ep, |s| s.try_lease(&self.cfg.load()))
     }
 
     /// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
     /// `pool.max_connections_per_endpoint` in this worker's shard).
     pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
         let shard = self.with_shard(ep, Arc::clone);
-        let cfg = &self.cfg;
+        let cfg = self.cfg.load_full();
+        let cfg = &*cfg;
         if let Some(c) = shard.try_lease(cfg) {
             return Ok(c);
         }
@@ -158,19 +170,20 @@ impl Pools {
             return Ok(c);
         }
         if shard.connections() >= cfg.max_connections_per_endpoint {
-            return Err(LeaseError::Full);
+            return Err(LeaseError::Full(ep.addr));
         }
-        let conn = connect(ep, cfg).await.map_err(LeaseError::Connect)?;
+        let conn = connect(ep, cfg).await?;
         shard.opened.fetch_add(1, Relaxed);
         {
             // Its task ran between the endpoint's answer and now: it may have closed already
             // (a GOAWAY right after the handshake, say). A call put on it would have no reader.
             let st = conn.lock();
             if st.closed || st.going_away {
-                return Err(LeaseError::Connect(format!(
-                    "endpoint {}: closed the connection right after the handshake",
-                    ep.addr
-                )));
+                return Err(ConnectError {
+                    endpoint: ep.addr,
+                    kind: ConnectErrorKind::ClosedAfterHandshake,
+                }
+                .into());
             }
         }
         shard.conns().push(conn.clone());
@@ -227,7 +240,7 @@ impl Shard {
     /// A connection with a free stream slot. Connections too old, or that carried their share
     /// of calls, are retired on the way: they leave the shard and close once their calls end.
     fn try_lease(&self, cfg: &PoolConfig) -> Option<Arc<Conn>> {
-        let max_age = ms(cfg.max_connection_age_ms);
+        let max_age = cfg.max_connection_age;
         let max_calls = cfg.max_calls_per_connection;
         let mut found = None;
         self.conns().retain(|c| {
@@ -254,28 +267,71 @@ impl Shard {
 }
 
 /// Why no connection to an endpoint could be had for a call.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     /// Every connection of this worker's shard is at the endpoint's stream limit and the shard
     /// holds `max_connections_per_endpoint`. The call does not wait for a slot: that would
     /// stall its whole client connection (one task serves all its calls).
-    Full,
-    /// The connection could not be opened (refused, timed out, closed at once).
-    Connect(String),
+    #[error("endpoint {0}: every pooled connection full")]
+    Full(SocketAddr),
+    /// The connection could not be opened.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+impl From<LeaseError> for AttemptError {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Full(endpoint) => Self::Full(endpoint),
+            LeaseError::Connect(e) => Self::Unreachable(Box::new(e)),
+        }
+    }
+}
+
+/// A connection to an endpoint that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint {endpoint}: {kind}")]
+pub struct ConnectError {
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// What happened.
+    pub kind: ConnectErrorKind,
+}
+
+/// What happened to a connection to an endpoint that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectErrorKind {
+    /// The TCP connect failed (refused, unreachable, ...).
+    #[error("connect failed: {0}")]
+    Tcp(#[source] io::Error),
+    /// The connect and the HTTP/2 handshake took longer than `pool.connect_timeout_ms`.
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    /// The endpoint's connection ended before it answered HTTP/2 (its SETTINGS, then our
+    /// PING's ACK).
+    #[error("closed the connection before answering HTTP/2 ({0})")]
+    ClosedBeforeHandshake(#[source] ConnectionEnded),
+    /// The endpoint closed the connection, or sent GOAWAY, right after the handshake.
+    #[error("closed the connection right after the handshake")]
+    ClosedAfterHandshake,
 }
 
 /// Opens a connection to `ep`: TCP, the preface, our SETTINGS and a PING. It is ready once the
 /// endpoint answered the PING: its SETTINGS came first, so its stream limit is known before a
 /// call takes a slot, and a socket that only sits in the backlog of a server that stopped
 /// accepting is never handed a call it would lose unprocessed.
-async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, String> {
-    let timeout = ms(cfg.connect_timeout_ms);
+async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, ConnectError> {
+    let timeout = cfg.connect_timeout;
     let addr = ep.addr;
+    let failed = |kind| ConnectError {
+        endpoint: addr,
+        kind,
+    };
     let mut opened = None;
     let handshake = async {
         let mut sock = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("endpoint {addr}: connect failed: {e}"))?;
+            .map_err(|e| failed(ConnectErrorKind::Tcp(e)))?;
         let _ = sock.set_nodelay(true);
         let conn_window = i64::from(cfg.initial_connection_window);
         let mut st = State::new(
@@ -307,18 +363,25 @@ async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, Stri
             max_block: 1 << 20,
             credits: Vec::new(),
             ready: Some(ready),
-            keepalive: Keepalive::new(ms(cfg.keepalive_interval_ms), ms(cfg.keepalive_timeout_ms)),
-            idle_timeout: ms(cfg.idle_timeout_ms),
+            keepalive: Keepalive::new(cfg.keepalive_interval, cfg.keepalive_timeout),
+            idle_timeout: cfg.idle_timeout,
         };
         tokio::spawn(async move {
             let why = up.run(&mut sock).await;
             debug!(endpoint = %addr, reason = %why, "endpoint connection closed");
             up.lost(&format!("endpoint {addr}: connection lost: {why}"));
+            // Still waited for: the connection ended before the endpoint answered.
+            if let Some(ready) = up.ready.take() {
+                let _ = ready.send(Err(why));
+            }
         });
-        answered.await.map_err(|_| {
-            format!("endpoint {addr}: closed the connection before answering HTTP/2")
-        })?;
-        Ok(conn)
+        match answered.await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(why)) => Err(failed(ConnectErrorKind::ClosedBeforeHandshake(why))),
+            Err(_) => Err(failed(ConnectErrorKind::ClosedBeforeHandshake(
+                io::Error::other("the connection's task ended").into(),
+            ))),
+        }
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(r) => r,
@@ -329,9 +392,7 @@ async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, Stri
                 st.retired = true;
                 st.wake();
             }
-            Err(format!(
-                "endpoint {addr}: connect timed out after {timeout:?}"
-            ))
+            Err(failed(ConnectErrorKind::TimedOut(timeout)))
         }
     }
 }
@@ -344,8 +405,8 @@ struct Up {
     /// The largest header block accepted.
     max_block: usize,
     credits: Vec<Credit>,
-    /// Told when the endpoint answers the first PING.
-    ready: Option<oneshot::Sender<()>>,
+    /// Told when the endpoint answers the first PING, or why the connection ended before.
+    ready: Option<oneshot::Sender<Result<(), ConnectionEnded>>>,
     keepalive: Option<Keepalive>,
     /// A connection without streams this long is closed (zero: never).
     idle_timeout: Duration,
@@ -353,7 +414,7 @@ struct Up {
 
 impl Up {
     /// Reads the endpoint's frames until the connection ends; returns why it ended.
-    async fn run(&mut self, sock: &mut TcpStream) -> String {
+    async fn run(&mut self, sock: &mut TcpStream) -> ConnectionEnded {
         let mut rbuf = BytesMut::with_capacity(32 * 1024);
         // The idle check runs four times per idle timeout; with none, rarely.
         let idle_check = if self.idle_timeout.is_zero() {
@@ -379,7 +440,7 @@ impl Up {
                         && k.due() <= now
                         && !k.fire(&self.conn)
                     {
-                        return "keepalive PING unanswered".into();
+                        return ConnectionEnded::KeepaliveTimeout;
                     }
                     if !self.idle_timeout.is_zero() {
                         let mut st = self.conn.lock();
@@ -402,27 +463,35 @@ impl Up {
                 }
             };
             match io {
-                Ok(Io::Eof) => return "closed by the endpoint".into(),
+                Ok(Io::Eof) => return ConnectionEnded::PeerClosed,
                 Ok(Io::Read) => {
                     if let Some(k) = &mut self.keepalive {
                         k.heard();
                     }
                 }
                 Ok(Io::Work) => {}
-                Err(e) => return e.to_string(),
+                Err(e) => return ConnectionEnded::Io(e),
             }
             while rbuf.len() >= frame::HEADER_LEN {
                 let head = Head::parse(&rbuf);
-                // We advertise no SETTINGS_MAX_FRAME_SIZE to endpoints: the default holds.
-                if head.len > frame::DEFAULT_MAX_FRAME as usize {
-                    return format!("frame of {} bytes", head.len);
-                }
                 let total = frame::HEADER_LEN + head.len;
-                if rbuf.len() < total {
+                // We advertise no SETTINGS_MAX_FRAME_SIZE to endpoints: the default holds.
+                let handled = if head.len > frame::DEFAULT_MAX_FRAME as usize {
+                    Err(ConnError::new(
+                        Reason::FRAME_SIZE_ERROR,
+                        format!(
+                            "frame of {} bytes, limit {}",
+                            head.len,
+                            frame::DEFAULT_MAX_FRAME
+                        ),
+                    ))
+                } else if rbuf.len() < total {
                     rbuf.reserve(total - rbuf.len());
                     break;
-                }
-                if let Err(e) = self.frame(head, &rbuf[frame::HEADER_LEN..total]) {
+                } else {
+                    self.frame(head, &rbuf[frame::HEADER_LEN..total])
+                };
+                if let Err(e) = handled {
                     {
                         let mut st = self.conn.lock();
                         frame::goaway(&mut st.out, 0, e.reason, e.message.as_bytes());
@@ -432,7 +501,7 @@ impl Up {
                         super::flush(&self.conn, &*sock),
                     )
                     .await;
-                    return format!("{}: {}", e.reason, e.message);
+                    return ConnectionEnded::Protocol(e);
                 }
                 rbuf.advance(total);
             }
@@ -449,9 +518,9 @@ impl Up {
                     tokio::time::timeout(Duration::from_secs(1), super::flush(&self.conn, &*sock))
                         .await;
                 return if going_away {
-                    "drained after GOAWAY".into()
+                    ConnectionEnded::Drained
                 } else {
-                    "retired from the pool".into()
+                    ConnectionEnded::Retired
                 };
             }
         }
@@ -488,7 +557,7 @@ impl Up {
             kind::PING if head.flags & flag::ACK != 0 => {
                 if payload == READY_PING {
                     if let Some(ready) = self.ready.take() {
-                        let _ = ready.send(());
+                        let _ = ready.send(Ok(()));
                     }
                 } else if let Some(k) = &mut self.keepalive {
                     k.pong(payload);
@@ -724,6 +793,45 @@ mod tests {
         live.sort();
         assert_eq!(live, [a.addr, b.addr]);
         assert!(Arc::ptr_eq(&first, w.shard(&a)));
+    }
+
+    #[tokio::test]
+    async fn leases_read_the_configuration_in_force_and_say_why_they_failed() {
+        let pools = Pools::new(PoolConfig::default(), 1);
+        // A port nothing listens on.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let ep = Endpoint::new(addr);
+        let e = pools.lease(&ep).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                LeaseError::Connect(ConnectError {
+                    endpoint,
+                    kind: ConnectErrorKind::Tcp(_),
+                }) if *endpoint == addr
+            ),
+            "{e:?}"
+        );
+        let message = AttemptError::from(e).to_string();
+        assert!(
+            message.starts_with(&format!("endpoint {addr}: connect failed: ")),
+            "{message}"
+        );
+        // A new configuration: the next lease reads it.
+        pools.set_config(PoolConfig {
+            max_connections_per_endpoint: 0,
+            ..PoolConfig::default()
+        });
+        assert_eq!(pools.config().max_connections_per_endpoint, 0);
+        let e = pools.lease(&ep).await.unwrap_err();
+        assert!(matches!(e, LeaseError::Full(a) if a == addr), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("endpoint {addr}: every pooled connection full")
+        );
     }
 
     #[tokio::test]
