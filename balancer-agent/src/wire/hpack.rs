@@ -201,6 +201,11 @@ fn read_int(buf: &[u8], pos: &mut usize, n: u8) -> Result<usize, Error> {
             return Ok(value);
         }
         shift += 7;
+        // Past 4 continuation octets only zeros could still fit under MAX_INT: a peer padding
+        // an integer forever would otherwise shift past 64 bits.
+        if shift > 21 {
+            return Err(Error::Overflow);
+        }
     }
 }
 
@@ -347,8 +352,9 @@ impl Decoder {
 #[derive(Debug)]
 pub struct Encoder {
     table: Table,
-    /// Where each entry of the table is, keyed by `name 0xff value` (0xff is in no header
-    /// name): the number of entries inserted before it. Index = 62 + `inserted - seq - 1`.
+    /// Where each entry of the table is, keyed by the name's length (4 bytes), the name and the
+    /// value, which tells any two fields apart whatever bytes they hold: the number of entries
+    /// inserted before it. Index = 62 + `inserted - seq - 1`.
     index: HashMap<Box<[u8]>, u64>,
     inserted: u64,
     key: Vec<u8>,
@@ -464,8 +470,9 @@ impl Encoder {
             !volatile(name) && name.len() + value.len() + ENTRY_OVERHEAD <= self.table.max;
         if indexing {
             self.key.clear();
+            self.key
+                .extend_from_slice(&(name.len() as u32).to_le_bytes());
             self.key.extend_from_slice(name);
-            self.key.push(0xff);
             self.key.extend_from_slice(value);
             if let Some(seq) = self.index.get(&self.key[..]) {
                 write_int(dst, 0x80, 7, 62 + (self.inserted - seq - 1) as usize);
@@ -652,5 +659,62 @@ mod tests {
         e.begin(&mut buf);
         e.field(b"x-long", &[b'a'; 100], &mut buf);
         assert_eq!(d.decode(&buf, 64, &mut sink), Err(Error::ListTooLarge(64)));
+    }
+
+    #[test]
+    fn fields_that_join_to_the_same_bytes_are_indexed_apart() {
+        // The fuzz target `hpack`'s round trip fails on this (its corpus keeps the input as
+        // regression-index-key-collision): the index was keyed by `name 0xff value`, so
+        // ("a\xffb", "c") and ("a", "b\xffc") shared a key and the second was sent as the
+        // first. Only a name can hold the 0xff that does it, and names are not always checked
+        // tokens: an endpoint's response fields are relayed to the client as they come.
+        let mut e = Encoder::default();
+        let mut d = Decoder::default();
+        let fields: [(&[u8], &[u8]); 2] = [(b"a\xffb", b"c"), (b"a", b"b\xffc")];
+        let mut buf = BytesMut::new();
+        e.begin(&mut buf);
+        for (n, v) in fields {
+            e.field(n, v, &mut buf);
+        }
+        let mut back = Vec::new();
+        d.decode(&buf, 1 << 20, &mut |n, v| {
+            back.push((n.to_vec(), v.to_vec()))
+        })
+        .unwrap();
+        let want: Vec<_> = fields
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn an_integer_padded_with_zero_octets_is_an_overflow_not_a_shift_past_64_bits() {
+        // Found by the fuzz target `hpack` in seconds (its corpus keeps the input as
+        // regression-integer-shift-overflow): continuation octets of 0 kept the value small
+        // while the shift grew past 63 bits, a panic with overflow checks (debug builds) and a
+        // wrong value without them (release builds).
+        let mut sink = |_: &[u8], _: &[u8]| {};
+        for prefix in [0xff, 0x7f, 0x3f] {
+            let mut block = vec![prefix];
+            block.extend([0x80; 10]);
+            block.push(0x01);
+            assert_eq!(
+                Decoder::default().decode(&block, 1 << 20, &mut sink),
+                Err(Error::Overflow),
+                "{prefix:#x}"
+            );
+        }
+        // The largest integer there is room for still reads: 2^24 in four continuation octets.
+        let mut pos = 0;
+        let mut block = vec![0x7f];
+        let mut rest = MAX_INT - 127;
+        while rest >= 0x80 {
+            block.push(rest as u8 | 0x80);
+            rest >>= 7;
+        }
+        block.push(rest as u8);
+        assert_eq!(block.len(), 5);
+        assert_eq!(read_int(&block, &mut pos, 7), Ok(MAX_INT));
     }
 }
