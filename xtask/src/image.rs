@@ -59,7 +59,7 @@ pub(crate) fn image() -> anyhow::Result<Built> {
 }
 
 /// The host's target triple, from `rustc -vV`.
-fn host_triple() -> anyhow::Result<String> {
+pub(crate) fn host_triple() -> anyhow::Result<String> {
     let out = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
         .arg("-vV")
         .output()

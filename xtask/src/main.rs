@@ -12,6 +12,7 @@
 //!   under `target/image/`, built with buildah (no daemon).
 #![forbid(unsafe_code)]
 
+mod fuzz;
 mod image;
 mod layers;
 mod setup;
@@ -48,6 +49,18 @@ enum Cmd {
     },
     /// Build the agent's container image into target/image/balancer-agent.oci.tar.
     Image,
+    /// Fuzz the agent's parsers (balancer-agent/fuzz): build, replay the committed corpora, then
+    /// fuzz each target (or one) for a while, growing a scratch corpus.
+    Fuzz {
+        /// One target (a file name in balancer-agent/fuzz/fuzz_targets, without `.rs`).
+        target: Option<String>,
+        /// Seconds per target; 0 replays the corpora only.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Add what the run found that reaches new code to the committed corpus.
+        #[arg(long)]
+        merge: bool,
+    },
     /// Check only the agent's layer order (ARCHITECTURE.md, "## Layers"); part of `test`.
     #[command(hide = true)]
     Layers,
@@ -95,6 +108,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Bench { no_criterion } => bench(no_criterion),
+        Cmd::Fuzz {
+            target,
+            seconds,
+            merge,
+        } => fuzz::fuzz(target.as_deref(), seconds, merge),
         Cmd::Image => image::image().map(|_| ()),
         Cmd::Layers => layers::check(&root()),
     }
@@ -113,7 +131,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "NOTE: not root: the kernel and network-namespace tests will be SKIPPED; run as root to run them"
         );
     }
-    run(cargo().args(["test", "--no-fail-fast"]).args(args))
+    run(cargo().args(["test", "--no-fail-fast"]).args(args))?;
+    fuzz::check()
 }
 
 fn demo() -> anyhow::Result<()> {

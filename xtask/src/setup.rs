@@ -5,6 +5,7 @@
 //!   ships a prebuilt `core` for `bpfel-unknown-none`: rustup cannot fetch rust-src here.
 //! - bpf-linker 0.13.0 built against the `libLLVM.so.22.1` that rustc-web brings.
 //! - protoc (the test crate's gRPC code), iproute2 (simulated nodes), the bpffs mount.
+//! - g++ for libFuzzer (the fuzz targets, `cargo xtask fuzz`).
 
 use std::{
     path::{Path, PathBuf},
@@ -22,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "protobuf-compiler",
     "iproute2",
+    // The fuzz targets' libFuzzer is C++, compiled by the libfuzzer-sys crate (xtask/src/fuzz.rs).
+    "g++",
 ];
 /// Debian packages the benchmark needs (peer proxies).
 const BENCH_PACKAGES: &[&str] = &["nginx", "haproxy"];
