@@ -358,8 +358,10 @@ pub struct Encoder {
     index: HashMap<Box<[u8]>, u64>,
     inserted: u64,
     key: Vec<u8>,
-    /// A size update the next block must start with (the peer lowered its limit).
-    pending_resize: Option<usize>,
+    /// The size updates the next block must start with (the peer changed its limit): the
+    /// smallest size since the last block, then the size in force if it is larger (RFC 7541
+    /// §4.2: the decoder must evict down to the smallest).
+    pending_resize: Option<(usize, usize)>,
 }
 
 impl Default for Encoder {
@@ -441,7 +443,8 @@ impl Encoder {
         if max != self.table.max {
             let evicted = self.table.resize(max);
             self.forget_evicted(evicted);
-            self.pending_resize = Some(max);
+            let smallest = self.pending_resize.map_or(max, |(low, _)| low.min(max));
+            self.pending_resize = Some((smallest, max));
         }
     }
 
@@ -455,8 +458,11 @@ impl Encoder {
 
     /// Starts a header block (writes a pending table size update).
     pub fn begin(&mut self, dst: &mut BytesMut) {
-        if let Some(max) = self.pending_resize.take() {
-            write_int(dst, 0x20, 5, max);
+        if let Some((smallest, max)) = self.pending_resize.take() {
+            write_int(dst, 0x20, 5, smallest);
+            if max > smallest {
+                write_int(dst, 0x20, 5, max);
+            }
         }
     }
 
@@ -608,6 +614,26 @@ mod tests {
         }
         assert!(sizes[1] < sizes[0] / 2, "{sizes:?}");
         assert_eq!(sizes[1], sizes[2]);
+    }
+
+    #[test]
+    fn two_size_changes_between_blocks_signal_the_smallest_first() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::default();
+        let mut buf = BytesMut::new();
+        e.begin(&mut buf);
+        e.field(b"x-a", b"kept?", &mut buf);
+        decode_all(&mut d, &buf);
+        // The peer lowers its table to 0, then raises it to 1000, before the next block: the
+        // block starts with both updates (RFC 7541 §4.2), so the decoder evicts as we did.
+        e.set_max(0);
+        e.set_max(1000);
+        let mut buf = BytesMut::new();
+        e.begin(&mut buf);
+        assert_eq!(&buf[..], &[0x20, 0x3f, 0xc9, 0x07][..]);
+        e.field(b"x-a", b"kept?", &mut buf);
+        assert_eq!(decode_all(&mut d, &buf), pairs(&[("x-a", "kept?")]));
+        assert_eq!(d.table.max, 1000);
     }
 
     #[test]
