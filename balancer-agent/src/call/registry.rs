@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -13,6 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use foldhash::{HashMap, HashMapExt};
 use serde::Serialize;
 use tokio::time::Instant;
 

@@ -14,12 +14,13 @@
 //! writer at the other end.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
     task::Waker,
 };
 
 use bytes::{Buf, BytesMut};
+use foldhash::{HashMap, HashMapExt};
 use tokio::time::Instant;
 
 use crate::{

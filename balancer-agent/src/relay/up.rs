@@ -19,7 +19,6 @@
 //! when the connection is lost, every call on it ends with UNAVAILABLE at once.
 
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
     sync::{
@@ -31,6 +30,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
+use foldhash::HashMap;
 use tokio::{net::TcpStream, sync::oneshot, time::Instant};
 use tracing::debug;
 

@@ -10,7 +10,9 @@
 //! Values that change per call (`grpc-timeout`, `grpc-message`, binary metadata) and fields the
 //! sender marked never-indexed are not added to the table.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
