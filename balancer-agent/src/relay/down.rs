@@ -525,18 +525,17 @@ impl Down {
         }
         // A request is checked whole before anything of it leaves the proxy: a malformed one
         // would make the endpoint close a connection other clients' calls share.
+        // A header list over the limit was only partly decoded: refused, whatever it holds.
+        if too_large {
+            return self.refuse(sid, Reason::PROTOCOL_ERROR);
+        }
         let head = match message::check_request(self.fields.iter(), end) {
             Ok(head) => head,
-            Err(_) if too_large => return self.refuse(sid, Reason::PROTOCOL_ERROR),
             Err(m) => return self.malformed(sid, m),
         };
         let limits = &self.limits;
         {
             let mut st = self.conn.lock();
-            if too_large {
-                drop(st);
-                return self.refuse(sid, Reason::PROTOCOL_ERROR);
-            }
             if st.going_away || st.streams.len() >= limits.max_concurrent_streams as usize {
                 drop(st);
                 return self.refuse(sid, Reason::REFUSED_STREAM);
