@@ -10,13 +10,12 @@
 
 use std::{
     collections::HashSet,
-    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{error, info, warn};
@@ -81,7 +80,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let readiness = Readiness::new(&["listeners not bound"]);
 
     let datapath = if config.datapath.enabled {
-        Some(Arc::new(load_datapath(&config)?))
+        Some(Arc::new(ebpf::sync::load(&config)?))
     } else {
         None
     };
@@ -128,8 +127,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     readiness.resolve("listeners not bound");
 
     if let Some(dp) = &datapath {
-        data_plane.spawn(heartbeat(dp.clone()));
-        data_plane.spawn(sync_datapath(
+        data_plane.spawn(ebpf::sync::heartbeat(dp.clone()));
+        data_plane.spawn(ebpf::sync::services(
             dp.clone(),
             store.clone(),
             config.datapath.opted_in_cgroups.clone(),
@@ -260,72 +259,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// Runs the control plane; an error ends the agent.
 fn control_plane(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     f()
-}
-
-fn load_datapath(config: &Config) -> anyhow::Result<Datapath> {
-    let d = &config.datapath;
-    let cgroup_root = match &d.cgroup_root {
-        Some(root) => root.clone(),
-        None => ebpf::cgroup::v2_mount().context("finding the cgroup v2 mount")?,
-    };
-    let Some(proxy) = d.proxy_address else {
-        bail!("datapath.proxy_address must be an IPv4 IP:port");
-    };
-    Ok(Datapath::load(ebpf::Options {
-        cgroup_root,
-        proxy,
-        pin_dir: d.pin_path.clone(),
-        shortcut: d.shortcut,
-    })?)
-}
-
-/// Renews the datapath lease from the data-plane runtime.
-async fn heartbeat(dp: Arc<Datapath>) {
-    let mut tick = tokio::time::interval(ebpf::HEARTBEAT);
-    loop {
-        tick.tick().await;
-        dp.heartbeat();
-    }
-}
-
-/// Keeps the datapath's services and opted-in maps equal to the store and configuration.
-async fn sync_datapath(dp: Arc<Datapath>, store: Arc<Store>, opted_in: Vec<String>) {
-    let ids: HashSet<u64> = opted_in
-        .iter()
-        .filter_map(|p| {
-            let path = dp.cgroup_root().join(p.trim_start_matches('/'));
-            match ebpf::cgroup::id(&path) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "opted-in cgroup not found");
-                    None
-                }
-            }
-        })
-        .collect();
-    if let Err(e) = dp.sync_opted_in(&ids) {
-        error!("datapath: {e}");
-    }
-    let mut changes = store.subscribe();
-    loop {
-        let snap = store.snapshot();
-        let vips: Vec<_> = snap
-            .services
-            .values()
-            .flat_map(|s| {
-                s.spec.vips.iter().filter_map(move |v| match v {
-                    SocketAddr::V4(v4) => Some((*v4, s.id)),
-                    SocketAddr::V6(_) => None,
-                })
-            })
-            .collect();
-        if let Err(e) = dp.sync_services(&vips) {
-            error!("datapath: {e}");
-        }
-        if changes.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// The Kubernetes source's options and client configuration.

@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod pinned;
 pub mod shortcut;
+pub mod sync;
 
 use std::{
     collections::HashSet,
