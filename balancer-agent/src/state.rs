@@ -57,7 +57,23 @@ pub struct EndpointSpec {
     pub node: Option<String>,
     /// A name for people (the pod name).
     pub name: Option<String>,
+    /// The endpoint's labels (its pod's, from Kubernetes; `labels` in the file): what a route's
+    /// subset selects endpoints by (`call::route::Subset`). Shared: one pod's labels serve
+    /// every service and port it backs.
+    #[serde(skip_serializing_if = "no_labels", serialize_with = "serialize_labels")]
+    pub labels: Labels,
 }
+
+fn no_labels(l: &Labels) -> bool {
+    l.is_empty()
+}
+
+fn serialize_labels<S: serde::Serializer>(l: &Labels, s: S) -> Result<S::Ok, S::Error> {
+    l.as_ref().serialize(s)
+}
+
+/// An endpoint's labels, by name. Cheap to clone into each snapshot and service.
+pub type Labels = Arc<BTreeMap<String, String>>;
 
 impl EndpointSpec {
     /// A ready endpoint with no topology.
@@ -69,6 +85,7 @@ impl EndpointSpec {
             zone: None,
             node: None,
             name: None,
+            labels: Labels::default(),
         }
     }
 }
@@ -95,6 +112,7 @@ impl ServiceSpec {
                     zone: e.zone.clone(),
                     node: e.node.clone(),
                     name: e.name.clone(),
+                    labels: Labels::default(),
                 })
                 .collect(),
         }

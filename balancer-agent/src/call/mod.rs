@@ -25,6 +25,7 @@
 
 pub mod grpc;
 pub mod registry;
+pub mod route;
 
 use std::{
     net::SocketAddr,

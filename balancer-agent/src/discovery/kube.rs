@@ -527,6 +527,7 @@ impl Model {
                                 zone: e.zone.clone(),
                                 node: e.node.clone(),
                                 name: e.pod.clone(),
+                                labels: Default::default(),
                             };
                             // The same address in two slices (a migration): ready wins.
                             match endpoints.get(&spec.addr) {
