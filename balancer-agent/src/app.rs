@@ -88,7 +88,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
     let orig_dst = datapath.clone().map(|d| d as Arc<dyn OrigDstLookup>);
     let calls = Calls::new(store.clone(), metrics.clone(), config.limits.clone());
-    let proxy = Proxy::new(calls, pools, orig_dst, workers.clone(), drain_rx);
+    // Endpoint connections of redirected calls from the client pod's address.
+    let sources = (config.datapath.enabled
+        && config.datapath.source_address == crate::config::SourceAddress::Pod)
+        .then(|| proxy::Sources::new(config.datapath.proc_root.clone()));
+    let proxy = Proxy::new(calls, pools, orig_dst, sources, workers.clone(), drain_rx);
 
     // Kubernetes discovery: its client configuration is checked now, so that a bad kubeconfig
     // fails the start; it runs on the control runtime and holds readiness until it synced.

@@ -318,6 +318,36 @@ pub struct DatapathConfig {
     pub pin_path: Option<PathBuf>,
     /// Cgroup paths (relative to `cgroup_root`) of pods that opted in, when not from Kubernetes.
     pub opted_in_cgroups: Vec<String>,
+    /// The source address of the agent's connections to endpoints for redirected calls.
+    /// Default `pod`.
+    pub source_address: SourceAddress,
+    /// Where the host's processes are (`/proc`, or the host's `/proc` mounted in the agent's
+    /// container): the client pod's network namespace is found there. Default `/proc`.
+    pub proc_root: PathBuf,
+}
+
+/// The source address of the agent's connections to endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceAddress {
+    /// The client pod's address: connections are made in the pod's network namespace, pooled
+    /// per client pod (NetworkPolicies and backends see the real client). The node's address
+    /// where the pod's namespace cannot be had (say so in the log).
+    #[default]
+    Pod,
+    /// The node's address: connections are pooled per endpoint, shared by every client.
+    Node,
+}
+
+impl SourceAddress {
+    /// Parses the configuration spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pod" => Some(Self::Pod),
+            "node" => Some(Self::Node),
+            _ => None,
+        }
+    }
 }
 
 /// The same-node `sk_msg` shortcut of the datapath.
@@ -631,6 +661,8 @@ mod raw {
         pub(super) shortcut: String,
         pub(super) pin_path: String,
         pub(super) opted_in_cgroups: Vec<String>,
+        pub(super) source_address: String,
+        pub(super) proc_root: String,
     }
 
     impl Default for Datapath {
@@ -642,6 +674,8 @@ mod raw {
                 shortcut: "auto".into(),
                 pin_path: "/sys/fs/bpf/balancer".into(),
                 opted_in_cgroups: Vec::new(),
+                source_address: "pod".into(),
+                proc_root: "/proc".into(),
             }
         }
     }
@@ -816,6 +850,13 @@ impl raw::Config {
             ));
             Shortcut::default()
         });
+        let source_address = SourceAddress::parse(&d.source_address).unwrap_or_else(|| {
+            p.push(format!(
+                "datapath.source_address: {:?} is not one of pod, node",
+                d.source_address
+            ));
+            SourceAddress::default()
+        });
         let proxy_address = match d.proxy_address.parse() {
             Ok(SocketAddr::V4(a)) => Some(a),
             _ if d.enabled => {
@@ -852,6 +893,8 @@ impl raw::Config {
                 shortcut,
                 pin_path: path(d.pin_path),
                 opted_in_cgroups: d.opted_in_cgroups,
+                source_address,
+                proc_root: PathBuf::from(d.proc_root),
             },
         })
     }

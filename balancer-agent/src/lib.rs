@@ -17,6 +17,7 @@
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the localhost admin server.
 //! - [`ebpf`]: loading, attaching and talking to the kernel programs.
 //! - [`workers`]: the data plane's single-threaded runtimes, one per core.
+//! - [`netns`]: network namespaces: endpoint connections made from the client pod's address.
 //! - [`app`]: wiring it all together; [`cli`]: the command line; [`inspect`]: the CLI client
 //!   of the admin API.
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod inspect;
 pub mod metrics;
+pub mod netns;
 pub mod proxy;
 pub mod relay;
 pub mod state;

@@ -94,8 +94,9 @@ pub struct OrigDst {
     pub _pad: u16,
     /// The [`ServiceValue::service_id`] that matched.
     pub service_id: u32,
-    /// Explicit padding; always zero.
-    pub _pad2: u32,
+    /// The id (tgid, in the initial pid namespace) of the process that connected: the agent
+    /// finds the client pod's network namespace through it. Zero if unknown.
+    pub pid: u32,
 }
 
 /// A TCP 4-tuple as seen from the pod's socket: `src` is the pod, `dst` the proxy.

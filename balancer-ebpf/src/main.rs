@@ -20,7 +20,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -142,7 +143,8 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
         port: port as u16,
         _pad: 0,
         service_id: service.service_id,
-        _pad2: 0,
+        // SAFETY: a helper without arguments. The upper half is the tgid.
+        pid: (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32,
     };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         // Without a record the proxy could not tell the service: leave the connect alone.

@@ -482,6 +482,7 @@ impl OrigDstLookup for Datapath {
                 Ipv4Addr::from(u32::from_be(orig.ip4)),
                 u16::from_be(orig.port),
             )),
+            pid: (orig.pid != 0).then_some(orig.pid),
         })
     }
 }

@@ -15,9 +15,10 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex, Weak,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
@@ -32,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     call::{Calls, Target},
+    netns::{Netns, Source},
     relay::{ConnectionEnded, up::Pools},
     workers::Workers,
 };
@@ -44,6 +46,9 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct OrigDst {
     /// The VIP:port the client dialed.
     pub addr: SocketAddr,
+    /// The process that connected (its id on the host), when the datapath knows it: its
+    /// network namespace is the client pod's.
+    pub pid: Option<u32>,
 }
 
 /// Looks up the original destination of a redirected connection by its 4-tuple. The eBPF
@@ -61,6 +66,8 @@ pub struct Proxy {
     pub pools: Arc<Pools>,
     /// The datapath's original destinations, when the datapath runs.
     pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
+    /// The client pods whose addresses the connections to endpoints carry, when on.
+    sources: Option<Sources>,
     /// The workers that serve accepted connections.
     workers: Arc<Workers>,
     connections: AtomicUsize,
@@ -105,10 +112,13 @@ pub struct Listener {
 impl Proxy {
     /// A proxy over `store`. Setting `drain` to true makes every connection finish its calls
     /// and close (GOAWAY), and every listener stop accepting.
+    /// With `sources`, a redirected connection's calls go to their endpoints from the
+    /// client pod's address (`datapath.source_address: pod`).
     pub fn new(
         calls: Arc<Calls>,
         pools: Arc<Pools>,
         orig_dst: Option<Arc<dyn OrigDstLookup>>,
+        sources: Option<Sources>,
         workers: Arc<Workers>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -116,6 +126,7 @@ impl Proxy {
             calls,
             pools,
             orig_dst,
+            sources,
             workers,
             connections: AtomicUsize::new(0),
             drain,
@@ -175,7 +186,12 @@ impl Proxy {
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, l: Arc<Listener>) {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let target = match self.orig_dst.as_ref().and_then(|o| o.lookup(peer, local)) {
+        let orig = self.orig_dst.as_ref().and_then(|o| o.lookup(peer, local));
+        let source = match (&self.sources, orig.and_then(|o| o.pid)) {
+            (Some(sources), Some(pid)) => sources.of(peer.ip(), pid),
+            _ => None,
+        };
+        let target = match orig {
             Some(o) => Target::Vip(o.addr),
             None => Target::Authority {
                 default: l.default_service.clone(),
@@ -190,13 +206,14 @@ impl Proxy {
                 let relay = crate::relay::Relay {
                     calls: self.calls.clone(),
                     pools: self.pools.clone(),
+                    source: source.clone(),
                     drain: self.drain.clone(),
                 };
                 crate::relay::serve(relay, stream, Arc::new(target), info.clone())
                     .await
                     .map_err(ConnectionError::from)
             }
-            Ok(false) => self.relay_tcp(stream, &target).await,
+            Ok(false) => self.relay_tcp(stream, &target, source.as_deref()).await,
             Err(e) => Err(ConnectionError::Detect(e)),
         };
         if let Err(e) = result {
@@ -212,6 +229,7 @@ impl Proxy {
         &self,
         mut client: TcpStream,
         target: &Target,
+        source: Option<&Source>,
     ) -> Result<(), ConnectionError> {
         let snapshot = self.calls.store.snapshot();
         let Some(service) = target.resolve(&snapshot, None) else {
@@ -224,9 +242,8 @@ impl Proxy {
                 return Err(ConnectionError::NoEndpoint(service.spec.name.clone()));
             };
             let ep = guard.endpoint().clone();
-            match tokio::time::timeout(self.pools.connect_timeout(), TcpStream::connect(ep.addr))
-                .await
-            {
+            let connect = crate::relay::up::tcp_connect(ep.addr, source);
+            match tokio::time::timeout(self.pools.connect_timeout(), connect).await {
                 Ok(Ok(mut upstream)) => {
                     let _ = upstream.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -238,6 +255,61 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// The client pods that connections to endpoints come from (`datapath.source_address: pod`),
+/// found by the process that connected (the datapath records its id) and kept while a client
+/// connection of the pod is open: every client connection of one pod shares its endpoint
+/// connections (the relay pools them per pod).
+#[derive(Debug)]
+pub struct Sources {
+    proc_root: PathBuf,
+    by_key: Mutex<foldhash::HashMap<(u64, IpAddr), Weak<Source>>>,
+}
+
+impl Sources {
+    /// Sources found under `proc_root` (the host's `/proc`).
+    pub fn new(proc_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            by_key: Mutex::default(),
+        }
+    }
+
+    /// The source of a client connection from `ip` made by process `pid`: `ip` in the
+    /// process's network namespace. `None` (the node's address) when the process is gone
+    /// already; a namespace that does not hold `ip` is found out when the first endpoint
+    /// connection binds to it (`netns`), which then falls back to the node's address.
+    fn of(&self, ip: IpAddr, pid: u32) -> Option<Arc<Source>> {
+        let netns = match Netns::of_pid(&self.proc_root, pid) {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(%ip, pid, error = %e, "no network namespace for the client; node address");
+                return None;
+            }
+        };
+        let key = (netns.id(), ip);
+        let mut by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(source) = by_key.get(&key).and_then(Weak::upgrade) {
+            return Some(source);
+        }
+        // Pods gone since leave the map before a new one joins it.
+        by_key.retain(|_, s| s.strong_count() > 0);
+        let source = Arc::new(Source { ip, netns });
+        by_key.insert(key, Arc::downgrade(&source));
+        Some(source)
+    }
+
+    /// Client pods with an open connection.
+    pub fn len(&self) -> usize {
+        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        by_key.values().filter(|s| s.strong_count() > 0).count()
+    }
+
+    /// Whether no client pod has an open connection.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -70,7 +70,8 @@ struct Down {
     /// The limits in force when the connection was accepted, kept for its life: its SETTINGS
     /// told the client so.
     limits: Arc<Limits>,
-    pools: Arc<Pools>,
+    /// The endpoint pools, for connections from this client's source address.
+    pools: up::Leases,
     target: Arc<Target>,
     info: Arc<ConnInfo>,
     conn: Arc<Conn>,
@@ -175,7 +176,8 @@ pub async fn serve(
     info: Arc<ConnInfo>,
 ) -> Result<(), ConnectionEnded> {
     let mut drain = relay.drain;
-    let mut down = Down::new(relay.calls, relay.pools, target, info);
+    let leases = up::Leases::new(relay.pools, relay.source);
+    let mut down = Down::new(relay.calls, leases, target, info);
     let conn = down.conn.clone();
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
     let mut draining = false;
@@ -272,7 +274,7 @@ pub async fn serve(
 impl Down {
     /// A new client connection of `target`, registered as `info`, under the limits in force:
     /// our SETTINGS (and the connection window above the default) are queued.
-    fn new(calls: Arc<Calls>, pools: Arc<Pools>, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
+    fn new(calls: Arc<Calls>, pools: up::Leases, target: Arc<Target>, info: Arc<ConnInfo>) -> Self {
         let l = calls.limits();
         let conn_window = i64::from(l.initial_connection_window);
         let mut state = State::new(
@@ -998,7 +1000,7 @@ impl Down {
 /// Routes the call of client stream `sid` (see [`pick`]), starting with endpoint `first` if
 /// one was picked already.
 async fn route(
-    pools: Arc<Pools>,
+    pools: up::Leases,
     sid: u32,
     service: Arc<Service>,
     mut attempts: Attempts,
@@ -1014,7 +1016,7 @@ async fn route(
 /// reached, or whose connections are all at its stream limit, is skipped for another (no byte
 /// of the call left the proxy) while [`Attempts`] allows; then the call layer's answer.
 async fn pick(
-    pools: &Pools,
+    pools: &up::Leases,
     service: &Arc<Service>,
     attempts: &mut Attempts,
     mut first: Option<CallGuard>,
@@ -1063,7 +1065,7 @@ pub fn feed_client_bytes(chunks: &[&[u8]]) -> bool {
     let target = Arc::new(Target::Authority { default: None });
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
     let info = calls.registry.open_connection(peer, peer, &target);
-    let pools = Pools::new(PoolConfig::default(), 1);
+    let pools = up::Leases::new(Pools::new(PoolConfig::default(), 1), None);
     let mut down = Down::new(calls.clone(), pools, target, info);
     let max_streams = calls.limits().max_concurrent_streams as usize;
     let mut rbuf = BytesMut::new();

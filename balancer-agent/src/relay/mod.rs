@@ -38,13 +38,16 @@ use read::ConnError;
 pub use down::serve;
 
 /// What a client connection's task needs besides its socket: the call layer it asks, the
-/// endpoint pools it leases from, and the drain signal (true: finish the calls and close).
+/// endpoint pools it leases from and the source address its endpoint connections carry, and
+/// the drain signal (true: finish the calls and close).
 #[derive(Clone)]
 pub struct Relay {
     /// The call layer.
     pub calls: std::sync::Arc<crate::call::Calls>,
     /// The endpoint pools.
     pub pools: std::sync::Arc<up::Pools>,
+    /// The client pod whose address the connections to endpoints carry; `None`: the node's.
+    pub source: Option<std::sync::Arc<crate::netns::Source>>,
     /// The drain signal.
     pub drain: tokio::sync::watch::Receiver<bool>,
 }

@@ -20,7 +20,7 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -32,7 +32,7 @@ use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use foldhash::HashMap;
 use tokio::{net::TcpStream, sync::oneshot, time::Instant};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     ConnectionEnded, Io, Keepalive,
@@ -45,6 +45,7 @@ use crate::{
     balance::Endpoint,
     call::{AttemptError, End, grpc::Status},
     config::PoolConfig,
+    netns::Source,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -88,7 +89,42 @@ struct WorkerShards {
 struct Entry {
     /// The store's endpoint at this address: the entry is pruned once it is gone.
     endpoint: Weak<Endpoint>,
+    /// Connections from the node's address.
     shard: Arc<Shard>,
+    /// Connections from client pods' addresses, one shard per pod (see [`Source`]); a pod's
+    /// shard goes once the pod has no client connection left.
+    by_source: HashMap<(u64, IpAddr), SourceShard>,
+}
+
+#[derive(Debug)]
+struct SourceShard {
+    source: Weak<Source>,
+    shard: Arc<Shard>,
+}
+
+/// What a client connection leases endpoint connections from: the pools, and the client pod
+/// whose address those connections carry (`None`: the node's address). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Leases {
+    pools: Arc<Pools>,
+    source: Option<Arc<Source>>,
+}
+
+impl Leases {
+    /// Leases from `pools` for connections from `source`.
+    pub fn new(pools: Arc<Pools>, source: Option<Arc<Source>>) -> Self {
+        Self { pools, source }
+    }
+
+    /// See [`Pools::lease_pooled`].
+    pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
+        self.pools.lease_pooled_from(ep, self.source.as_ref())
+    }
+
+    /// See [`Pools::lease`].
+    pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
+        self.pools.lease_from(ep, self.source.as_ref()).await
+    }
 }
 
 impl Pools {
@@ -134,31 +170,57 @@ impl Pools {
     /// Every worker's shard for `ep`, taken out of the maps so that counting them holds up no
     /// worker.
     fn shards_of(&self, ep: &Endpoint) -> Vec<Arc<Shard>> {
-        self.workers
-            .iter()
-            .filter_map(|w| {
-                let w = w.lock().unwrap_or_else(|p| p.into_inner());
-                w.by_addr.get(&ep.addr).map(|e| e.shard.clone())
-            })
-            .collect()
+        let mut shards = Vec::new();
+        for w in &self.workers {
+            let w = w.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = w.by_addr.get(&ep.addr) {
+                shards.push(e.shard.clone());
+                shards.extend(e.by_source.values().map(|s| s.shard.clone()));
+            }
+        }
+        shards
     }
 
-    /// Runs `f` on this worker's shard for `ep`, made on first use.
-    fn with_shard<T>(&self, ep: &Arc<Endpoint>, f: impl FnOnce(&Arc<Shard>) -> T) -> T {
+    /// Runs `f` on this worker's shard for `ep` and `source`, made on first use.
+    fn with_shard<T>(
+        &self,
+        ep: &Arc<Endpoint>,
+        source: Option<&Arc<Source>>,
+        f: impl FnOnce(&Arc<Shard>) -> T,
+    ) -> T {
         let worker = &self.workers[crate::workers::current() % self.workers.len()];
         let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
-        f(w.shard(ep))
+        f(w.shard(ep, source))
     }
 
     /// A pooled connection of `ep` with a free stream slot, if there is one now.
     pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-        self.with_shard(ep, |s| s.try_lease(&self.cfg.load()))
+        self.lease_pooled_from(ep, None)
+    }
+
+    /// A pooled connection of `ep` from `source` (`None`: the node) with a free stream slot,
+    /// if there is one now.
+    pub fn lease_pooled_from(
+        &self,
+        ep: &Arc<Endpoint>,
+        source: Option<&Arc<Source>>,
+    ) -> Option<Arc<Conn>> {
+        self.with_shard(ep, source, |s| s.try_lease(&self.cfg.load()))
     }
 
     /// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
     /// `pool.max_connections_per_endpoint` in this worker's shard).
     pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
-        let shard = self.with_shard(ep, Arc::clone);
+        self.lease_from(ep, None).await
+    }
+
+    /// [`Pools::lease`] for connections from `source` (`None`: the node's address).
+    pub async fn lease_from(
+        &self,
+        ep: &Arc<Endpoint>,
+        source: Option<&Arc<Source>>,
+    ) -> Result<Arc<Conn>, LeaseError> {
+        let shard = self.with_shard(ep, source, Arc::clone);
         let cfg = self.cfg.load_full();
         let cfg = &*cfg;
         if let Some(c) = shard.try_lease(cfg) {
@@ -172,7 +234,7 @@ impl Pools {
         if shard.connections() >= cfg.max_connections_per_endpoint {
             return Err(LeaseError::Full(ep.addr));
         }
-        let conn = connect(ep, cfg).await?;
+        let conn = connect(ep, source.map(|s| &**s), cfg).await?;
         shard.opened.fetch_add(1, Relaxed);
         {
             // Its task ran between the endpoint's answer and now: it may have closed already
@@ -192,8 +254,8 @@ impl Pools {
 }
 
 impl WorkerShards {
-    /// The shard for `ep`, made on first use.
-    fn shard(&mut self, ep: &Arc<Endpoint>) -> &Arc<Shard> {
+    /// The shard for `ep` and `source`, made on first use.
+    fn shard(&mut self, ep: &Arc<Endpoint>, source: Option<&Arc<Source>>) -> &Arc<Shard> {
         if !self.by_addr.contains_key(&ep.addr) && self.by_addr.len() >= self.prune_at {
             self.by_addr.retain(|_, e| e.endpoint.strong_count() > 0);
             self.prune_at = (2 * self.by_addr.len()).max(PRUNE_MIN);
@@ -201,12 +263,29 @@ impl WorkerShards {
         let e = self.by_addr.entry(ep.addr).or_insert_with(|| Entry {
             endpoint: Weak::new(),
             shard: Arc::default(),
+            by_source: HashMap::default(),
         });
         // The store had dropped the endpoint at this address and made a new one since.
         if e.endpoint.strong_count() == 0 {
             e.endpoint = Arc::downgrade(ep);
         }
-        &e.shard
+        let Some(source) = source else {
+            return &e.shard;
+        };
+        let key = source.key();
+        if !e.by_source.contains_key(&key) {
+            // A pod new to this endpoint: the pods gone since leave first (their connections
+            // close by themselves once idle).
+            e.by_source.retain(|_, s| s.source.strong_count() > 0);
+        }
+        let s = e.by_source.entry(key).or_insert_with(|| SourceShard {
+            source: Weak::new(),
+            shard: Arc::default(),
+        });
+        if s.source.strong_count() == 0 {
+            s.source = Arc::downgrade(source);
+        }
+        &s.shard
     }
 }
 
@@ -320,7 +399,11 @@ pub enum ConnectErrorKind {
 /// endpoint answered the PING: its SETTINGS came first, so its stream limit is known before a
 /// call takes a slot, and a socket that only sits in the backlog of a server that stopped
 /// accepting is never handed a call it would lose unprocessed.
-async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, ConnectError> {
+async fn connect(
+    ep: &Arc<Endpoint>,
+    source: Option<&Source>,
+    cfg: &PoolConfig,
+) -> Result<Arc<Conn>, ConnectError> {
     let timeout = cfg.connect_timeout;
     let addr = ep.addr;
     let failed = |kind| ConnectError {
@@ -329,7 +412,7 @@ async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, Conn
     };
     let mut opened = None;
     let handshake = async {
-        let mut sock = TcpStream::connect(addr)
+        let mut sock = tcp_connect(addr, source)
             .await
             .map_err(|e| failed(ConnectErrorKind::Tcp(e)))?;
         let _ = sock.set_nodelay(true);
@@ -393,6 +476,27 @@ async fn connect(ep: &Arc<Endpoint>, cfg: &PoolConfig) -> Result<Arc<Conn>, Conn
                 st.wake();
             }
             Err(failed(ConnectErrorKind::TimedOut(timeout)))
+        }
+    }
+}
+
+/// A TCP connection to `addr` from `source`'s address, made in its namespace; from the node's
+/// address without a source, or when the pod's socket cannot be made (the pod is gone, or the
+/// agent lacks the capability: logged, and the call goes on from the node's address).
+pub async fn tcp_connect(addr: SocketAddr, source: Option<&Source>) -> io::Result<TcpStream> {
+    let Some(source) = source.filter(|s| s.ip.is_ipv4() == addr.is_ipv4()) else {
+        return TcpStream::connect(addr).await;
+    };
+    match source.tcp_socket() {
+        Ok(socket) => socket.connect(addr).await,
+        Err(e) => {
+            warn!(
+                endpoint = %addr,
+                source = %source.ip,
+                error = %e,
+                "cannot connect from the client pod's address; connecting from the node's"
+            );
+            TcpStream::connect(addr).await
         }
     }
 }
@@ -773,26 +877,29 @@ mod tests {
     fn an_endpoint_keeps_its_shard_and_a_gone_one_is_pruned() {
         let mut w = WorkerShards::default();
         let a = endpoint(0);
-        let first = w.shard(&a).clone();
-        assert!(Arc::ptr_eq(&first, w.shard(&a)), "one shard per endpoint");
+        let first = w.shard(&a, None).clone();
+        assert!(
+            Arc::ptr_eq(&first, w.shard(&a, None)),
+            "one shard per endpoint"
+        );
         // The store dropped the endpoint and made a new one at the same address before the
         // map was pruned: the new one takes the shard over, and it is not pruned.
         drop(a);
         let a = endpoint(0);
-        assert!(Arc::ptr_eq(&first, w.shard(&a)));
+        assert!(Arc::ptr_eq(&first, w.shard(&a, None)));
         let gone: Vec<_> = (1..PRUNE_MIN).map(endpoint).collect();
         for e in &gone {
-            w.shard(e);
+            w.shard(e, None);
         }
         drop(gone);
         assert_eq!(w.by_addr.len(), PRUNE_MIN);
         // The next endpoint new to the map prunes it: only the live ones stay.
         let b = endpoint(PRUNE_MIN);
-        w.shard(&b);
+        w.shard(&b, None);
         let mut live: Vec<_> = w.by_addr.keys().copied().collect();
         live.sort();
         assert_eq!(live, [a.addr, b.addr]);
-        assert!(Arc::ptr_eq(&first, w.shard(&a)));
+        assert!(Arc::ptr_eq(&first, w.shard(&a, None)));
     }
 
     #[tokio::test]

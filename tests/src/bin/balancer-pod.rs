@@ -11,7 +11,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpStream as StdTcpStream},
+    net::{IpAddr, SocketAddr, TcpStream as StdTcpStream},
     os::fd::AsRawFd,
     time::Duration,
 };
@@ -38,6 +38,10 @@ enum Cmd {
         name: String,
         #[arg(long)]
         listen: SocketAddr,
+        /// Accept connections from these addresses only (an allow list keyed by client IP, as
+        /// a NetworkPolicy is); any address when none is given.
+        #[arg(long)]
+        allow: Vec<IpAddr>,
     },
     Call {
         #[arg(long)]
@@ -62,9 +66,17 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { name, listen } => {
+        Cmd::Serve {
+            name,
+            listen,
+            allow,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            greeter::serve(listener, name, Default::default()).await;
+            if allow.is_empty() {
+                greeter::serve(listener, name, Default::default()).await;
+            } else {
+                serve_allowed(listener, name, allow).await?;
+            }
             Ok(())
         }
         Cmd::Call {
@@ -75,6 +87,28 @@ async fn main() -> anyhow::Result<()> {
         } => call(target, calls, print, sleep_ms).await,
         Cmd::Churn { target, count } => churn(target, count),
     }
+}
+
+/// Serves the greeter to the clients in `allow` only: a connection from any other address is
+/// closed at once, before a byte of HTTP/2.
+async fn serve_allowed(
+    listener: tokio::net::TcpListener,
+    name: String,
+    allow: Vec<IpAddr>,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter(move |c| {
+        let allowed = match c {
+            Ok(s) => s.peer_addr().is_ok_and(|p| allow.contains(&p.ip())),
+            Err(_) => true,
+        };
+        std::future::ready(allowed)
+    });
+    tonic::transport::Server::builder()
+        .add_service(greeter::service(&name, Default::default()))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
 }
 
 fn grpc_frame(msg: &impl Message) -> Bytes {
