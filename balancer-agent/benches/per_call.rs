@@ -16,7 +16,7 @@ use balancer_agent::{
     balance::{Balancer, FailurePolicy, Policy},
     call::grpc,
     config::PoolConfig,
-    metrics::Metrics,
+    metrics::{Metrics, RouteLabels},
     state::{Endpoint, EndpointSpec, ServiceSpec, Store, Update},
     wire::hpack,
 };
@@ -125,6 +125,7 @@ fn metrics(c: &mut Criterion) {
                 black_box("0"),
                 black_box(Duration::from_micros(250)),
                 black_box((1, 1)),
+                RouteLabels::default(),
             )
         })
     });

@@ -88,6 +88,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
     let orig_dst = datapath.clone().map(|d| d as Arc<dyn OrigDstLookup>);
     let calls = Calls::new(store.clone(), metrics.clone(), config.limits.clone());
+    discovery::file::apply_routes(&config, &calls);
     // Endpoint connections of redirected calls from the client pod's address.
     let sources = (config.datapath.enabled
         && config.datapath.source_address == crate::config::SourceAddress::Pod)

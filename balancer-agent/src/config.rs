@@ -18,7 +18,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
@@ -26,6 +26,13 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize, Serializer};
+
+pub mod routes;
+pub use routes::RoutesConfig;
+pub mod balancing;
+pub use balancing::{
+    Balancing, Distribute, Failover, HealthCheck, LocalityConfig, LocalityLb, TrafficDistribution,
+};
 
 /// Every problem found in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The services and their endpoints, when they come from this file.
     pub services: Vec<ServiceConfig>,
+    /// Traffic policy: per service, its subsets and routes ([`routes`]).
+    pub routes: Vec<RoutesConfig>,
     /// The admin server (readiness, metrics, config dump, inspect API).
     pub admin: AdminConfig,
     /// Limits on what one client connection may do.
@@ -68,6 +77,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// The eBPF datapath (transparent redirect). Off unless enabled.
     pub datapath: DatapathConfig,
+    /// Where this agent runs, for the services that prefer endpoints by locality.
+    pub locality: LocalityConfig,
 }
 
 /// A listening socket for client connections.
@@ -110,6 +121,9 @@ pub struct ServiceConfig {
     pub policy: Policy,
     /// The endpoints.
     pub endpoints: Vec<EndpointConfig>,
+    /// Hash header, locality, warm-up, health checks ([`Balancing`]).
+    #[serde(flatten)]
+    pub balancing: Balancing,
 }
 
 /// One endpoint of a service.
@@ -123,6 +137,9 @@ pub struct EndpointConfig {
     pub node: Option<String>,
     /// A name for logs (e.g. the pod name).
     pub name: Option<String>,
+    /// Labels, for subsets to select it by (`routes[].subsets[].labels`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The admin server.
@@ -386,6 +403,8 @@ pub enum Policy {
     LeastRequest,
     /// Each endpoint in turn.
     RoundRobin,
+    /// Consistent hashing of a request header (`hash_header`) over a ring of the endpoints.
+    RingHash,
 }
 
 impl Policy {
@@ -395,6 +414,7 @@ impl Policy {
             "p2c-ewma" | "p2c" => Some(Self::P2cEwma),
             "least-request" => Some(Self::LeastRequest),
             "round-robin" => Some(Self::RoundRobin),
+            "ring-hash" => Some(Self::RingHash),
             _ => None,
         }
     }
@@ -405,6 +425,7 @@ impl Policy {
             Self::P2cEwma => "p2c-ewma",
             Self::LeastRequest => "least-request",
             Self::RoundRobin => "round-robin",
+            Self::RingHash => "ring-hash",
         }
     }
 }
@@ -495,6 +516,8 @@ pub enum Section {
     Listeners,
     /// `services`: live.
     Services,
+    /// `routes`: live.
+    Routes,
     /// `admin`: bound at start.
     Admin,
     /// `limits`: live, for connections accepted from then on.
@@ -503,17 +526,21 @@ pub enum Section {
     Pool,
     /// `datapath`: loaded at start.
     Datapath,
+    /// `locality`: live.
+    Locality,
 }
 
 impl Section {
     /// Every section, in the file's order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Listeners,
         Self::Services,
+        Self::Routes,
         Self::Admin,
         Self::Limits,
         Self::Pool,
         Self::Datapath,
+        Self::Locality,
     ];
 
     /// Its name in the file.
@@ -521,10 +548,12 @@ impl Section {
         match self {
             Self::Listeners => "listeners",
             Self::Services => "services",
+            Self::Routes => "routes",
             Self::Admin => "admin",
             Self::Limits => "limits",
             Self::Pool => "pool",
             Self::Datapath => "datapath",
+            Self::Locality => "locality",
         }
     }
 
@@ -540,17 +569,22 @@ impl Section {
     /// A reload puts it in force (true); otherwise it is used once at start (sockets bound,
     /// kernel programs loaded), and a change waits for a restart.
     pub fn live(self) -> bool {
-        matches!(self, Self::Services | Self::Limits | Self::Pool)
+        matches!(
+            self,
+            Self::Services | Self::Routes | Self::Limits | Self::Pool | Self::Locality
+        )
     }
 
     fn differs(self, a: &Config, b: &Config) -> bool {
         match self {
             Self::Listeners => a.listeners != b.listeners,
             Self::Services => a.services != b.services,
+            Self::Routes => a.routes != b.routes,
             Self::Admin => a.admin != b.admin,
             Self::Limits => a.limits != b.limits,
             Self::Pool => a.pool != b.pool,
             Self::Datapath => a.datapath != b.datapath,
+            Self::Locality => a.locality != b.locality,
         }
     }
 
@@ -559,10 +593,12 @@ impl Section {
         match self {
             Self::Listeners => into.listeners = from.listeners.clone(),
             Self::Services => into.services = from.services.clone(),
+            Self::Routes => into.routes = from.routes.clone(),
             Self::Admin => into.admin = from.admin.clone(),
             Self::Limits => into.limits = from.limits.clone(),
             Self::Pool => into.pool = from.pool.clone(),
             Self::Datapath => into.datapath = from.datapath.clone(),
+            Self::Locality => into.locality = from.locality.clone(),
         }
     }
 }
@@ -585,17 +621,19 @@ pub struct Reload {
 mod raw {
     use serde::Deserialize;
 
-    use super::{Limits, PoolConfig, Removed};
+    use super::{Limits, PoolConfig, Removed, RoutesConfig};
 
     #[derive(Debug, Default, Deserialize)]
     #[serde(default, deny_unknown_fields)]
     pub(super) struct Config {
         pub(super) listeners: Vec<Listener>,
         pub(super) services: Vec<Service>,
+        pub(super) routes: Vec<RoutesConfig>,
         pub(super) admin: Admin,
         pub(super) limits: Limits,
         pub(super) pool: PoolConfig,
         pub(super) datapath: Datapath,
+        pub(super) locality: super::LocalityConfig,
     }
 
     #[derive(Debug, Deserialize)]
@@ -627,6 +665,11 @@ mod raw {
         pub(super) vips: Vec<String>,
         pub(super) policy: Option<String>,
         pub(super) endpoints: Vec<Endpoint>,
+        pub(super) hash_header: Option<String>,
+        pub(super) traffic_distribution: Option<String>,
+        pub(super) locality_lb: super::LocalityLb,
+        pub(super) warmup_ms: u64,
+        pub(super) health_check: Option<super::HealthCheck>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -636,6 +679,7 @@ mod raw {
         pub(super) zone: Option<String>,
         pub(super) node: Option<String>,
         pub(super) name: Option<String>,
+        pub(super) labels: std::collections::BTreeMap<String, String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -719,7 +763,7 @@ impl raw::Config {
                 Some((_, Some(policy))) => policy,
                 Some((t, None)) => {
                     p.push(format!(
-                        "{at}.policy: {t:?} is not one of p2c-ewma, least-request, round-robin"
+                        "{at}.policy: {t:?} is not one of p2c-ewma, least-request, round-robin, ring-hash"
                     ));
                     Policy::default()
                 }
@@ -756,10 +800,20 @@ impl raw::Config {
                         zone: e.zone,
                         node: e.node,
                         name: e.name,
+                        labels: e.labels,
                     });
                 }
             }
+            let balancing = balancing::RawBalancing {
+                hash_header: s.hash_header,
+                traffic_distribution: s.traffic_distribution,
+                locality_lb: s.locality_lb,
+                warmup_ms: s.warmup_ms,
+                health_check: s.health_check,
+            }
+            .typed(&at, &mut p);
             services.push(ServiceConfig {
+                balancing,
                 name: s.name,
                 authorities: s.authorities,
                 vips: typed_vips,
@@ -767,6 +821,7 @@ impl raw::Config {
                 endpoints,
             });
         }
+        routes::problems(&self.routes, &mut p);
         if self.listeners.is_empty() {
             p.push("listeners: at least one listener is needed".into());
         }
@@ -881,6 +936,7 @@ impl raw::Config {
         Ok(Config {
             listeners,
             services,
+            routes: self.routes,
             admin: AdminConfig {
                 address: admin.unwrap_or(NOWHERE),
             },
@@ -896,6 +952,7 @@ impl raw::Config {
                 source_address,
                 proc_root: PathBuf::from(d.proc_root),
             },
+            locality: self.locality,
         })
     }
 }
@@ -1190,7 +1247,7 @@ admin:
                 .iter()
                 .filter(|s| s.live())
                 .map(|s| s.name())
-                .eq(["services", "limits", "pool"])
+                .eq(["services", "routes", "limits", "pool", "locality"])
         );
 
         // Nothing changed.

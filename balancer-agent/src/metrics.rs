@@ -65,7 +65,10 @@ pub struct Metrics {
     istio_duration: HistogramVec,
     istio_request_messages: IntCounterVec,
     istio_response_messages: IntCounterVec,
+    route_calls: IntCounterVec,
     handles: RwLock<HashMap<String, Arc<CallHandles>>>,
+    /// Traffic policies a source refused, by kind and object: 1 while refused.
+    policy_rejected: IntGaugeVec,
     /// Calls in flight through the proxy.
     pub active_calls: IntGauge,
     /// Client connections open.
@@ -126,6 +129,23 @@ impl Metrics {
                 10.0, 30.0,
             ]),
             &["service", "method"],
+        )
+        .expect("valid metric");
+        let route_calls = IntCounterVec::new(
+            Opts::new(
+                "balancer_route_calls_total",
+                "gRPC calls a route took, by service called, route, the service and subset \
+                 they were sent to, and gRPC status.",
+            ),
+            &ROUTE_LABELS,
+        )
+        .expect("valid metric");
+        let policy_rejected = IntGaugeVec::new(
+            Opts::new(
+                "balancer_policy_rejected",
+                "1 for each traffic policy object a source refused (inspect routes says why).",
+            ),
+            &["kind", "name"],
         )
         .expect("valid metric");
         let istio = |name: &str, help: &str| {
@@ -213,6 +233,8 @@ impl Metrics {
         .expect("valid metric");
         for c in [
             Box::new(calls.clone()) as Box<dyn Collector>,
+            Box::new(route_calls.clone()),
+            Box::new(policy_rejected.clone()),
             Box::new(duration.clone()),
             Box::new(istio_requests.clone()),
             Box::new(istio_duration.clone()),
@@ -233,6 +255,8 @@ impl Metrics {
         Arc::new(Self {
             registry,
             calls,
+            route_calls,
+            policy_rejected,
             duration,
             istio_requests,
             istio_duration,
@@ -273,8 +297,19 @@ impl Metrics {
             .collect()
     }
 
+    /// Marks the traffic policy objects refused now (kind, `namespace/name`): each 1, the
+    /// others gone.
+    pub fn set_policy_rejected<'a>(&self, refused: impl Iterator<Item = (&'a str, String)>) {
+        self.policy_rejected.reset();
+        for (kind, name) in refused {
+            self.policy_rejected
+                .with_label_values(&[kind, &name])
+                .set(1);
+        }
+    }
+
     /// Records a finished call: its service (if one was resolved), `:path`, final gRPC status
-    /// (or `reset`), duration, and gRPC messages (request, response).
+    /// (or `reset`), duration, gRPC messages (request, response), and where a route sent it.
     pub fn record_call(
         &self,
         service: Option<&Service>,
@@ -282,10 +317,14 @@ impl Metrics {
         grpc_status: &str,
         took: Duration,
         messages: (u64, u64),
+        to: RouteLabels<'_>,
     ) {
         let name = service.map_or("unknown", |s| &*s.name);
         let method = self.method_label(name, path);
-        let h = self.handles(service, name, method, grpc_status);
+        let h = self.handles(service, name, method, grpc_status, to);
+        if let Some(r) = &h.route_calls {
+            r.inc();
+        }
         h.calls.inc();
         h.duration.observe(took.as_secs_f64());
         h.istio_requests.inc();
@@ -300,13 +339,17 @@ impl Metrics {
         name: &str,
         method: &str,
         status: &str,
+        to: RouteLabels<'_>,
     ) -> Arc<CallHandles> {
         thread_local! {
             static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
         KEY.with_borrow_mut(|key| {
             key.clear();
-            for part in [name, "\0", method, "\0", status] {
+            let dest_name = to.destination.map_or("", |d| &*d.name);
+            for part in [
+                name, "\0", method, "\0", status, "\0", to.route, "\0", dest_name, "\0", to.subset,
+            ] {
                 key.push_str(part);
             }
             if let Some(h) = self
@@ -317,12 +360,41 @@ impl Metrics {
             {
                 return h.clone();
             }
-            let (dest, dest_name, dest_ns) = istio_destination(service, name);
+            let (dest, dest_svc_name, dest_ns) = match to.destination {
+                Some(d) => istio_destination(Some(d), &d.name),
+                None => istio_destination(service, name),
+            };
+            let version = if to.subset.is_empty() {
+                "unknown"
+            } else {
+                to.subset
+            };
             let istio = [
-                "source", "unknown", "unknown", &dest, &dest_name, &dest_ns, "unknown", "grpc",
-                "200", status, "-", "unknown",
+                "source",
+                "unknown",
+                "unknown",
+                &dest,
+                &dest_svc_name,
+                &dest_ns,
+                "unknown",
+                version,
+                "grpc",
+                "200",
+                status,
+                "-",
+                "unknown",
             ];
+            let route_calls = (!to.route.is_empty()).then(|| {
+                let dest_name = if dest_name.is_empty() {
+                    name
+                } else {
+                    dest_name
+                };
+                self.route_calls
+                    .with_label_values(&[name, to.route, dest_name, to.subset, status])
+            });
             let h = Arc::new(CallHandles {
+                route_calls,
                 calls: self.calls.with_label_values(&[name, method, status]),
                 duration: self.duration.with_label_values(&[name, method]),
                 istio_requests: self.istio_requests.with_label_values(&istio),
@@ -370,8 +442,30 @@ impl Metrics {
     }
 }
 
-/// Metric handles of one (service, method, status).
+/// Where a route sent a call, for its metrics: empty for a call no route took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteLabels<'a> {
+    /// The route's name; empty: no route took the call.
+    pub route: &'a str,
+    /// The service the call was sent to (a route may send it to another than the one called);
+    /// `None`: the one called.
+    pub destination: Option<&'a Service>,
+    /// The subset of its endpoints (Istio's `destination_version`); empty: all of them.
+    pub subset: &'a str,
+}
+
+/// `balancer_route_calls_total`'s labels.
+const ROUTE_LABELS: [&str; 5] = [
+    "service",
+    "route",
+    "destination_service",
+    "destination_subset",
+    "grpc_status",
+];
+
+/// Metric handles of one (service, method, status, route, destination, subset).
 struct CallHandles {
+    route_calls: Option<IntCounter>,
     calls: IntCounter,
     duration: Histogram,
     istio_requests: IntCounter,
@@ -381,7 +475,7 @@ struct CallHandles {
 }
 
 /// Istio's standard label names, in the order `handles` fills them.
-const ISTIO_LABELS: [&str; 12] = [
+const ISTIO_LABELS: [&str; 13] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
@@ -389,6 +483,7 @@ const ISTIO_LABELS: [&str; 12] = [
     "destination_service_name",
     "destination_service_namespace",
     "destination_workload",
+    "destination_version",
     "request_protocol",
     "response_code",
     "grpc_response_status",

@@ -112,7 +112,7 @@ impl ServiceSpec {
                     zone: e.zone.clone(),
                     node: e.node.clone(),
                     name: e.name.clone(),
-                    labels: Labels::default(),
+                    labels: Arc::new(e.labels.clone()),
                 })
                 .collect(),
         }
@@ -215,7 +215,12 @@ pub struct Store {
     current: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// Told of every snapshot published, in order ([`Store::on_publish`]).
+    observers: Mutex<Vec<Observer>>,
 }
+
+/// What [`Store::on_publish`] calls.
+type Observer = Box<dyn Fn(&Arc<Snapshot>) + Send + Sync>;
 
 struct Inner {
     /// Each source's services by name; `build` merges them, the file first.
@@ -250,7 +255,22 @@ impl Store {
                 version: 0,
             }),
             changed: tokio::sync::watch::channel(0).0,
+            observers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Calls `f` with the current snapshot now, then with every snapshot published, in the
+    /// order they are published and before the next can be: what is derived from the store
+    /// (the call layer's route table: its backends and subsets resolved against the services)
+    /// follows each change. `f` runs under the store's writer lock: it must be quick and must
+    /// not write to the store.
+    pub fn on_publish(&self, f: impl Fn(&Arc<Snapshot>) + Send + Sync + 'static) {
+        let _writer = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&self.current.load_full());
+        self.observers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(f));
     }
 
     /// The current snapshot. Cheap; call it per call.
@@ -314,7 +334,16 @@ impl Store {
 
     fn publish(&self, inner: std::sync::MutexGuard<'_, Inner>, snapshot: Snapshot) {
         let version = snapshot.version;
-        self.current.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.current.store(snapshot.clone());
+        for f in self
+            .observers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            f(&snapshot);
+        }
         drop(inner);
         self.changed.send_replace(version);
     }

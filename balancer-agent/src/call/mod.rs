@@ -42,13 +42,14 @@ use tokio::time::Instant;
 use crate::{
     balance::CallGuard,
     config::Limits,
-    metrics::Metrics,
+    metrics::{Metrics, RouteLabels},
     state::{Service, Snapshot, Store},
     wire::message::Fields,
 };
 
 use grpc::{MessageCounter, Status};
 use registry::{CallHandle, ConnInfo, Registry};
+use route::{Destination, Router};
 
 /// What selects the service of a connection's calls.
 #[derive(Clone, Debug)]
@@ -98,6 +99,8 @@ pub struct Calls {
     limits: ArcSwap<Limits>,
     /// Live connections and calls, for `inspect`.
     pub registry: Registry,
+    /// The traffic policy in force: routes, backends, subsets.
+    pub router: Arc<Router>,
     active: AtomicUsize,
 }
 
@@ -122,13 +125,18 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 pub struct Admitted {
     /// Its service.
     pub service: Arc<Service>,
+    /// Where its route sends it (no route: all its service's endpoints).
+    pub destination: Destination,
+    /// The route that took it.
+    pub route: Option<Arc<str>>,
     /// Its `:path`.
     pub path: http::uri::PathAndQuery,
     /// When its headers arrived.
     pub start: Instant,
     /// Its entry in the registry.
     pub registration: CallHandle,
-    /// Its request as kept so far (the headers, and DATA once it comes).
+    /// Its request as kept so far (the headers, as its route changed them, and DATA once it
+    /// comes).
     pub replay: Box<Replay>,
 }
 
@@ -148,11 +156,13 @@ pub struct Refused {
 impl Calls {
     /// The calls of a proxy over `store`.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        let router = Router::new(&store, metrics.clone());
         Arc::new(Self {
             store,
             metrics,
             limits: ArcSwap::from_pointee(limits),
             registry: Registry::default(),
+            router,
             active: AtomicUsize::new(0),
         })
     }
@@ -177,9 +187,10 @@ impl Calls {
 
     /// A request's headers (`fields`, already checked well-formed; `end`: they ended the
     /// request) arrived on a connection of `target` registered as `conn`: the call is counted
-    /// in flight, and admitted with its service, or refused with the proxy's own answer (no
-    /// service, or over `limits.max_active_calls`). A refused call is still in flight until
-    /// [`Calls::refused`] records it.
+    /// in flight, and admitted with its service and where its route sends it (the route's
+    /// header changes and timeout applied to the request kept), or refused with the proxy's
+    /// own answer (no service, over `limits.max_active_calls`, a route without a backend to
+    /// go to). A refused call is still in flight until [`Calls::refused`] records it.
     pub fn admit(
         &self,
         target: &Target,
@@ -227,8 +238,42 @@ impl Calls {
                 status,
             });
         }
+        let table = self.router.table();
+        // The client pod is not known at accept yet: routes with a source condition take none
+        // of these calls.
+        let request = route::Request::new(fields, None);
+        let decision = match table.decide(&service, &request) {
+            Ok(d) => d,
+            Err(status) => {
+                return Err(Refused {
+                    service: Some(service),
+                    path,
+                    start,
+                    status,
+                });
+            }
+        };
+        let mut deadline = deadline;
+        let mut sent_fields = None;
+        if let Some(r) = decision.route {
+            let action = &r.route.action;
+            if !action.request_headers.is_empty() {
+                sent_fields = Some(action.request_headers.apply(fields));
+            }
+            if let Some(t) = action.timeout.filter(|t| !t.is_zero())
+                && deadline.is_none_or(|d| start + t < d)
+            {
+                if deadline.is_none() {
+                    // The relay writes the time left into it when the call leaves.
+                    sent_fields
+                        .get_or_insert_with(|| fields.clone())
+                        .push(b"grpc-timeout", b"0n");
+                }
+                deadline = Some(start + t);
+            }
+        }
         let replay = Box::new(Replay {
-            fields: fields.clone(),
+            fields: sent_fields.unwrap_or_else(|| fields.clone()),
             data: BytesMut::new(),
             complete: end,
             deadline,
@@ -236,6 +281,8 @@ impl Calls {
         });
         Ok(Admitted {
             service,
+            destination: decision.destination,
+            route: decision.route.map(|r| r.name.clone()),
             path,
             start,
             registration,
@@ -251,16 +298,18 @@ impl Calls {
         path: &http::uri::PathAndQuery,
         start: Instant,
         code: &str,
+        to: RouteLabels<'_>,
     ) {
         self.metrics
-            .record_call(service, path.path(), code, start.elapsed(), (0, 0));
+            .record_call(service, path.path(), code, start.elapsed(), (0, 0), to);
         self.ended();
     }
 
     /// A call refused at admission was answered.
     pub fn refused(&self, r: &Refused) {
         let code = (r.status.code as u16).to_string();
-        self.unrouted_ended(r.service.as_deref(), &r.path, r.start, &code);
+        let to = RouteLabels::default();
+        self.unrouted_ended(r.service.as_deref(), &r.path, r.start, &code, to);
     }
 
     /// A call started: counted in flight. Returns the calls in flight before it.
@@ -284,6 +333,8 @@ impl Admitted {
         Box::new(Call {
             calls,
             service: self.service,
+            destination: self.destination,
+            route: self.route,
             path: self.path,
             start: self.start,
             guard,
@@ -296,14 +347,32 @@ impl Admitted {
 
     /// The client cancelled it before it had an endpoint.
     pub fn cancelled(self, calls: &Calls) {
-        calls.unrouted_ended(Some(&self.service), &self.path, self.start, "1");
+        let to = route_labels(&self.service, &self.destination, self.route.as_deref());
+        calls.unrouted_ended(Some(&self.service), &self.path, self.start, "1", to);
     }
 
     /// It could not be sent (every endpoint tried failed, or its deadline passed on the way):
     /// answered with `status`.
     pub fn failed(self, calls: &Calls, status: &Status) {
         let code = (status.code as u16).to_string();
-        calls.unrouted_ended(Some(&self.service), &self.path, self.start, &code);
+        let to = route_labels(&self.service, &self.destination, self.route.as_deref());
+        calls.unrouted_ended(Some(&self.service), &self.path, self.start, &code, to);
+    }
+}
+
+/// The metric labels of a call to `service` that `route` sent to `destination`.
+fn route_labels<'a>(
+    service: &Service,
+    destination: &'a Destination,
+    route: Option<&'a str>,
+) -> RouteLabels<'a> {
+    let Some(route) = route else {
+        return RouteLabels::default();
+    };
+    RouteLabels {
+        route,
+        destination: (destination.service.id != service.id).then_some(&*destination.service),
+        subset: destination.subset().unwrap_or(""),
     }
 }
 
@@ -329,6 +398,11 @@ pub struct Call {
     pub calls: Arc<Calls>,
     /// Its service.
     pub service: Arc<Service>,
+    /// Where its route sent it: a replay goes to the same service or subset, even if the
+    /// policy changed meanwhile.
+    pub destination: Destination,
+    /// The route that took it.
+    pub route: Option<Arc<str>>,
     /// Its `:path`.
     pub path: http::uri::PathAndQuery,
     /// When its headers arrived.
@@ -436,6 +510,7 @@ impl Call {
             status,
             self.start.elapsed(),
             (self.messages[0].count, self.messages[1].count),
+            route_labels(&self.service, &self.destination, self.route.as_deref()),
         );
         self.calls.ended();
     }
@@ -481,12 +556,12 @@ impl Attempts {
         attempts
     }
 
-    /// The next endpoint of `service` to try, within [`MAX_ATTEMPTS`]; counted as tried.
-    pub fn next(&mut self, service: &Service) -> Option<CallGuard> {
+    /// The next endpoint of `destination` to try, within [`MAX_ATTEMPTS`]; counted as tried.
+    pub fn next(&mut self, destination: &Destination) -> Option<CallGuard> {
         if self.tried.len() >= MAX_ATTEMPTS {
             return None;
         }
-        let guard = service.balancer.pick(&self.tried)?;
+        let guard = destination.balancer().pick(&self.tried)?;
         self.tried.push(guard.endpoint().addr);
         Some(guard)
     }
@@ -502,14 +577,13 @@ impl Attempts {
 
     /// No endpoint is left to try: the answer. RESOURCE_EXHAUSTED if every endpoint tried was
     /// full, UNAVAILABLE otherwise.
-    pub fn exhausted(&self, service: &Service) -> Status {
+    pub fn exhausted(&self, destination: &Destination) -> Status {
         if self.tried.is_empty() {
-            Status::unavailable(format!("service {} has no ready endpoint", service.name))
+            Status::unavailable(format!("{destination} has no ready endpoint"))
         } else if self.full && !self.failed {
             Status::exhausted(format!(
-                "service {}: {} endpoint(s) tried, every pooled connection at its stream \
+                "{destination}: {} endpoint(s) tried, every pooled connection at its stream \
                  limit (pool.max_connections_per_endpoint)",
-                service.name,
                 self.tried.len()
             ))
         } else {
@@ -518,8 +592,7 @@ impl Attempts {
                 .as_ref()
                 .map_or_else(|| "none".to_string(), ToString::to_string);
             Status::unavailable(format!(
-                "service {}: {} endpoint(s) tried, none took the call; last error: {last}",
-                service.name,
+                "{destination}: {} endpoint(s) tried, none took the call; last error: {last}",
                 self.tried.len(),
             ))
         }

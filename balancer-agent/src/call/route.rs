@@ -23,11 +23,28 @@
 //! built and match the whole value (RE2 syntax, as Envoy; anchored, as Istio does).
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use arc_swap::ArcSwap;
 use serde::{Serialize, Serializer};
+use tracing::warn;
 
-use crate::{config::Policy, state::Source};
+use super::grpc::Status;
+use crate::{
+    balance::Balancer,
+    config::{
+        Policy,
+        routes::{RoutesConfig, RuleConfig, StringMatchConfig, SubsetConfig},
+    },
+    metrics::Metrics,
+    state::{Service, Snapshot, Source, Store},
+    wire::message::Fields,
+};
 
 /// How a string (a path, a gRPC service or method name, a header value) is matched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -52,11 +69,7 @@ pub struct Pattern {
 impl Pattern {
     /// Compiles `source`, anchored at both ends. The error says what is wrong with it.
     pub fn new(source: &str) -> Result<Self, regex::Error> {
-        let regex = regex::bytes::RegexBuilder::new(&format!("^(?:{source})$"))
-            // Bounded memory for what a policy author writes: a pattern that would compile to
-            // more is refused, not built.
-            .size_limit(1 << 20)
-            .build()?;
+        let regex = crate::config::routes::regex(source)?;
         Ok(Self {
             source: source.to_string(),
             regex,
@@ -355,7 +368,7 @@ pub struct Rejected {
 }
 
 /// What one source says about traffic policy, whole: a source's new set replaces its previous
-/// one (`Router::set`, next).
+/// one ([`Router::set`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PolicySet {
     /// Per service, at most one entry (a source merges its objects first, by its precedence).
@@ -367,3 +380,1125 @@ pub struct PolicySet {
 /// The source of a [`PolicySet`]: the store's sources. When both give a policy for one
 /// service, the file's wins (an operator's explicit configuration, as for services).
 pub type PolicySource = Source;
+
+impl PolicySet {
+    /// The file's `routes` section (checked by `config`) as the model. A rule whose regular
+    /// expression does not compile here (the section was not checked) is refused, not built.
+    pub fn from_config(routes: &[RoutesConfig]) -> Self {
+        let mut set = PolicySet::default();
+        let subsets: HashMap<&str, &[SubsetConfig]> = routes
+            .iter()
+            .map(|r| (r.service.as_str(), r.subsets.as_slice()))
+            .collect();
+        for r in routes {
+            let mut policy = ServicePolicy::new(r.service.clone(), Vec::new());
+            policy.load_balancer = r.load_balancer.as_deref().and_then(Policy::parse);
+            for (i, rule) in r.rules.iter().enumerate() {
+                let name = if rule.name.is_empty() {
+                    format!("rules[{i}]")
+                } else {
+                    rule.name.clone()
+                };
+                match file_route(&name, rule, &r.service, &subsets) {
+                    Ok(route) => policy.routes.push(route),
+                    Err(e) => set.rejected.push(Rejected {
+                        source: RouteSource::File,
+                        service: Some(r.service.clone()),
+                        reason: format!("rule {name}: {e}"),
+                    }),
+                }
+            }
+            set.services.push(policy);
+        }
+        set
+    }
+}
+
+fn file_string_match(m: &StringMatchConfig) -> Result<StringMatch, regex::Error> {
+    Ok(match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), _, _) => StringMatch::Exact(e.clone()),
+        (_, Some(p), _) => StringMatch::Prefix(p.clone()),
+        (_, _, Some(r)) => StringMatch::regex(r)?,
+        // Not a checked section: a condition nothing meets.
+        _ => StringMatch::regex("[^\\s\\S]")?,
+    })
+}
+
+fn file_route(
+    name: &str,
+    rule: &RuleConfig,
+    service: &str,
+    subsets: &HashMap<&str, &[SubsetConfig]>,
+) -> Result<Route, regex::Error> {
+    let opt = |m: &Option<StringMatchConfig>| m.as_ref().map(file_string_match).transpose();
+    let mut matches = Vec::with_capacity(rule.matches.len());
+    for m in &rule.matches {
+        let mut headers = Vec::with_capacity(m.headers.len() + m.without_headers.len());
+        for (invert, list) in [(false, &m.headers), (true, &m.without_headers)] {
+            for (name, h) in list {
+                let any = h.exact.is_none() && h.prefix.is_none() && h.regex.is_none();
+                headers.push(HeaderMatch {
+                    name: name.to_ascii_lowercase(),
+                    value: (!any).then(|| file_string_match(h)).transpose()?,
+                    invert,
+                });
+            }
+        }
+        matches.push(RouteMatch {
+            path: opt(&m.path)?,
+            service: opt(&m.service)?,
+            method: opt(&m.method)?,
+            headers,
+            source: m.source.as_ref().map(|s| SourceMatch {
+                namespace: s.namespace.clone(),
+                labels: s.labels.clone(),
+            }),
+        });
+    }
+    let backends = rule
+        .backends
+        .iter()
+        .map(|b| {
+            let to = b.service.clone().unwrap_or_else(|| service.to_string());
+            let subset = b.subset.as_ref().map(|name| {
+                let declared = subsets
+                    .get(to.as_str())
+                    .and_then(|s| s.iter().find(|s| s.name == *name));
+                Subset {
+                    name: name.clone(),
+                    labels: declared.map(|s| s.labels.clone()).unwrap_or_default(),
+                    policy: declared
+                        .and_then(|s| s.policy.as_deref())
+                        .and_then(Policy::parse),
+                }
+            });
+            Backend {
+                service: to,
+                subset,
+                weight: b.weight.unwrap_or(1),
+            }
+        })
+        .collect();
+    let h = &rule.request_headers;
+    let pairs =
+        |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok(Route {
+        name: name.to_string(),
+        source: RouteSource::File,
+        matches,
+        action: RouteAction {
+            backends,
+            request_headers: HeaderMutations {
+                set: pairs(&h.set),
+                add: pairs(&h.add),
+                remove: h.remove.clone(),
+            },
+            timeout: (rule.timeout_ms > 0).then(|| Duration::from_millis(rule.timeout_ms)),
+            retries: None,
+            fault: None,
+        },
+    })
+}
+
+/// What a call brings to the routes: its request head and, when known, who makes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// `:path`.
+    pub path: &'a [u8],
+    /// The request header fields.
+    pub fields: &'a Fields,
+    /// The client pod, when the agent knows it.
+    pub source: Option<&'a SourceIdentity>,
+}
+
+impl<'a> Request<'a> {
+    /// A request with these fields (its `:path` read from them).
+    pub fn new(fields: &'a Fields, source: Option<&'a SourceIdentity>) -> Self {
+        Self {
+            path: fields.get(b":path").unwrap_or(b"/"),
+            fields,
+            source,
+        }
+    }
+
+    /// The gRPC service and method of `/package.Service/Method`; `None` for another path.
+    fn grpc(&self) -> Option<(&'a [u8], &'a [u8])> {
+        let rest = self.path.strip_prefix(b"/")?;
+        let slash = rest.iter().position(|&b| b == b'/')?;
+        let (service, method) = (&rest[..slash], &rest[slash + 1..]);
+        (!service.is_empty() && !method.is_empty() && !method.contains(&b'/'))
+            .then_some((service, method))
+    }
+}
+
+/// The condition of a [`RouteMatch`] a request did not meet (the first one checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Miss {
+    /// `path`.
+    Path,
+    /// `service` (or the path is not `/package.Service/Method`).
+    Service,
+    /// `method` (or the path is not `/package.Service/Method`).
+    Method,
+    /// `headers[i]`.
+    Header(usize),
+    /// `source`: the caller is another, or unknown.
+    Source,
+}
+
+impl HeaderMatch {
+    /// The header condition holds for `fields`.
+    pub fn holds(&self, fields: &Fields) -> bool {
+        let found = match (fields.get(self.name.as_bytes()), &self.value) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(v), Some(m)) => m.matches(v),
+        };
+        found != self.invert
+    }
+}
+
+impl SourceMatch {
+    /// `source` is such a caller.
+    pub fn holds(&self, source: Option<&SourceIdentity>) -> bool {
+        let Some(s) = source else {
+            return false;
+        };
+        self.namespace.as_ref().is_none_or(|n| *n == s.namespace)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| s.labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+impl RouteMatch {
+    /// Every condition holds for `req`, or the first that does not. Allocates nothing.
+    pub fn check(&self, req: &Request<'_>) -> Result<(), Miss> {
+        if let Some(m) = &self.path
+            && !m.matches(req.path)
+        {
+            return Err(Miss::Path);
+        }
+        if self.service.is_some() || self.method.is_some() {
+            let grpc = req.grpc();
+            if let Some(m) = &self.service
+                && !grpc.is_some_and(|(s, _)| m.matches(s))
+            {
+                return Err(Miss::Service);
+            }
+            if let Some(m) = &self.method
+                && !grpc.is_some_and(|(_, meth)| m.matches(meth))
+            {
+                return Err(Miss::Method);
+            }
+        }
+        if let Some(i) = self.headers.iter().position(|h| !h.holds(req.fields)) {
+            return Err(Miss::Header(i));
+        }
+        if let Some(s) = &self.source
+            && !s.holds(req.source)
+        {
+            return Err(Miss::Source);
+        }
+        Ok(())
+    }
+
+    /// Why `req` does not meet condition `miss` of this match, for a person.
+    pub fn explain(&self, miss: Miss, req: &Request<'_>) -> String {
+        let shown = |v: Option<&[u8]>| match v {
+            Some(v) => format!("{:?}", String::from_utf8_lossy(v)),
+            None => "none".into(),
+        };
+        let cond =
+            |m: &Option<StringMatch>| m.as_ref().map(ToString::to_string).unwrap_or_default();
+        match miss {
+            Miss::Path => format!("path {} is not {}", shown(Some(req.path)), cond(&self.path)),
+            Miss::Service => format!(
+                "gRPC service {} is not {}",
+                shown(req.grpc().map(|g| g.0)),
+                cond(&self.service)
+            ),
+            Miss::Method => format!(
+                "gRPC method {} is not {}",
+                shown(req.grpc().map(|g| g.1)),
+                cond(&self.method)
+            ),
+            Miss::Header(i) => {
+                let h = &self.headers[i];
+                let value = req.fields.get(h.name.as_bytes());
+                let want = match (&h.value, h.invert) {
+                    (None, false) => "present".to_string(),
+                    (None, true) => "absent".to_string(),
+                    (Some(m), false) => m.to_string(),
+                    (Some(m), true) => format!("not {m}"),
+                };
+                format!("header {}: {} is not {want}", h.name, shown(value))
+            }
+            Miss::Source => match req.source {
+                None => "the caller is unknown (a source condition needs the client pod)".into(),
+                Some(s) => format!(
+                    "the caller (namespace {:?}, labels {:?}) is not {:?}",
+                    s.namespace,
+                    s.labels,
+                    self.source.as_ref().map(|m| (&m.namespace, &m.labels))
+                ),
+            },
+        }
+    }
+}
+
+impl Route {
+    /// It takes `req`: any of its matches holds (it has none: every request).
+    pub fn takes(&self, req: &Request<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.check(req).is_ok())
+    }
+
+    /// Why it does not take `req`, one reason per match; empty when it does.
+    pub fn misses(&self, req: &Request<'_>) -> Vec<String> {
+        if self.takes(req) {
+            return Vec::new();
+        }
+        self.matches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let miss = m.check(req).err()?;
+                let why = m.explain(miss, req);
+                Some(if self.matches.len() == 1 {
+                    why
+                } else {
+                    format!("matches[{i}]: {why}")
+                })
+            })
+            .collect()
+    }
+}
+
+impl HeaderMutations {
+    /// `fields` with these changes: removed names go, set names are replaced, added values
+    /// join the others.
+    pub fn apply(&self, fields: &Fields) -> Fields {
+        let mut out = Fields::default();
+        for (n, v) in fields.iter() {
+            let gone = self.remove.iter().any(|r| r.as_bytes() == n)
+                || self.set.iter().any(|(s, _)| s.as_bytes() == n);
+            if !gone {
+                out.push(n, v);
+            }
+        }
+        for (n, v) in self.set.iter().chain(&self.add) {
+            out.push(n.as_bytes(), v.as_bytes());
+        }
+        out
+    }
+}
+
+/// The endpoints a call may go to once its route and backend are chosen: a service, or a
+/// subset of it, with the balancer that picks among them.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    /// The service.
+    pub service: Arc<Service>,
+    /// Its subset, or its endpoints balanced otherwise than the store says; `None`: the
+    /// service's own balancer.
+    pub set: Option<Arc<EndpointSet>>,
+}
+
+/// Endpoints of a service chosen for a subset (or all of them, balanced by another policy),
+/// with their balancer, built when the table is, never per call.
+#[derive(Debug)]
+pub struct EndpointSet {
+    /// The subset's name; `None`: all the service's endpoints.
+    pub subset: Option<Arc<str>>,
+    /// Its ready endpoints and how to choose among them.
+    pub balancer: Balancer,
+}
+
+impl Destination {
+    /// All of `service`'s endpoints, as the store balances them.
+    pub fn service(service: Arc<Service>) -> Self {
+        Self { service, set: None }
+    }
+
+    /// Who picks the endpoint.
+    pub fn balancer(&self) -> &Balancer {
+        self.set
+            .as_ref()
+            .map_or(&self.service.balancer, |s| &s.balancer)
+    }
+
+    /// The subset's name, if a subset.
+    pub fn subset(&self) -> Option<&str> {
+        self.set.as_ref().and_then(|s| s.subset.as_deref())
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.subset() {
+            Some(s) => write!(f, "service {} subset {s}", self.service.name),
+            None => write!(f, "service {}", self.service.name),
+        }
+    }
+}
+
+/// One backend of a route, resolved.
+#[derive(Debug)]
+struct Resolved {
+    /// Cumulative weight up to and with this backend.
+    until: u32,
+    /// Where its calls go, or why they cannot (its service is not in the store).
+    destination: Result<Destination, Arc<str>>,
+}
+
+/// A route in force, its backends resolved against the store.
+#[derive(Debug)]
+pub struct RouteEntry {
+    /// The route as its source gave it.
+    pub route: Route,
+    /// Its name, for each call's metrics.
+    pub name: Arc<str>,
+    backends: Vec<Resolved>,
+}
+
+impl RouteEntry {
+    /// The backend for a draw `r` in `0..total weight`.
+    fn backend(&self, r: u32) -> Option<&Resolved> {
+        self.backends.iter().find(|b| r < b.until)
+    }
+
+    fn total(&self) -> u32 {
+        self.backends.last().map_or(0, |b| b.until)
+    }
+
+    /// A backend, by weight: its destination, or the answer for a call that has none.
+    pub fn pick(&self) -> Result<&Destination, Status> {
+        self.pick_with(fastrand::u32(..self.total().max(1)))
+    }
+
+    /// [`RouteEntry::pick`] with the draw given (tests).
+    fn pick_with(&self, r: u32) -> Result<&Destination, Status> {
+        match self.backend(r).filter(|_| self.total() > 0) {
+            Some(Resolved {
+                destination: Ok(d), ..
+            }) => Ok(d),
+            Some(Resolved {
+                destination: Err(why),
+                ..
+            }) => Err(Status::unavailable(format!(
+                "route {} ({}): {why}",
+                self.name, self.route.source
+            ))),
+            None => Err(Status::unavailable(format!(
+                "route {} ({}) has no backend with a weight",
+                self.name, self.route.source
+            ))),
+        }
+    }
+}
+
+/// A service's policy in force.
+#[derive(Debug)]
+pub struct ServiceRoutes {
+    /// Which source gave it.
+    pub from: PolicySource,
+    /// The policy as given.
+    pub policy: ServicePolicy,
+    /// Its routes, in order, resolved.
+    pub routes: Vec<RouteEntry>,
+    /// Where calls no route takes go: all the service's endpoints.
+    pub default: Destination,
+}
+
+/// What a call is routed by: the route that took it (none: its service's endpoints) and where
+/// it goes.
+#[derive(Debug)]
+pub struct Decision<'t> {
+    /// The route that took it.
+    pub route: Option<&'t RouteEntry>,
+    /// Where it goes.
+    pub destination: Destination,
+}
+
+/// Every policy in force, resolved against one store snapshot: what calls read, immutable.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Incremented on every rebuild.
+    pub version: u64,
+    /// The store snapshot it was resolved against.
+    pub snapshot_version: u64,
+    /// By the id of the service whose calls they take.
+    services: foldhash::HashMap<u32, ServiceRoutes>,
+    /// Policies for services the store does not have (yet): kept, shown, applied when the
+    /// service comes.
+    pub unresolved: Vec<(PolicySource, ServicePolicy)>,
+    /// What the sources refused.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Table {
+    /// The policy of `service`, if it has one.
+    pub fn service(&self, service: &Service) -> Option<&ServiceRoutes> {
+        self.services.get(&service.id)
+    }
+
+    /// Every service's policy in force, by service name.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceRoutes> {
+        let mut v: Vec<_> = self.services.values().collect();
+        v.sort_by(|a, b| a.policy.service.cmp(&b.policy.service));
+        v.into_iter()
+    }
+
+    /// Routes a call to `service`: the first of its routes that takes `req`, and a backend of
+    /// it by weight; no route: all the service's endpoints. The answer when the route has no
+    /// backend to go to. Allocates nothing but on that answer.
+    pub fn decide<'t>(
+        &'t self,
+        service: &Arc<Service>,
+        req: &Request<'_>,
+    ) -> Result<Decision<'t>, Status> {
+        let Some(s) = self.services.get(&service.id) else {
+            return Ok(Decision {
+                route: None,
+                destination: Destination::service(service.clone()),
+            });
+        };
+        match s.routes.iter().find(|r| r.route.takes(req)) {
+            Some(r) => Ok(Decision {
+                route: Some(r),
+                destination: r.pick()?.clone(),
+            }),
+            None => Ok(Decision {
+                route: None,
+                destination: s.default.clone(),
+            }),
+        }
+    }
+
+    /// Resolves the policies of `sets` against `snapshot`: by source, the file first; a
+    /// service a source before names keeps that one's policy.
+    fn build(version: u64, sets: &BTreeMap<PolicySource, PolicySet>, snapshot: &Snapshot) -> Self {
+        let mut table = Table {
+            version,
+            snapshot_version: snapshot.version,
+            ..Self::default()
+        };
+        let mut named = std::collections::HashSet::new();
+        let mut policies = Vec::new();
+        for (source, set) in sets {
+            table.rejected.extend(set.rejected.iter().cloned());
+            for p in &set.services {
+                if named.insert(p.service.as_str()) {
+                    policies.push((*source, p));
+                }
+            }
+        }
+        // Calls to a service without a subset go where its own policy says (its balancing).
+        let mut defaults: HashMap<&str, Destination> = HashMap::new();
+        for (_, p) in &policies {
+            if let Some(s) = snapshot.by_name(&p.service) {
+                defaults.insert(p.service.as_str(), default_destination(s, p.load_balancer));
+            }
+        }
+        for (source, p) in policies {
+            let Some(service) = snapshot.by_name(&p.service) else {
+                table.unresolved.push((source, p.clone()));
+                continue;
+            };
+            let routes = p
+                .routes
+                .iter()
+                .map(|r| resolve(r, snapshot, &defaults))
+                .collect();
+            table.services.insert(
+                service.id,
+                ServiceRoutes {
+                    from: source,
+                    policy: p.clone(),
+                    routes,
+                    default: defaults[p.service.as_str()].clone(),
+                },
+            );
+        }
+        table
+    }
+}
+
+/// All of `service`'s endpoints, balanced by `policy` when it says otherwise than the store.
+fn default_destination(service: &Arc<Service>, policy: Option<Policy>) -> Destination {
+    let set = policy.filter(|p| *p != service.balancer.policy()).map(|p| {
+        Arc::new(EndpointSet {
+            subset: None,
+            balancer: Balancer::new(
+                p,
+                service.balancer.ready().to_vec(),
+                service.balancer.failures(),
+            ),
+        })
+    });
+    Destination {
+        service: service.clone(),
+        set,
+    }
+}
+
+/// `route`'s backends against `snapshot`.
+fn resolve(
+    route: &Route,
+    snapshot: &Snapshot,
+    defaults: &HashMap<&str, Destination>,
+) -> RouteEntry {
+    let mut until = 0u32;
+    let backends = route
+        .action
+        .backends
+        .iter()
+        .map(|b| {
+            until = until.saturating_add(b.weight);
+            let destination = match (snapshot.by_name(&b.service), &b.subset) {
+                (None, _) => Err(format!("backend service {} is not known", b.service).into()),
+                (Some(s), None) => Ok(defaults
+                    .get(b.service.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| Destination::service(s.clone()))),
+                (Some(s), Some(subset)) => Ok(subset_destination(s, subset)),
+            };
+            Resolved { until, destination }
+        })
+        .collect();
+    RouteEntry {
+        name: route.name.as_str().into(),
+        route: route.clone(),
+        backends,
+    }
+}
+
+/// The endpoints of `service` in `subset`: ready, not terminating, with each of its labels.
+fn subset_destination(service: &Arc<Service>, subset: &Subset) -> Destination {
+    let ready = service
+        .endpoints
+        .iter()
+        .filter(|e| e.spec.ready && !e.spec.terminating)
+        .filter(|e| {
+            subset
+                .labels
+                .iter()
+                .all(|(k, v)| e.spec.labels.get(k).is_some_and(|have| have == v))
+        })
+        .map(|e| e.endpoint.clone())
+        .collect();
+    let policy = subset.policy.unwrap_or(service.balancer.policy());
+    Destination {
+        service: service.clone(),
+        set: Some(Arc::new(EndpointSet {
+            subset: Some(subset.name.as_str().into()),
+            balancer: Balancer::new(policy, ready, service.balancer.failures()),
+        })),
+    }
+}
+
+/// The policies of every source, and the table calls read. A source's new [`PolicySet`]
+/// replaces its last; a store change re-resolves the table (the store calls
+/// [`Router::store_changed`]). Each change publishes a new immutable table: calls admitted
+/// before keep the destination they were given.
+pub struct Router {
+    table: ArcSwap<Table>,
+    inner: Mutex<RouterInner>,
+    metrics: Arc<Metrics>,
+}
+
+struct RouterInner {
+    sets: BTreeMap<PolicySource, PolicySet>,
+    snapshot: Arc<Snapshot>,
+    version: u64,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("version", &self.table.load().version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router without policies that follows `store`.
+    pub fn new(store: &Store, metrics: Arc<Metrics>) -> Arc<Self> {
+        let router = Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            inner: Mutex::new(RouterInner {
+                sets: BTreeMap::new(),
+                snapshot: store.snapshot(),
+                version: 0,
+            }),
+            metrics,
+        });
+        let weak = Arc::downgrade(&router);
+        store.on_publish(move |s| {
+            if let Some(r) = weak.upgrade() {
+                r.store_changed(s);
+            }
+        });
+        router
+    }
+
+    /// The table in force. Cheap; per call.
+    pub fn table(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
+    }
+
+    /// Puts `set` in force as everything `source` says: its policies and what it refused.
+    /// Refusals new since its last set are logged; every refusal in force is a metric.
+    pub fn set(&self, source: PolicySource, set: PolicySet) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let before = inner.sets.get(&source);
+        if before == Some(&set) {
+            return;
+        }
+        for r in &set.rejected {
+            if !before.is_some_and(|b| b.rejected.contains(r)) {
+                warn!(source = %r.source, service = ?r.service, reason = %r.reason, "traffic policy refused");
+            }
+        }
+        inner.sets.insert(source, set);
+        self.publish(&mut inner);
+    }
+
+    /// The store published `snapshot`: backends and subsets are resolved again.
+    pub fn store_changed(&self, snapshot: &Arc<Snapshot>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.snapshot = snapshot.clone();
+        if inner.sets.is_empty() && self.table.load().version == 0 {
+            return;
+        }
+        self.publish(&mut inner);
+    }
+
+    fn publish(&self, inner: &mut RouterInner) {
+        inner.version += 1;
+        let table = Table::build(inner.version, &inner.sets, &inner.snapshot);
+        self.metrics.set_policy_rejected(
+            table
+                .rejected
+                .iter()
+                .map(|r| (r.source.kind(), r.source.object())),
+        );
+        self.table.store(Arc::new(table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::PoolConfig,
+        state::{EndpointSpec, ServiceSpec, Update},
+    };
+
+    fn fields(path: &str, headers: &[(&str, &str)]) -> Fields {
+        let mut f = Fields::default();
+        f.push(b":method", b"POST");
+        f.push(b":path", path.as_bytes());
+        for (n, v) in headers {
+            f.push(n.as_bytes(), v.as_bytes());
+        }
+        f
+    }
+
+    fn exact(s: &str) -> Option<StringMatch> {
+        Some(StringMatch::Exact(s.into()))
+    }
+
+    fn header(name: &str, value: Option<StringMatch>, invert: bool) -> HeaderMatch {
+        HeaderMatch {
+            name: name.into(),
+            value,
+            invert,
+        }
+    }
+
+    #[test]
+    fn string_matches_exact_prefix_and_whole_value_regex() {
+        assert!(StringMatch::Exact("a.B".into()).matches(b"a.B"));
+        assert!(!StringMatch::Exact("a.B".into()).matches(b"a.BC"));
+        assert!(StringMatch::Prefix("/pkg.".into()).matches(b"/pkg.Svc/M"));
+        assert!(!StringMatch::Prefix("/pkg.".into()).matches(b"/pk"));
+        let r = StringMatch::regex("Say.*").unwrap();
+        assert!(r.matches(b"SayHello"));
+        // Anchored at both ends, as Istio does: a match inside the value is not a match.
+        assert!(!r.matches(b"XSayHello"));
+        let alt = StringMatch::regex("a|b").unwrap();
+        assert!(alt.matches(b"b") && !alt.matches(b"ab"));
+        assert!(StringMatch::regex("(").is_err());
+        assert_eq!(r, StringMatch::regex("Say.*").unwrap());
+    }
+
+    #[test]
+    fn a_match_on_path_service_and_method() {
+        let f = fields("/helloworld.Greeter/SayHello", &[]);
+        let req = Request::new(&f, None);
+        let m = |path, service, method| RouteMatch {
+            path,
+            service,
+            method,
+            ..RouteMatch::default()
+        };
+        assert_eq!(m(None, None, None).check(&req), Ok(()));
+        assert_eq!(
+            m(exact("/helloworld.Greeter/SayHello"), None, None).check(&req),
+            Ok(())
+        );
+        assert_eq!(
+            m(Some(StringMatch::Prefix("/other.".into())), None, None).check(&req),
+            Err(Miss::Path)
+        );
+        assert_eq!(
+            m(None, exact("helloworld.Greeter"), None).check(&req),
+            Ok(())
+        );
+        assert_eq!(
+            m(None, exact("helloworld.Other"), None).check(&req),
+            Err(Miss::Service)
+        );
+        assert_eq!(
+            m(None, exact("helloworld.Greeter"), exact("SayBye")).check(&req),
+            Err(Miss::Method)
+        );
+        let re = StringMatch::regex("Say(Hello|Bye)").ok();
+        assert_eq!(m(None, None, re).check(&req), Ok(()));
+        // A path that is not /Service/Method matches no service or method condition.
+        let odd = fields("/nomethod", &[]);
+        assert_eq!(
+            m(None, None, exact("nomethod")).check(&Request::new(&odd, None)),
+            Err(Miss::Method)
+        );
+        let why = m(None, exact("helloworld.Other"), None).explain(Miss::Service, &req);
+        assert_eq!(
+            why,
+            r#"gRPC service "helloworld.Greeter" is not = "helloworld.Other""#
+        );
+    }
+
+    #[test]
+    fn a_match_on_headers_every_kind() {
+        let f = fields("/a.B/C", &[("x-env", "staging"), ("x-user", "bob-42")]);
+        let req = Request::new(&f, None);
+        let holds = |h: HeaderMatch| h.holds(req.fields);
+        assert!(holds(header("x-env", exact("staging"), false)));
+        assert!(!holds(header("x-env", exact("prod"), false)));
+        assert!(holds(header(
+            "x-user",
+            Some(StringMatch::Prefix("bob-".into())),
+            false
+        )));
+        assert!(holds(header(
+            "x-user",
+            StringMatch::regex("bob-[0-9]+").ok(),
+            false
+        )));
+        assert!(!holds(header(
+            "x-user",
+            StringMatch::regex("[0-9]+").ok(),
+            false
+        )));
+        assert!(holds(header("x-env", None, false)), "present");
+        assert!(!holds(header("x-missing", None, false)));
+        assert!(holds(header("x-missing", None, true)), "absent");
+        assert!(!holds(header("x-env", None, true)));
+        assert!(holds(header("x-env", exact("prod"), true)), "inverted");
+        let m = RouteMatch {
+            headers: vec![
+                header("x-env", exact("staging"), false),
+                header("x-user", exact("alice"), false),
+            ],
+            ..RouteMatch::default()
+        };
+        assert_eq!(m.check(&req), Err(Miss::Header(1)));
+        assert_eq!(
+            m.explain(Miss::Header(1), &req),
+            r#"header x-user: "bob-42" is not = "alice""#
+        );
+    }
+
+    #[test]
+    fn a_match_on_the_source_needs_a_known_caller() {
+        let f = fields("/a.B/C", &[]);
+        let m = RouteMatch {
+            source: Some(SourceMatch {
+                namespace: Some("shop".into()),
+                labels: [("app".to_string(), "cart".to_string())].into(),
+            }),
+            ..RouteMatch::default()
+        };
+        assert_eq!(m.check(&Request::new(&f, None)), Err(Miss::Source));
+        let mut who = SourceIdentity {
+            namespace: "shop".into(),
+            labels: [
+                ("app".to_string(), "cart".to_string()),
+                ("v".to_string(), "2".to_string()),
+            ]
+            .into(),
+        };
+        assert_eq!(m.check(&Request::new(&f, Some(&who))), Ok(()));
+        who.namespace = "other".into();
+        assert_eq!(m.check(&Request::new(&f, Some(&who))), Err(Miss::Source));
+    }
+
+    #[test]
+    fn a_route_takes_a_call_when_any_of_its_matches_holds() {
+        let route = Route {
+            name: "r".into(),
+            source: RouteSource::File,
+            matches: vec![
+                RouteMatch {
+                    method: exact("A"),
+                    ..RouteMatch::default()
+                },
+                RouteMatch {
+                    method: exact("B"),
+                    ..RouteMatch::default()
+                },
+            ],
+            action: RouteAction::default(),
+        };
+        for (path, takes) in [("/s.S/A", true), ("/s.S/B", true), ("/s.S/C", false)] {
+            let f = fields(path, &[]);
+            assert_eq!(route.takes(&Request::new(&f, None)), takes, "{path}");
+        }
+        let f = fields("/s.S/C", &[]);
+        assert_eq!(
+            route.misses(&Request::new(&f, None)),
+            vec![
+                r#"matches[0]: gRPC method "C" is not = "A""#,
+                r#"matches[1]: gRPC method "C" is not = "B""#
+            ]
+        );
+    }
+
+    #[test]
+    fn header_mutations_set_add_and_remove() {
+        let f = fields("/a.B/C", &[("x-a", "1"), ("x-b", "2"), ("x-c", "3")]);
+        let m = HeaderMutations {
+            set: vec![("x-a".into(), "one".into())],
+            add: vec![("x-c".into(), "4".into())],
+            remove: vec!["x-b".into()],
+        };
+        let out: Vec<(String, String)> = m
+            .apply(&f)
+            .iter()
+            .map(|(n, v)| {
+                (
+                    String::from_utf8_lossy(n).into(),
+                    String::from_utf8_lossy(v).into(),
+                )
+            })
+            .filter(|(n, _): &(String, String)| n.starts_with("x-"))
+            .collect();
+        let want = [("x-c", "3"), ("x-a", "one"), ("x-c", "4")];
+        assert_eq!(
+            out,
+            want.map(|(n, v)| (n.to_string(), v.to_string())).to_vec()
+        );
+    }
+
+    fn store() -> Arc<Store> {
+        let store = Store::new(PoolConfig::default());
+        let ep = |i: u8, version: &str| EndpointSpec {
+            labels: Arc::new([("version".to_string(), version.to_string())].into()),
+            ..EndpointSpec::ready(std::net::SocketAddr::from(([10, 0, 0, i], 50051)))
+        };
+        store.apply(Update::Reset(vec![ServiceSpec {
+            name: "greeter".into(),
+            authorities: vec!["greeter".into()],
+            vips: vec![],
+            policy: Policy::RoundRobin,
+            endpoints: vec![ep(1, "v1"), ep(2, "v1"), ep(3, "v2")],
+        }]));
+        store
+    }
+
+    fn backend(subset: Option<&str>, weight: u32) -> Backend {
+        Backend {
+            service: "greeter".into(),
+            subset: subset.map(|s| Subset {
+                name: s.into(),
+                labels: [("version".to_string(), s.to_string())].into(),
+                policy: None,
+            }),
+            weight,
+        }
+    }
+
+    fn split(weights: &[(Option<&str>, u32)]) -> PolicySet {
+        PolicySet {
+            services: vec![ServicePolicy::new(
+                "greeter",
+                vec![Route {
+                    name: "split".into(),
+                    source: RouteSource::File,
+                    matches: vec![],
+                    action: RouteAction {
+                        backends: weights.iter().map(|(s, w)| backend(*s, *w)).collect(),
+                        ..RouteAction::default()
+                    },
+                }],
+            )],
+            rejected: vec![],
+        }
+    }
+
+    fn router(store: &Store) -> Arc<Router> {
+        Router::new(store, Metrics::new(Store::new(PoolConfig::default()), 10))
+    }
+
+    #[test]
+    fn subsets_are_the_endpoints_with_their_labels() {
+        let store = store();
+        let router = router(&store);
+        router.set(Source::File, split(&[(Some("v1"), 1)]));
+        let snap = store.snapshot();
+        let svc = snap.by_name("greeter").unwrap();
+        let f = fields("/a.B/C", &[]);
+        let table = router.table();
+        let d = table.decide(svc, &Request::new(&f, None)).unwrap();
+        assert_eq!(d.route.unwrap().route.name, "split");
+        assert_eq!(d.destination.subset(), Some("v1"));
+        let ready: Vec<_> = d
+            .destination
+            .balancer()
+            .ready()
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(ready, ["10.0.0.1:50051", "10.0.0.2:50051"]);
+        // The store changes: the subset follows.
+        let mut spec = svc.spec.clone();
+        spec.endpoints.remove(0);
+        store.apply(Update::Upsert(spec));
+        let snap = store.snapshot();
+        let d = router
+            .table()
+            .decide(snap.by_name("greeter").unwrap(), &Request::new(&f, None))
+            .unwrap()
+            .destination;
+        assert_eq!(d.balancer().ready().len(), 1);
+    }
+
+    #[test]
+    fn the_weighted_pick_follows_the_weights() {
+        let store = store();
+        let router = router(&store);
+        router.set(Source::File, split(&[(Some("v1"), 80), (Some("v2"), 20)]));
+        let table = router.table();
+        let entry = &table.services().next().unwrap().routes[0];
+        // Every draw lands where the cumulative weights say.
+        assert_eq!(entry.pick_with(0).unwrap().subset(), Some("v1"));
+        assert_eq!(entry.pick_with(79).unwrap().subset(), Some("v1"));
+        assert_eq!(entry.pick_with(80).unwrap().subset(), Some("v2"));
+        assert_eq!(entry.pick_with(99).unwrap().subset(), Some("v2"));
+        // And the random draw is spread as the weights: 80/20 within 2% over 20,000 picks.
+        let n = 20_000;
+        let v1 = (0..n)
+            .filter(|_| entry.pick().unwrap().subset() == Some("v1"))
+            .count();
+        let share = v1 as f64 / n as f64;
+        assert!((0.78..=0.82).contains(&share), "v1 took {share}");
+        // A weight of 0 takes nothing; no weight at all answers UNAVAILABLE.
+        router.set(Source::File, split(&[(Some("v1"), 0), (Some("v2"), 5)]));
+        let table = router.table();
+        let entry = &table.services().next().unwrap().routes[0];
+        assert!((0..100).all(|_| entry.pick().unwrap().subset() == Some("v2")));
+        router.set(Source::File, split(&[(Some("v1"), 0)]));
+        let table = router.table();
+        let entry = &table.services().next().unwrap().routes[0];
+        let status = entry.pick().unwrap_err();
+        assert!(
+            status.message.contains("no backend with a weight"),
+            "{}",
+            status.message
+        );
+    }
+
+    #[test]
+    fn routes_are_tried_in_order_and_no_route_means_every_endpoint() {
+        let store = store();
+        let router = router(&store);
+        let mut set = split(&[(Some("v2"), 1)]);
+        set.services[0].routes[0].matches = vec![RouteMatch {
+            headers: vec![header("x-env", exact("testing"), false)],
+            ..RouteMatch::default()
+        }];
+        let mut second = set.services[0].routes[0].clone();
+        second.name = "later".into();
+        set.services[0].routes.push(second);
+        router.set(Source::File, set);
+        let snap = store.snapshot();
+        let svc = snap.by_name("greeter").unwrap();
+        let table = router.table();
+        let f = fields("/a.B/C", &[("x-env", "testing")]);
+        let d = table.decide(svc, &Request::new(&f, None)).unwrap();
+        assert_eq!(&*d.route.unwrap().name, "split", "the first that matches");
+        let f = fields("/a.B/C", &[]);
+        let d = table.decide(svc, &Request::new(&f, None)).unwrap();
+        assert!(d.route.is_none());
+        assert_eq!(d.destination.balancer().ready().len(), 3);
+    }
+
+    #[test]
+    fn the_file_wins_a_service_and_refusals_are_kept() {
+        let store = store();
+        let router = router(&store);
+        let mut kube = split(&[(Some("v2"), 1)]);
+        kube.services[0].routes[0].source = RouteSource::VirtualService {
+            namespace: "default".into(),
+            name: "greeter".into(),
+        };
+        kube.rejected.push(Rejected {
+            source: RouteSource::VirtualService {
+                namespace: "default".into(),
+                name: "bad".into(),
+            },
+            service: Some("greeter".into()),
+            reason: "subset \"v3\" is not defined".into(),
+        });
+        router.set(Source::Kubernetes, kube);
+        assert_eq!(
+            router.table().services().next().unwrap().from,
+            Source::Kubernetes
+        );
+        router.set(Source::File, split(&[(Some("v1"), 1)]));
+        let table = router.table();
+        let s = table.services().next().unwrap();
+        assert_eq!(s.from, Source::File);
+        assert_eq!(table.rejected.len(), 1);
+        assert_eq!(
+            router
+                .metrics
+                .render()
+                .lines()
+                .find(|l| l.starts_with("balancer_policy_rejected{")),
+            Some(r#"balancer_policy_rejected{kind="VirtualService",name="default/bad"} 1"#)
+        );
+    }
+
+    #[test]
+    fn a_backend_of_an_unknown_service_answers_unavailable() {
+        let store = store();
+        let router = router(&store);
+        let mut set = split(&[(None, 1)]);
+        set.services[0].routes[0].action.backends[0].service = "nosuch".into();
+        router.set(Source::File, set);
+        let snap = store.snapshot();
+        let f = fields("/a.B/C", &[]);
+        let status = router
+            .table()
+            .decide(snap.by_name("greeter").unwrap(), &Request::new(&f, None))
+            .unwrap_err();
+        assert!(
+            status
+                .message
+                .contains("backend service nosuch is not known")
+        );
+    }
+}

@@ -133,7 +133,7 @@ async fn the_deadline_runs_on_the_proxys_clock_and_the_endpoint_gets_the_time_le
     );
     // Refused unprocessed while time is left: it may be replayed.
     let mut attempts = Attempts::default();
-    let guard = attempts.next(&admitted.service).unwrap();
+    let guard = attempts.next(&admitted.destination).unwrap();
     let call = admitted.sent(calls.clone(), guard);
     assert_eq!(call.replay_refusal(Instant::now()), None);
     // Once the deadline passed, it may not: DEADLINE_EXCEEDED.
@@ -157,7 +157,7 @@ async fn a_request_that_outgrew_the_replay_buffer_is_not_replayed() {
             false,
         )
         .unwrap();
-    let guard = Attempts::default().next(&admitted.service).unwrap();
+    let guard = Attempts::default().next(&admitted.destination).unwrap();
     let mut call = admitted.sent(calls.clone(), guard);
     call.request_data(&[0; REPLAY_LIMIT], false);
     assert!(call.replay.is_some(), "exactly the limit is kept");
@@ -169,7 +169,7 @@ async fn a_request_that_outgrew_the_replay_buffer_is_not_replayed() {
     let admitted = calls
         .admit(&BY_AUTHORITY, &conn, &request("greeter.default", &[]), true)
         .unwrap();
-    let guard = Attempts::default().next(&admitted.service).unwrap();
+    let guard = Attempts::default().next(&admitted.destination).unwrap();
     let mut answered = admitted.sent(calls.clone(), guard);
     assert!(answered.responded());
     assert!(
@@ -185,7 +185,7 @@ async fn a_request_that_outgrew_the_replay_buffer_is_not_replayed() {
 #[tokio::test]
 async fn at_most_three_distinct_endpoints_are_tried_and_the_answer_says_why() {
     let calls = calls(5, Limits::default());
-    let service = calls.store.snapshot().by_name("greeter").unwrap().clone();
+    let service = Destination::service(calls.store.snapshot().by_name("greeter").unwrap().clone());
     let mut attempts = Attempts::default();
     let mut seen = Vec::new();
     while let Some(g) = attempts.next(&service) {
@@ -228,7 +228,7 @@ async fn at_most_three_distinct_endpoints_are_tried_and_the_answer_says_why() {
     );
     // No endpoint at all.
     let empty = self::calls(0, Limits::default());
-    let service = empty.store.snapshot().by_name("greeter").unwrap().clone();
+    let service = Destination::service(empty.store.snapshot().by_name("greeter").unwrap().clone());
     let mut attempts = Attempts::default();
     assert!(attempts.next(&service).is_none());
     assert!(

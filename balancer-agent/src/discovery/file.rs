@@ -6,7 +6,7 @@
 //! log line listing every problem, and the configuration in force stays.
 //!
 //! A valid file is put in force section by section ([`Config::reload`]): `services`,
-//! `limits` and `pool` at once; `listeners`, `admin` and `datapath` are used once at start,
+//! `routes`, `limits` and `pool` at once; `listeners`, `admin` and `datapath` are used once at start,
 //! so a change to them is not put in force: it is logged as waiting for a restart, counted
 //! (`balancer_config_reloads_total{result="restart_required"}`,
 //! `balancer_config_restart_required{section}`), and the configuration in force
@@ -19,10 +19,10 @@ use arc_swap::ArcSwap;
 use tracing::{error, info, warn};
 
 use crate::{
-    call::Calls,
+    call::{Calls, route::PolicySet},
     config::{Config, Section},
     relay::up::Pools,
-    state::{ServiceSpec, Update},
+    state::{ServiceSpec, Source, Update},
 };
 
 /// The store update that makes it serve exactly the file's services.
@@ -34,6 +34,14 @@ pub fn update_of(config: &Config) -> Update {
             .map(ServiceSpec::from_config)
             .collect(),
     )
+}
+
+/// Puts the file's `routes` section in force as the file's traffic policy (at start, and on
+/// each reload: a section that did not change is not rebuilt).
+pub fn apply_routes(config: &Config, calls: &Calls) {
+    calls
+        .router
+        .set(Source::File, PolicySet::from_config(&config.routes));
 }
 
 /// Watches `path`; puts every valid change in force: the services in the store, the limits
@@ -122,6 +130,7 @@ pub async fn watch(
 /// that did not change are the same values again: nothing is rebuilt for them.
 fn apply_live(config: &Config, calls: &Calls, pools: &Pools) {
     calls.store.apply(update_of(config));
+    apply_routes(config, calls);
     calls.store.set_pool(&config.pool);
     pools.set_config(config.pool.clone());
     calls.set_limits(config.limits.clone());

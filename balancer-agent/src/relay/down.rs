@@ -38,10 +38,9 @@ use crate::{
     balance::CallGuard,
     call::{
         self, Admitted, AttemptError, Attempts, Call, Calls, End, Replay, Target, grpc::Status,
-        registry::ConnInfo,
+        registry::ConnInfo, route::Destination,
     },
     config::Limits,
-    state::Service,
     wire::{
         frame::{self, Head, Reason, flag, kind, setting},
         hpack,
@@ -127,10 +126,11 @@ impl Routing {
         }
     }
 
-    fn service(&self) -> &Arc<Service> {
+    /// Where its route sends it.
+    fn destination(&self) -> &Destination {
         match self {
-            Self::New(a) => &a.service,
-            Self::Replay(call) => &call.service,
+            Self::New(a) => &a.destination,
+            Self::Replay(call) => &call.destination,
         }
     }
 
@@ -715,7 +715,7 @@ impl Down {
     /// (the usual case), else once its endpoint's new connection is ready, while the client's
     /// other calls go on.
     fn route(&mut self, sid: u32, mut call: Routing, last_error: Option<AttemptError>) {
-        let service = call.service().clone();
+        let service = call.destination().clone();
         let r = call.replay();
         let deadline = r.deadline;
         let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error);
@@ -1002,7 +1002,7 @@ impl Down {
 async fn route(
     pools: up::Leases,
     sid: u32,
-    service: Arc<Service>,
+    service: Destination,
     mut attempts: Attempts,
     first: Option<CallGuard>,
     deadline: Option<Instant>,
@@ -1017,7 +1017,7 @@ async fn route(
 /// of the call left the proxy) while [`Attempts`] allows; then the call layer's answer.
 async fn pick(
     pools: &up::Leases,
-    service: &Arc<Service>,
+    service: &Destination,
     attempts: &mut Attempts,
     mut first: Option<CallGuard>,
     deadline: Option<Instant>,
@@ -1032,7 +1032,7 @@ async fn pick(
             None => Ok(pools.lease(&ep).await),
         };
         let Ok(leased) = leased else {
-            return Err(call::deadline_status(&service.name, "on the way to"));
+            return Err(call::deadline_status(&service.service.name, "on the way to"));
         };
         match leased {
             Ok(c) => return Ok((guard, c)),
