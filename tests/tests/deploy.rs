@@ -35,7 +35,15 @@ const KUBERNETES_VERSIONS: &[&str] = &["1.29.0", "1.37.0"];
 
 /// Capabilities the DaemonSet may add, each justified in `deploy/daemonset.yaml`. Adding one
 /// here needs the same: a reason the agent cannot run without it.
-const ALLOWED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "SYS_RESOURCE"];
+/// SYS_ADMIN and SYS_PTRACE: the client pod's network namespace (`datapath.source_address:
+/// pod`), as ztunnel's in-pod mode needs them.
+const ALLOWED_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "NET_ADMIN",
+    "SYS_RESOURCE",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+];
 
 /// What the ClusterRole grants on each watched resource.
 const READ_VERBS: &[&str] = &["get", "list", "watch"];
@@ -697,6 +705,7 @@ fn run_bounded(mut cmd: Command) -> String {
 fn capability_number(name: &str) -> u32 {
     match name {
         "NET_ADMIN" => 12,
+        "SYS_PTRACE" => 19,
         "SYS_ADMIN" => 21,
         "SYS_RESOURCE" => 24,
         "PERFMON" => 38,
@@ -842,8 +851,15 @@ fn root_agent_attaches_its_programs_with_exactly_the_daemonset_capabilities() {
 
     // Each of the two the datapath cannot do without is needed: without it the start fails
     // and says why. (SYS_RESOURCE matters only on kernels before 5.11, so it is not tested.)
+    // SYS_ADMIN, there for the client pod's network namespace, would stand in for both
+    // (the kernel's bpf_capable and bpf_net_capable accept it): each is tested without it, as
+    // an agent with `source_address: node` runs.
     for needed in ["BPF", "NET_ADMIN"] {
-        let fewer: Vec<String> = caps.iter().filter(|c| *c != needed).cloned().collect();
+        let fewer: Vec<String> = caps
+            .iter()
+            .filter(|c| *c != needed && *c != "SYS_ADMIN")
+            .cloned()
+            .collect();
         let (loaded, _, log) = agent_with_capabilities(&fewer, cgroup.path());
         assert!(
             !loaded,

@@ -208,9 +208,16 @@ pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Re
 /// worker_processes <workers>`. Upstream connections are kept alive and reused (nginx carries
 /// one call per upstream connection at a time, so it opens up to one per concurrent call).
 pub fn start_nginx(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
+    start_nginx_at(placement, backends, ([127, 0, 0, 1], free_port()).into())
+}
+
+/// [`start_nginx`] listening on `addr`.
+pub fn start_nginx_at(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    addr: SocketAddr,
+) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-nginx");
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let servers: String = backends
         .iter()
         .map(|b| format!("        server {b};\n"))
@@ -267,9 +274,16 @@ http {{
 /// HAProxy in HTTP mode, HTTP/2 on the bind line and towards every server, round robin, in the
 /// foreground (`-db`), `nbthread <workers>`.
 pub fn start_haproxy(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
+    start_haproxy_at(placement, backends, ([127, 0, 0, 1], free_port()).into())
+}
+
+/// [`start_haproxy`] listening on `addr`.
+pub fn start_haproxy_at(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    addr: SocketAddr,
+) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-haproxy");
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let servers: String = backends
         .iter()
         .enumerate()

@@ -1,7 +1,9 @@
 //! `cargo xtask bench` (datapath part): a pod calling a Service VIP through the eBPF redirect
-//! and the agent, with and without the `sk_msg` shortcut, side by side in one run with the
-//! same pod calling the agent's listener directly (the standalone proxy path) and calling a
-//! backend pod directly (no proxy). Sequential unary calls over one HTTP/2 connection;
+//! and the agent, with and without the `sk_msg` shortcut, with the client pod's address kept
+//! as the source of the endpoint connections (`source_address: pod`) and without (`node`),
+//! side by side in one run with the same pod calling the agent's listener directly (the
+//! standalone proxy path), haproxy and nginx on the node, and a backend pod directly (no
+//! proxy). Sequential unary calls over one HTTP/2 connection;
 //! latency percentiles from the client, the agent's CPU time per call from /proc.
 //!
 //! Needs root (network namespaces, cgroups, eBPF). Prints a table and writes JSON (`--out`).
@@ -10,6 +12,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use balancer_tests::{
     agent::Agent,
+    bench::{
+        peers::{self, Placement},
+        procfs,
+    },
     free_port, is_root,
     node::{BACKEND_PORT, Scenario},
 };
@@ -26,15 +32,22 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of /proc/pid/stat: 11 and 12 after the ')'.
-    (ticks(11) + ticks(12)) / 100.0
+type Start = fn(&Placement, &[SocketAddr], SocketAddr) -> anyhow::Result<peers::Proxy>;
+
+/// `calls` sequential calls from the client pod to `target`; the CPU time `pids` spent on
+/// them, per call.
+async fn measure(
+    s: &Scenario,
+    label: String,
+    target: SocketAddr,
+    pids: &[u32],
+    calls: usize,
+) -> Value {
+    let before = procfs::cpu_ticks_of(pids);
+    let out = s.call("client", target, calls).await;
+    // Clock ticks of 10 ms.
+    let cpu = (procfs::cpu_ticks_of(pids) - before) as f64 / 100.0 / calls as f64 * 1e6;
+    json!({"mode": label, "latency_us": out["latency_us"], "agent_cpu_us_per_call": cpu, "data_segs_out": out["data_segs_out"]})
 }
 
 #[tokio::main]
@@ -55,42 +68,60 @@ async fn main() -> anyhow::Result<()> {
     let direct = s.call("client", s.backends[0].1, args.calls).await;
     rows.push(json!({"mode": "pod -> backend pod (no proxy)", "latency_us": direct["latency_us"], "agent_cpu_us_per_call": Value::Null}));
 
-    for shortcut in ["off", "on"] {
+    // (shortcut, source address): the default first, then each changed alone.
+    for (shortcut, source) in [("off", "pod"), ("on", "pod"), ("off", "node")] {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let config = s.agent_config(vip, admin, shortcut).replace(
-            "listeners:\n  - address: ",
-            "listeners:\n  - default_service: greeter\n    address: ",
-        );
+        let config = s
+            .agent_config(vip, admin, shortcut)
+            .replace(
+                "listeners:\n  - address: ",
+                "listeners:\n  - default_service: greeter\n    address: ",
+            )
+            .replacen(
+                "  opted_in_cgroups:",
+                &format!("  source_address: {source}\n  opted_in_cgroups:"),
+                1,
+            );
         let cg = s.node.agent_cgroup()?;
         let agent = Agent::start_in_cgroup(&config, admin, cg.path()).await;
-        let measure = |label: String, target: SocketAddr| {
-            let s = &s;
-            let pid = agent.pid();
-            async move {
-                let before = cpu_seconds(pid);
-                let out = s.call("client", target, args.calls).await;
-                let cpu = (cpu_seconds(pid) - before) / args.calls as f64 * 1e6;
-                json!({"mode": label, "latency_us": out["latency_us"], "agent_cpu_us_per_call": cpu, "data_segs_out": out["data_segs_out"]})
-            }
-        };
-        if shortcut == "off" {
+        let pids = vec![agent.pid()];
+        if shortcut == "off" && source == "pod" {
             rows.push(
                 measure(
+                    &s,
                     "pod -> agent listener (standalone proxy path)".into(),
                     proxy,
+                    &pids,
+                    args.calls,
                 )
                 .await,
             );
         }
-        rows.push(
-            measure(
-                format!("pod -> VIP -> eBPF -> agent (shortcut {shortcut})"),
-                vip,
-            )
-            .await,
-        );
+        let label = format!("pod -> VIP -> eBPF -> agent (shortcut {shortcut}, source {source})");
+        rows.push(measure(&s, label, vip, &pids, args.calls).await);
         drop(agent);
         drop(cg);
+    }
+
+    // The same pod calling haproxy and nginx on the node, in front of the same backend pods
+    // (one thread, one worker process; neither can keep the pod's address without TPROXY).
+    let placement = Placement {
+        proxy_cpus: "0-1".into(),
+        workers: 1,
+    };
+    let backends: Vec<SocketAddr> = s.backends.iter().map(|b| b.1).collect();
+    for (name, start) in [
+        ("haproxy", peers::start_haproxy_at as Start),
+        ("nginx", peers::start_nginx_at as Start),
+    ] {
+        let at = SocketAddr::from((s.node.gateway, free_port()));
+        match start(&placement, &backends, at) {
+            Ok(p) => {
+                let label = format!("pod -> {name} on the node");
+                rows.push(measure(&s, label, at, &p.pids, args.calls).await);
+            }
+            Err(e) => println!("{name}: not measured ({e:#}); `cargo xtask bench` installs it"),
+        }
     }
 
     println!(
@@ -98,8 +129,8 @@ async fn main() -> anyhow::Result<()> {
         args.calls
     );
     println!(
-        "{:<52} {:>9} {:>9} {:>9} {:>16}",
-        "mode", "p50 µs", "p90 µs", "p99 µs", "agent CPU µs/call"
+        "{:<60} {:>9} {:>9} {:>9} {:>16}",
+        "mode", "p50 µs", "p90 µs", "p99 µs", "proxy CPU µs/call"
     );
     for r in &rows {
         let l = &r["latency_us"];
@@ -107,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
             .as_f64()
             .map_or("-".to_string(), |c| format!("{c:.1}"));
         println!(
-            "{:<52} {:>9.1} {:>9.1} {:>9.1} {:>16}",
+            "{:<60} {:>9.1} {:>9.1} {:>9.1} {:>16}",
             r["mode"].as_str().unwrap_or("?"),
             l["p50"].as_f64().unwrap_or(0.0),
             l["p90"].as_f64().unwrap_or(0.0),
@@ -115,17 +146,37 @@ async fn main() -> anyhow::Result<()> {
             cpu
         );
     }
-    let p50 = |i: usize| rows[i]["latency_us"]["p50"].as_f64().unwrap_or(f64::NAN);
-    let cpu = |i: usize| {
-        rows[i]["agent_cpu_us_per_call"]
-            .as_f64()
-            .unwrap_or(f64::NAN)
+    let row = |prefix: &str| {
+        rows.iter()
+            .find(|r| r["mode"].as_str().unwrap_or("").starts_with(prefix))
     };
-    println!(
-        "\nshortcut on vs off: p50 {:.2}x, agent CPU per call {:.2}x (below 1 means the shortcut pays)",
-        p50(3) / p50(2),
-        cpu(3) / cpu(2)
-    );
+    let ratio = |a: &str, b: &str, what: &str| -> Option<f64> {
+        let (a, b) = (row(a)?, row(b)?);
+        let get = |r: &Value| match what {
+            "p50" => r["latency_us"]["p50"].as_f64(),
+            _ => r["agent_cpu_us_per_call"].as_f64(),
+        };
+        Some(get(a)? / get(b)?)
+    };
+    let agent = "pod -> VIP -> eBPF -> agent (shortcut off, source pod)";
+    for (a, b, what) in [
+        (
+            "pod -> VIP -> eBPF -> agent (shortcut on, source pod)",
+            agent,
+            "shortcut on vs off",
+        ),
+        (
+            agent,
+            "pod -> VIP -> eBPF -> agent (shortcut off, source node)",
+            "source pod vs node",
+        ),
+        (agent, "pod -> haproxy", "agent vs haproxy"),
+        (agent, "pod -> nginx", "agent vs nginx"),
+    ] {
+        if let (Some(p50), Some(cpu)) = (ratio(a, b, "p50"), ratio(a, b, "cpu")) {
+            println!("{what}: p50 {p50:.2}x, CPU per call {cpu:.2}x");
+        }
+    }
     if let Some(out) = args.out {
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;

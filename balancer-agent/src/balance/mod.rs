@@ -275,11 +275,6 @@ impl Balancer {
         self.policy
     }
 
-    /// How it treats failing endpoints (a subset's balancer treats them the same).
-    pub fn failures(&self) -> FailurePolicy {
-        self.failures
-    }
-
     /// The endpoints that take new calls.
     pub fn ready(&self) -> &[Arc<Endpoint>] {
         &self.ready
