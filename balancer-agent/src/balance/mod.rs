@@ -1,34 +1,54 @@
 //! Per-call endpoint choice.
 //!
 //! A [`Balancer`] is built for each snapshot of a service (the store, `state`, builds them):
-//! an immutable list of the [`Endpoint`]s that take new calls. Picking reads only atomics and one short per-endpoint
-//! lock (the EWMA); it never blocks on the control plane.
+//! an immutable list of the [`Endpoint`]s that take new calls, their locality tiers and, for
+//! `ring-hash`, their ring. Picking reads atomics and one short per-endpoint lock (the
+//! estimate); it never blocks on the control plane.
 //!
-//! - [`Policy::P2cEwma`] (default): two endpoints drawn at random, the one with the lower
-//!   `peak-EWMA latency × (pending + 1)` wins. "Pending" counts calls that have not yet seen
-//!   their first response byte, as linkerd does, so a slow endpoint's cost rises at once.
-//! - [`Policy::LeastRequest`]: the fewest calls in flight (a full scan for small sets, two
-//!   random choices for large ones, as Envoy does).
+//! - [`Policy::P2cEwma`] (default): power of two choices over latency times load, where the
+//!   first choice is the next endpoint in round-robin order and the second a random other.
+//!   The second wins only for a *measured* difference: a latency higher by more than both
+//!   endpoints' jitter (`estimate`), or more calls awaiting their first byte (linkerd's
+//!   pending count) or a higher overload penalty; otherwise the round-robin choice does. Equal
+//!   endpoints therefore share calls evenly, one connection and sequential calls included,
+//!   where random pairs and strict comparisons of noisy estimates made one endpoint take most
+//!   calls and another starve after one slow call.
+//! - [`Policy::LeastRequest`]: the fewest calls in flight (a full scan from the round-robin
+//!   position for small sets, so ties go round-robin; two random choices for large ones, as
+//!   Envoy does).
 //! - [`Policy::RoundRobin`]: each endpoint in turn.
+//! - [`Policy::RingHash`]: consistent hashing of a request header ([`ring`]).
 //!
-//! Endpoints that refused a connection recently are skipped while others remain, and a call
-//! that must retry passes the endpoints it already tried in `avoid`.
+//! Before the policy, locality ([`Settings`]): the endpoints are ranked in tiers (this node,
+//! this zone, the failover zones, the rest, as `trafficDistribution` or `localityLbSetting`
+//! say), and a call goes to the first tier whose endpoints that take calls are enough for it:
+//! a tier with `h` of its `t` endpoints taking calls takes `min(1, 1.4 h / t)` of the calls
+//! (Envoy's overprovisioning factor), the rest spill to the next tier. Never a dead end: when
+//! no tier has an endpoint that takes calls, any endpoint does.
+//!
+//! An endpoint takes calls unless it refused a connection lately (backing off), outlier
+//! detection ejected it, or its health check says NOT_SERVING (`health`). Slow start: an
+//! endpoint that joins a service that already had endpoints, or comes back from NOT_SERVING,
+//! is accepted when picked with a probability that ramps from 10% to 100% over `warmup`.
 //!
 //! Outlier detection (linkerd's "failure accrual", Envoy's consecutive gateway failures): an
 //! endpoint whose last [`FailurePolicy::consecutive_failures`] calls failed (a transport
 //! failure, or a gRPC status that says the server is broken: UNKNOWN, INTERNAL, UNAVAILABLE,
 //! DATA_LOSS) is ejected for a while that doubles with each ejection in a row. Once the time
 //! is up it takes calls again, and its first failure ejects it at once (half-open); its first
-//! success clears the record. Without that, a pod failing fast would look like the fastest
-//! pod to peak-EWMA and draw ever more calls. If every endpoint is ejected or backing off,
-//! calls still go to one of them rather than fail in the proxy.
+//! success clears the record. Before that, RESOURCE_EXHAUSTED and UNAVAILABLE answers raise the
+//! endpoint's penalty (`estimate`), so an overloaded endpoint sheds load first. If every
+//! endpoint is out, calls still go to one of them rather than fail in the proxy.
 #![forbid(unsafe_code)]
+
+pub mod estimate;
+pub mod ring;
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -36,23 +56,50 @@ use std::{
 use tokio::time::Instant;
 
 pub use crate::config::Policy;
-use crate::config::PoolConfig;
+use crate::config::{Balancing, PoolConfig, TrafficDistribution};
+use estimate::{Estimate, Reading};
 
-/// How fast old latency observations fade (linkerd's default decay).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// The latency assumed for an endpoint that has not answered yet.
-const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// The share of calls a locality tier takes is its share of endpoints that take calls times
+/// this (Envoy's overprovisioning factor): a tier with 5 of 7 endpoints up still takes all.
+pub const OVERPROVISIONING: f64 = 1.4;
+/// A penalty of 1 (every recent answer an overload) weighs as this many more calls in flight.
+pub const PENALTY_WEIGHT: f64 = 4.0;
+/// Loads (calls awaiting a first byte, weighed by the penalty) closer than this are equal.
+pub const LOAD_TIE: f64 = 0.5;
+/// The smallest share of a full one that slow start gives a warming endpoint.
+pub const WARMUP_MIN: f64 = 0.1;
 
-/// An endpoint as the balancer sees it: its address and its live figures. The store keeps one
-/// per address and hands the same `Arc` to every snapshot that lists it, so the figures survive
-/// configuration changes; calls in flight keep it alive after it is removed. It holds no
-/// connection: the relay keeps its pool (`relay::up::Pools`), by address.
+/// Where an endpoint, or this agent, runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Place {
+    /// Node name.
+    pub node: Option<Arc<str>>,
+    /// Zone (`topology.kubernetes.io/zone`).
+    pub zone: Option<Arc<str>>,
+}
+
+impl Place {
+    /// A place from optional names; empty names are unknown.
+    pub fn new(node: Option<&str>, zone: Option<&str>) -> Self {
+        let name = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(Arc::from);
+        Self {
+            node: name(node),
+            zone: name(zone),
+        }
+    }
+}
+
+/// An endpoint as the balancer sees it: its address, where it runs and its live figures. The
+/// store keeps one per address and hands the same `Arc` to every snapshot that lists it, so
+/// the figures survive configuration changes; calls in flight keep it alive after it is
+/// removed. It holds no connection: the relay keeps its pool (`relay::up::Pools`), by address.
 #[derive(Debug)]
 pub struct Endpoint {
     /// IP:port.
     pub addr: SocketAddr,
     /// Live figures.
     pub stats: EndpointStats,
+    place: Mutex<Place>,
 }
 
 impl Endpoint {
@@ -61,7 +108,43 @@ impl Endpoint {
         Arc::new(Self {
             addr,
             stats: EndpointStats::default(),
+            place: Mutex::new(Place::default()),
         })
+    }
+
+    /// Where it runs (discovery says; read when balancers are built, never per call).
+    pub fn place(&self) -> Place {
+        self.place.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records where it runs.
+    pub fn set_place(&self, place: Place) {
+        let mut p = self.place.lock().unwrap_or_else(|p| p.into_inner());
+        if *p != place {
+            *p = place;
+        }
+    }
+}
+
+/// What an active health check says of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked (the service has no health check, or no answer yet): takes calls.
+    Unchecked,
+    /// SERVING.
+    Serving,
+    /// NOT_SERVING, or its checks failed: takes no new calls.
+    NotServing,
+}
+
+impl Health {
+    /// How it reads in `inspect` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unchecked => "unchecked",
+            Self::Serving => "serving",
+            Self::NotServing => "not-serving",
+        }
     }
 }
 
@@ -86,7 +169,11 @@ pub struct EndpointStats {
     ejected_until_ms: AtomicU64,
     /// Times the endpoint was ejected since it appeared.
     pub ejections: AtomicU64,
-    ewma: Mutex<PeakEwma>,
+    /// [`Health`] as a number.
+    health: AtomicU8,
+    /// When its slow start began, as ms since `epoch` plus one; 0: not warming.
+    warm_from_ms: AtomicU64,
+    estimate: Mutex<Estimate>,
     epoch: Instant,
 }
 
@@ -103,27 +190,26 @@ impl Default for EndpointStats {
             ejections_in_a_row: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
-            ewma: Mutex::new(PeakEwma::new(now)),
+            health: AtomicU8::new(0),
+            warm_from_ms: AtomicU64::new(0),
+            estimate: Mutex::new(Estimate::new(now)),
             epoch: now,
         }
     }
 }
 
 impl EndpointStats {
-    /// The current peak-EWMA latency estimate.
+    /// The current latency estimate (mean, decayed while unobserved).
     pub fn ewma(&self) -> Duration {
-        let now = Instant::now();
-        let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
-        Duration::from_nanos(e.decayed(now) as u64)
+        Duration::from_nanos(self.reading(Instant::now()).latency_ns as u64)
     }
 
-    fn cost(&self, now: Instant) -> f64 {
-        let rtt = self
-            .ewma
+    /// The estimates as read now.
+    pub fn reading(&self, now: Instant) -> Reading {
+        self.estimate
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .decayed(now);
-        rtt * f64::from(self.pending.load(Relaxed) + 1)
+            .read(now)
     }
 
     /// Records that a connection to the endpoint failed.
@@ -144,6 +230,53 @@ impl EndpointStats {
     pub fn ejected(&self) -> bool {
         let until = self.ejected_until_ms.load(Relaxed);
         until != 0 && self.now_ms() < until
+    }
+
+    /// What its health check says.
+    pub fn health(&self) -> Health {
+        match self.health.load(Relaxed) {
+            1 => Health::Serving,
+            2 => Health::NotServing,
+            _ => Health::Unchecked,
+        }
+    }
+
+    /// Records what its health check says. Back from NOT_SERVING, it warms up again.
+    pub fn set_health(&self, h: Health) {
+        let n = match h {
+            Health::Unchecked => 0,
+            Health::Serving => 1,
+            Health::NotServing => 2,
+        };
+        if self.health.swap(n, Relaxed) == 2 && n != 2 {
+            self.start_warmup();
+        }
+    }
+
+    /// Its slow start begins now.
+    pub fn start_warmup(&self) {
+        self.warm_from_ms.store(self.now_ms() + 1, Relaxed);
+    }
+
+    /// The share of a full one that slow start gives it at `now_ms`, for `warmup`: 1 when not
+    /// warming.
+    fn warm_factor(&self, warmup: Duration) -> f64 {
+        let from = self.warm_from_ms.load(Relaxed);
+        if from == 0 || warmup.is_zero() {
+            return 1.0;
+        }
+        let elapsed = self.now_ms().saturating_sub(from - 1) as f64;
+        let f = elapsed / warmup.as_millis() as f64;
+        if f >= 1.0 {
+            // Done: later picks need not read the clock.
+            self.warm_from_ms.store(0, Relaxed);
+            return 1.0;
+        }
+        f.max(WARMUP_MIN)
+    }
+
+    fn takes_calls(&self, backoff: Duration) -> bool {
+        !self.backing_off(backoff) && !self.ejected() && self.health() != Health::NotServing
     }
 
     fn now_ms(&self) -> u64 {
@@ -177,6 +310,13 @@ impl EndpointStats {
         // Half-open: once readmitted, one more failure ejects it again.
         self.consecutive_failures.store(threshold - 1, Relaxed);
     }
+
+    fn answered(&self, overloaded: bool) {
+        self.estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .answered(overloaded, Instant::now());
+    }
 }
 
 /// How the balancer treats endpoints that fail.
@@ -205,6 +345,12 @@ impl FailurePolicy {
     }
 }
 
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self::from_config(&PoolConfig::default())
+    }
+}
+
 /// Whether a gRPC status from an endpoint says the endpoint is broken (not that the call was
 /// wrong): UNKNOWN (2), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). An answer without a
 /// status (HTTP/2 that is not gRPC) is not counted against the endpoint.
@@ -212,42 +358,46 @@ pub fn is_endpoint_failure(grpc_status: Option<&[u8]>) -> bool {
     matches!(grpc_status, Some(b"2" | b"13" | b"14" | b"15"))
 }
 
-/// Peak-sensitive EWMA of latency: a slower observation replaces the estimate at once, faster
-/// ones pull it down with weight `exp(-elapsed/decay)`, and reads decay it toward zero so an
-/// endpoint that was slow once is tried again after a while.
-#[derive(Debug)]
-struct PeakEwma {
-    rtt_ns: f64,
-    stamp: Instant,
+/// Whether a gRPC status says the endpoint is overloaded or going away: RESOURCE_EXHAUSTED (8),
+/// UNAVAILABLE (14). Such answers raise its load penalty.
+pub fn is_overload(grpc_status: Option<&[u8]>) -> bool {
+    matches!(grpc_status, Some(b"8" | b"14"))
 }
 
-impl PeakEwma {
-    fn new(now: Instant) -> Self {
+/// Everything a balancer is built with besides its policy and endpoints: how failing
+/// endpoints are treated, the service's balancing settings, and where this agent runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    /// Backoff and outlier detection.
+    pub failures: FailurePolicy,
+    /// Hash header, locality, warm-up (health checks are read by `health`, not here).
+    pub balancing: Balancing,
+    /// Where this agent runs.
+    pub local: Place,
+}
+
+impl From<FailurePolicy> for Settings {
+    fn from(failures: FailurePolicy) -> Self {
         Self {
-            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-            stamp: now,
+            failures,
+            ..Self::default()
         }
     }
+}
 
-    fn weight(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
-    }
+/// A group of endpoints (indices into the balancer's list) and its weight in its tier.
+#[derive(Debug)]
+struct Group {
+    weight: u32,
+    members: Vec<u32>,
+    /// A name for `explain`.
+    name: String,
+}
 
-    fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        if rtt > self.rtt_ns {
-            self.rtt_ns = rtt;
-        } else {
-            let w = self.weight(now);
-            self.rtt_ns = self.rtt_ns * w + rtt * (1.0 - w);
-        }
-        self.stamp = now;
-    }
-
-    fn decayed(&self, now: Instant) -> f64 {
-        self.rtt_ns * self.weight(now)
-    }
+/// Endpoints of one locality rank.
+#[derive(Debug)]
+struct Tier {
+    groups: Vec<Group>,
 }
 
 /// The endpoints of one service snapshot that take new calls, and how to choose among them.
@@ -256,23 +406,63 @@ pub struct Balancer {
     policy: Policy,
     ready: Vec<Arc<Endpoint>>,
     next: AtomicUsize,
-    failures: FailurePolicy,
+    settings: Arc<Settings>,
+    /// Locality tiers, nearest first; the last holds every endpoint.
+    tiers: Vec<Tier>,
+    ring: Option<ring::Ring>,
+}
+
+/// What a call brings to its pick besides the endpoints it tried.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PickContext<'a> {
+    /// Endpoints not to pick (tried already).
+    pub avoid: &'a [SocketAddr],
+    /// The call's key for `ring-hash` ([`ring::key`] of its `hash_header` value).
+    pub hash: Option<u64>,
 }
 
 impl Balancer {
-    /// A balancer over `ready` endpoints, skipping those that `failures` says to.
-    pub fn new(policy: Policy, ready: Vec<Arc<Endpoint>>, failures: FailurePolicy) -> Self {
+    /// A balancer over `ready` endpoints, skipping those that `settings` says to (a
+    /// [`FailurePolicy`] alone: no locality, no hash header, no warm-up).
+    pub fn new(policy: Policy, ready: Vec<Arc<Endpoint>>, settings: impl Into<Settings>) -> Self {
+        let settings: Settings = settings.into();
+        let tiers = tiers(&ready, &settings);
+        let ring = (policy == Policy::RingHash).then(|| {
+            let addrs: Vec<SocketAddr> = ready.iter().map(|e| e.addr).collect();
+            ring::Ring::new(&addrs)
+        });
         Self {
             policy,
             next: AtomicUsize::new(fastrand::usize(..ready.len().max(1))),
             ready,
-            failures,
+            settings: Arc::new(settings),
+            tiers,
+            ring,
         }
     }
 
     /// The policy in use.
     pub fn policy(&self) -> Policy {
         self.policy
+    }
+
+    /// How it treats failing endpoints (a subset's balancer treats them the same).
+    pub fn failures(&self) -> FailurePolicy {
+        self.settings.failures
+    }
+
+    /// Everything it was built with but its policy and endpoints: a subset's balancer built
+    /// with these keeps the service's locality, hash header and warm-up.
+    pub fn settings(&self) -> Settings {
+        (*self.settings).clone()
+    }
+
+    /// The request header whose value keys a call, for `ring-hash`.
+    pub fn hash_header(&self) -> Option<&str> {
+        match self.policy {
+            Policy::RingHash => self.settings.balancing.hash_header.as_deref(),
+            _ => None,
+        }
     }
 
     /// The endpoints that take new calls.
@@ -283,46 +473,36 @@ impl Balancer {
     /// Chooses an endpoint for a call, skipping those in `avoid`. The returned guard counts the
     /// call as in flight until it is dropped.
     pub fn pick(&self, avoid: &[SocketAddr]) -> Option<CallGuard> {
-        let ep = self.choose(avoid)?;
-        Some(CallGuard::new(ep, self.failures))
+        self.pick_with(PickContext { avoid, hash: None })
     }
 
-    fn choose(&self, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+    /// [`Balancer::pick`] with the call's hash key.
+    pub fn pick_with(&self, cx: PickContext<'_>) -> Option<CallGuard> {
+        let ep = self.choose(&cx)?;
+        Some(CallGuard::new(ep, self.settings.failures))
+    }
+
+    fn choose(&self, cx: &PickContext<'_>) -> Option<Arc<Endpoint>> {
         let n = self.ready.len();
         if n == 0 {
             return None;
         }
-        let usable = |e: &Arc<Endpoint>| !avoid.contains(&e.addr);
-        let healthy = |e: &Arc<Endpoint>| {
-            usable(e) && !e.stats.backing_off(self.failures.connect_backoff) && !e.stats.ejected()
+        let backoff = self.settings.failures.connect_backoff;
+        let usable = |e: &Endpoint| !cx.avoid.contains(&e.addr);
+        let healthy = |e: &Endpoint| usable(e) && e.stats.takes_calls(backoff);
+        let chosen = match &self.ring {
+            Some(ring) => {
+                let h = cx.hash.unwrap_or_else(|| fastrand::u64(..));
+                ring.find(h, |i| healthy(&self.ready[i]))
+                    .map(|i| &self.ready[i])
+            }
+            None => self
+                .members(&healthy)
+                .and_then(|m| self.within(m, &healthy)),
         };
-        let chosen = match self.policy {
-            Policy::RoundRobin => {
-                let start = self.next.fetch_add(1, Relaxed);
-                (0..n)
-                    .map(|i| &self.ready[(start + i) % n])
-                    .find(|e| healthy(e))
-            }
-            Policy::P2cEwma => {
-                let now = Instant::now();
-                self.p2c(|e| e.stats.cost(now), &healthy)
-            }
-            Policy::LeastRequest => {
-                let load = |e: &Arc<Endpoint>| f64::from(e.stats.in_flight.load(Relaxed));
-                if n <= 8 {
-                    let start = fastrand::usize(..n);
-                    (0..n)
-                        .map(|i| &self.ready[(start + i) % n])
-                        .filter(|e| healthy(e))
-                        .min_by(|a, b| load(a).total_cmp(&load(b)))
-                } else {
-                    self.p2c(load, &healthy)
-                }
-            }
-        };
-        // Every healthy endpoint excluded: fall back to one that is merely backing off or
-        // ejected, since a refused connection an instant ago may be accepted now, and a call
-        // tried beats a call failed in the proxy.
+        // Every healthy endpoint excluded: fall back to one that is merely backing off,
+        // ejected or unhealthy, since a refused connection an instant ago may be accepted now,
+        // and a call tried beats a call failed in the proxy.
         chosen
             .or_else(|| {
                 let start = fastrand::usize(..n);
@@ -333,34 +513,334 @@ impl Balancer {
             .cloned()
     }
 
-    fn p2c(
+    /// The endpoints (indices) of the locality tier and group that takes this call.
+    fn members(&self, healthy: &dyn Fn(&Endpoint) -> bool) -> Option<&[u32]> {
+        if let [tier] = self.tiers.as_slice()
+            && let [group] = tier.groups.as_slice()
+        {
+            return Some(&group.members);
+        }
+        let mut first_up: Option<&[u32]> = None;
+        for tier in &self.tiers {
+            let (mut up, mut total, mut weight_up) = (0usize, 0usize, 0u64);
+            let mut ups = [0usize; 8];
+            for (g, group) in tier.groups.iter().enumerate() {
+                let h = group
+                    .members
+                    .iter()
+                    .filter(|i| healthy(&self.ready[**i as usize]))
+                    .count();
+                up += h;
+                total += group.members.len();
+                if h > 0 {
+                    weight_up += u64::from(group.weight);
+                }
+                if g < ups.len() {
+                    ups[g] = h;
+                }
+            }
+            if up == 0 || weight_up == 0 {
+                continue;
+            }
+            // The group, by weight among those with an endpoint up.
+            let mut draw = fastrand::u64(..weight_up);
+            let group = tier
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(g, group)| *g >= ups.len() || ups[*g] > 0 && !group.members.is_empty())
+                .find(|(_, group)| {
+                    let w = u64::from(group.weight);
+                    if draw < w {
+                        true
+                    } else {
+                        draw -= w;
+                        false
+                    }
+                })
+                .map(|(_, group)| group.members.as_slice())?;
+            first_up.get_or_insert(group);
+            let share = OVERPROVISIONING * up as f64 / total as f64;
+            if share >= 1.0 || fastrand::f64() < share {
+                return Some(group);
+            }
+        }
+        first_up
+    }
+
+    /// The policy's choice among `members`.
+    fn within(
         &self,
-        cost: impl Fn(&Arc<Endpoint>) -> f64,
-        healthy: &dyn Fn(&Arc<Endpoint>) -> bool,
+        members: &[u32],
+        healthy: &dyn Fn(&Endpoint) -> bool,
     ) -> Option<&Arc<Endpoint>> {
-        let n = self.ready.len();
-        if n == 1 {
-            return Some(&self.ready[0]).filter(|e| healthy(e));
+        let n = members.len();
+        if n == 0 {
+            return None;
         }
-        let i = fastrand::usize(..n);
-        let mut j = fastrand::usize(..n - 1);
-        if j >= i {
-            j += 1;
-        }
-        let (a, b) = (&self.ready[i], &self.ready[j]);
-        match (healthy(a), healthy(b)) {
-            (true, true) => Some(if cost(a) <= cost(b) { a } else { b }),
-            (true, false) => Some(a),
-            (false, true) => Some(b),
-            (false, false) => {
-                let start = fastrand::usize(..n);
+        let at = |k: usize| &self.ready[members[k % n] as usize];
+        let warmup = self.settings.balancing.warmup;
+        let warm = |e: &Endpoint| {
+            let f = e.stats.warm_factor(warmup);
+            f >= 1.0 || fastrand::f64() < f
+        };
+        match self.policy {
+            Policy::RoundRobin | Policy::RingHash => {
+                let start = self.next.fetch_add(1, Relaxed);
                 (0..n)
-                    .map(|k| &self.ready[(start + k) % n])
-                    .filter(|e| healthy(e))
-                    .min_by(|x, y| cost(x).total_cmp(&cost(y)))
+                    .map(|k| at(start + k))
+                    .find(|e| healthy(e) && warm(e))
+                    .or_else(|| (0..n).map(|k| at(start + k)).find(|e| healthy(e)))
+            }
+            Policy::LeastRequest => {
+                let load = |e: &Endpoint| e.stats.in_flight.load(Relaxed);
+                let chosen = if n <= 8 {
+                    let start = self.next.fetch_add(1, Relaxed);
+                    (0..n)
+                        .map(|k| at(start + k))
+                        .filter(|e| healthy(e))
+                        .min_by_key(|e| load(e))
+                } else {
+                    let (a, b) = self.two(members, healthy)?;
+                    Some(if load(b) < load(a) { b } else { a })
+                };
+                chosen.filter(|e| warm(e)).or_else(|| {
+                    let (a, b) = self.two(members, healthy)?;
+                    Some(if warm(a) { a } else { b })
+                })
+            }
+            Policy::P2cEwma => {
+                let (a, b) = self.two(members, healthy)?;
+                let now = Instant::now();
+                let (win, lose) = if Arc::ptr_eq(a, b) || prefers(a, b, now) {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                Some(if warm(win) { win } else { lose })
             }
         }
     }
+
+    /// The next endpoint in round-robin order that takes calls, and a random other one (the
+    /// same one when it is alone).
+    fn two(
+        &self,
+        members: &[u32],
+        healthy: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<(&Arc<Endpoint>, &Arc<Endpoint>)> {
+        let n = members.len();
+        let at = |k: usize| &self.ready[members[k % n] as usize];
+        let start = self.next.fetch_add(1, Relaxed);
+        let (k, a) = (0..n)
+            .map(|k| (k, at(start + k)))
+            .find(|(_, e)| healthy(e))?;
+        if n == 1 {
+            return Some((a, a));
+        }
+        // A random other: draws first (the usual case, every endpoint up), then a scan.
+        for _ in 0..2 {
+            let j = fastrand::usize(..n - 1);
+            let b = at(start + k + 1 + j);
+            if healthy(b) {
+                return Some((a, b));
+            }
+        }
+        let off = fastrand::usize(..n);
+        let b = (0..n)
+            .map(|j| at(start + k + 1 + off + j))
+            .find(|e| !Arc::ptr_eq(e, a) && healthy(e))
+            .unwrap_or(a);
+        Some((a, b))
+    }
+
+    /// Why each endpoint gets the share it gets, for `inspect`: in the order of
+    /// [`Balancer::ready`].
+    pub fn explain(&self) -> Vec<(SocketAddr, String)> {
+        let now = Instant::now();
+        let backoff = self.settings.failures.connect_backoff;
+        let readings: Vec<Reading> = self.ready.iter().map(|e| e.stats.reading(now)).collect();
+        let best = readings
+            .iter()
+            .zip(&self.ready)
+            .filter(|(r, e)| r.samples > 0 && e.stats.takes_calls(backoff))
+            .min_by(|(a, _), (b, _)| a.latency_ns.total_cmp(&b.latency_ns))
+            .map(|(r, _)| *r);
+        self.ready
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let s = &e.stats;
+                let mut why = Vec::new();
+                if s.ejected() {
+                    why.push("out: ejected by outlier detection".to_string());
+                } else if s.backing_off(backoff) {
+                    why.push("out: backing off after a refused connection".into());
+                } else if s.health() == Health::NotServing {
+                    why.push("out: its health check says NOT_SERVING".into());
+                }
+                if self.tiers.len() > 1 {
+                    let t = self
+                        .tiers
+                        .iter()
+                        .position(|t| t.groups.iter().any(|g| g.members.contains(&(i as u32))))
+                        .unwrap_or(0);
+                    let group = &self.tiers[t]
+                        .groups
+                        .iter()
+                        .find(|g| g.members.contains(&(i as u32)));
+                    let name = group.map_or("", |g| g.name.as_str());
+                    why.push(if t == 0 {
+                        format!("locality: {name}, first choice")
+                    } else {
+                        format!("locality: {name}, tier {t}: only what nearer tiers cannot take")
+                    });
+                }
+                let f = s.warm_factor(self.settings.balancing.warmup);
+                if f < 1.0 {
+                    why.push(format!("warming up: {:.0}% of a full share", f * 100.0));
+                }
+                let r = readings[i];
+                let ms = |ns: f64| ns / 1e6;
+                if self.policy == Policy::P2cEwma {
+                    match best {
+                        _ if r.samples == 0 => why.push("latency: not measured yet, even".into()),
+                        Some(b) if r.latency_differs(&b) => why.push(format!(
+                            "slower: {:.2} ms ± {:.2} against the best {:.2} ms ± {:.2}, loses \
+                             its pairings",
+                            ms(r.latency_ns),
+                            ms(r.jitter_ns),
+                            ms(b.latency_ns),
+                            ms(b.jitter_ns)
+                        )),
+                        _ => why.push(format!(
+                            "even: {:.2} ms ± {:.2}, within the others' jitter",
+                            ms(r.latency_ns),
+                            ms(r.jitter_ns)
+                        )),
+                    }
+                    if r.penalty >= 0.05 {
+                        why.push(format!(
+                            "penalised: {:.0}% of recent answers RESOURCE_EXHAUSTED or \
+                             UNAVAILABLE",
+                            r.penalty * 100.0
+                        ));
+                    }
+                    let pending = s.pending.load(Relaxed);
+                    if pending > 0 {
+                        why.push(format!("{pending} call(s) awaiting a first byte"));
+                    }
+                } else {
+                    why.push(self.policy.as_str().to_string());
+                }
+                (e.addr, why.join("; "))
+            })
+            .collect()
+    }
+}
+
+/// Whether `a` (the round-robin choice) keeps the call against `b`: unless `b` is measurably
+/// faster for its load, or carries measurably less load.
+fn prefers(a: &Endpoint, b: &Endpoint, now: Instant) -> bool {
+    let (ra, rb) = (a.stats.reading(now), b.stats.reading(now));
+    let load = |e: &Endpoint, r: &Reading| {
+        f64::from(e.stats.pending.load(Relaxed) + 1) * (1.0 + PENALTY_WEIGHT * r.penalty)
+    };
+    let (la, lb) = (load(a, &ra), load(b, &rb));
+    if ra.samples > 0 && rb.samples > 0 && ra.latency_differs(&rb) {
+        ra.latency_ns * la <= rb.latency_ns * lb
+    } else {
+        la <= lb + LOAD_TIE
+    }
+}
+
+/// The locality tiers of `ready` for `settings`, nearest first, the last one every endpoint.
+fn tiers(ready: &[Arc<Endpoint>], settings: &Settings) -> Vec<Tier> {
+    let all = || Tier {
+        groups: vec![Group {
+            weight: 1,
+            members: (0..ready.len() as u32).collect(),
+            name: "any".into(),
+        }],
+    };
+    let local = &settings.local;
+    let b = &settings.balancing;
+    let places: Vec<Place> = ready.iter().map(|e| e.place()).collect();
+    let in_zone = |z: &str| -> Vec<u32> {
+        (0..ready.len() as u32)
+            .filter(|i| places[*i as usize].zone.as_deref() == Some(z))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let one = |members: Vec<u32>, name: String| Tier {
+        groups: vec![Group {
+            weight: 1,
+            members,
+            name,
+        }],
+    };
+    let zone = local.zone.as_deref();
+    if let Some(z) = zone
+        && let Some(d) = b
+            .locality_lb
+            .distribute
+            .iter()
+            .find(|d| d.from == z || d.from == "*")
+    {
+        let named: Vec<&str> =
+            d.to.keys()
+                .map(String::as_str)
+                .filter(|k| *k != "*")
+                .collect();
+        let groups =
+            d.to.iter()
+                .filter(|(_, w)| **w > 0)
+                .map(|(to, w)| {
+                    let members = if to == "*" {
+                        (0..ready.len() as u32)
+                            .filter(|i| {
+                                !places[*i as usize]
+                                    .zone
+                                    .as_deref()
+                                    .is_some_and(|z| named.contains(&z))
+                            })
+                            .collect()
+                    } else {
+                        in_zone(to)
+                    };
+                    Group {
+                        weight: *w,
+                        members,
+                        name: format!("zone {to} (weight {w})"),
+                    }
+                })
+                .collect();
+        out.push(Tier { groups });
+    } else {
+        let prefer = b.traffic_distribution;
+        if prefer == TrafficDistribution::PreferSameNode
+            && let Some(node) = local.node.as_deref()
+        {
+            let members = (0..ready.len() as u32)
+                .filter(|i| places[*i as usize].node.as_deref() == Some(node))
+                .collect();
+            out.push(one(members, format!("this node ({node})")));
+        }
+        if let Some(z) = zone
+            && (prefer != TrafficDistribution::Any || !b.locality_lb.failover.is_empty())
+        {
+            out.push(one(in_zone(z), format!("this zone ({z})")));
+            for f in b.locality_lb.failover.iter().filter(|f| f.from == z) {
+                out.push(one(in_zone(&f.to), format!("failover zone {}", f.to)));
+            }
+        }
+    }
+    out.retain(|t| t.groups.iter().any(|g| !g.members.is_empty()));
+    if out.is_empty() {
+        return vec![all()];
+    }
+    out.push(all());
+    out
 }
 
 /// A call in flight on an endpoint: counted in `in_flight` until dropped, and in `pending`
@@ -398,13 +878,13 @@ impl CallGuard {
         self.start = Instant::now();
     }
 
-    /// The endpoint answered: its latency feeds the EWMA and the call stops being pending.
+    /// The endpoint answered: its latency feeds the estimate and the call stops being pending.
     pub fn first_byte(&mut self) {
         if std::mem::take(&mut self.pending) {
             let now = Instant::now();
             let s = &self.endpoint.stats;
             s.pending.fetch_sub(1, Relaxed);
-            s.ewma
+            s.estimate
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .observe(now - self.start, now);
@@ -413,15 +893,16 @@ impl CallGuard {
 
     /// The endpoint answered the call with this gRPC status (`None`: it sent none).
     pub fn answered(&self, grpc_status: Option<&[u8]>) {
-        self.endpoint
-            .stats
-            .record(is_endpoint_failure(grpc_status), &self.failures);
+        let s = &self.endpoint.stats;
+        s.answered(is_overload(grpc_status));
+        s.record(is_endpoint_failure(grpc_status), &self.failures);
     }
 
     /// The call failed on the endpoint without an answer (its connection broke).
     pub fn failed(&self) {
         let s = &self.endpoint.stats;
         s.failures.fetch_add(1, Relaxed);
+        s.answered(true);
         s.record(true, &self.failures);
     }
 }
