@@ -320,24 +320,102 @@ impl Admin {
             "/api/status" => json_response(&self.status()),
             "/api/services" => json_response(&self.services()),
             "/api/endpoints" => {
-                let service = query.and_then(|q| {
-                    q.split('&')
-                        .find_map(|kv| kv.strip_prefix("service="))
-                        .map(str::to_string)
-                });
+                let service = query_value(query, "service");
+                if let Some(s) = &service
+                    && self.store.snapshot().by_name(s).is_none()
+                {
+                    return text(StatusCode::NOT_FOUND, format!("no service is named {s:?}\n"));
+                }
                 json_response(&self.endpoints(service.as_deref()))
             }
+            "/api/routes" => {
+                let service = query_value(query, "service");
+                json_response(&self.proxy.calls.router.table().view(service.as_deref()))
+            }
+            "/api/explain" => match self.explain(query) {
+                Ok(e) => json_response(&e),
+                Err((status, why)) => text(status, why + "\n"),
+            },
             "/api/connections" => json_response(&self.proxy.calls.registry.connections()),
             "/api/calls" => json_response(&self.proxy.calls.registry.calls()),
             "/api/bpf" => json_response(&self.bpf()),
             "/api/opted_in" => json_response(&**self.opted_in.borrow()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "routes: /ready /live /metrics /config_dump /api/{status,services,endpoints,connections,calls,bpf,opted_in}\n"
+                "routes: /ready /live /metrics /config_dump /api/{status,services,endpoints,routes,explain,connections,calls,bpf,opted_in}\n"
                     .into(),
             ),
         }
     }
+}
+
+impl Admin {
+    /// `/api/explain?to=DEST&method=/pkg.Svc/Method&header=name:value...`: the call layer's
+    /// decision for such a call.
+    fn explain(
+        &self,
+        query: Option<&str>,
+    ) -> Result<crate::call::route::explain::Explanation, (StatusCode, String)> {
+        use crate::call::route::explain;
+        let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+        let to = query_value(query, "to").ok_or_else(|| bad("to= is needed".into()))?;
+        let method = query_value(query, "method").ok_or_else(|| bad("method= is needed".into()))?;
+        let headers = query_values(query, "header");
+        let snapshot = self.store.snapshot();
+        let (service, _) = explain::destination(&snapshot, &to).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no service has VIP, authority or name {to:?}"),
+            )
+        })?;
+        let fields = explain::request_fields(&to, &method, &headers).map_err(bad)?;
+        Ok(self
+            .proxy
+            .calls
+            .router
+            .table()
+            .explain(service, &fields, None))
+    }
+}
+
+/// The values of `key` in a query string, URL-decoded (`%3A` is `:`, `+` a space).
+fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (url_decode(k) == key).then(|| url_decode(v))
+        })
+        .collect()
+}
+
+/// The first value of `key` in a query string, URL-decoded.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query_values(query, key).into_iter().next()
+}
+
+/// `text` with `%XX` escapes and `+` decoded; an invalid escape stays as written.
+fn url_decode(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

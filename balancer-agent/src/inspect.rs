@@ -47,8 +47,27 @@ pub enum What {
     Services,
     /// Endpoints with health, in-flight calls, EWMA latency, calls and failures.
     Endpoints {
+        /// Only this service (an unknown name is an error).
+        service: Option<String>,
+    },
+    /// The traffic policy in force: each service's routes, where each came from, and what
+    /// the sources refused.
+    Routes {
         /// Only this service.
         service: Option<String>,
+    },
+    /// What the agent would do with one call: the route that takes it, its backends with
+    /// their weights and endpoints, and why every other route does not.
+    Explain {
+        /// The destination: a `VIP:port`, an `:authority`, or a service name.
+        #[arg(long)]
+        to: String,
+        /// The call's `:path`, `/package.Service/Method`.
+        #[arg(long)]
+        method: String,
+        /// A request header, `name:value`; repeat for more.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
     },
     /// Live client connections.
     Connections,
@@ -65,8 +84,21 @@ pub fn main(args: Args) -> ExitCode {
     let path = match &args.what {
         What::Status => "/api/status".to_string(),
         What::Services => "/api/services".into(),
-        What::Endpoints { service: Some(s) } => format!("/api/endpoints?service={s}"),
+        What::Endpoints { service: Some(s) } => format!("/api/endpoints?service={}", encode(s)),
         What::Endpoints { service: None } => "/api/endpoints".into(),
+        What::Routes { service: Some(s) } => format!("/api/routes?service={}", encode(s)),
+        What::Routes { service: None } => "/api/routes".into(),
+        What::Explain {
+            to,
+            method,
+            headers,
+        } => {
+            let mut q = format!("/api/explain?to={}&method={}", encode(to), encode(method));
+            for h in headers {
+                q += &format!("&header={}", encode(h));
+            }
+            q
+        }
         What::Connections => "/api/connections".into(),
         What::Calls => "/api/calls".into(),
         What::Bpf => "/api/bpf".into(),
@@ -76,13 +108,16 @@ pub fn main(args: Args) -> ExitCode {
         crate::ebpf::pinned::read(&args.pin_path)
             .map_err(|e| format!("balancer-agent inspect bpf: {e}"))
     } else {
-        get_json(args.admin, &path).map_err(|e| {
-            format!(
+        get_json(args.admin, &path).map_err(|e| match e.strip_prefix("HTTP ") {
+            // The agent answered: what it said is the error (an unknown service, a bad
+            // argument).
+            Some(answer) => format!("balancer-agent inspect: {answer}"),
+            None => format!(
                 "balancer-agent inspect: cannot reach the agent's admin API at http://{}{path}: {e}; \
                  check that the agent runs on this node (kubectl -n balancer-system get pods -o wide) \
                  and that --admin matches its admin.address",
                 args.admin
-            )
+            ),
         })
     };
     let value = match fetched {
@@ -121,6 +156,18 @@ pub fn get_json(admin: SocketAddr, path: &str) -> Result<Value, String> {
         return Err(format!("HTTP {status}: {}", body.trim()));
     }
     serde_json::from_str(body).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+/// `text` as a URL query value: everything but unreserved characters `%XX`-escaped.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn s(v: &Value) -> String {
@@ -311,9 +358,125 @@ fn render(what: &What, v: &Value) -> String {
                 ],
             ),
         ),
+        What::Routes { .. } => render_routes(v),
+        What::Explain { .. } => render_explain(v),
         What::Bpf => render_bpf(v),
         What::Config => serde_json::to_string_pretty(v).expect("serializable") + "\n",
     }
+}
+
+/// A backend in a line: `greeter subset v1 (version=v1) weight 80 (80%), round-robin:
+/// 10.0.0.1:50051 10.0.0.2:50051`.
+fn backend_line(b: &Value) -> String {
+    let mut line = s(&b["service"]);
+    if !b["subset"].is_null() {
+        line += &format!(" subset {}", s(&b["subset"]));
+        if let Some(labels) = b["labels"].as_object() {
+            let l: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect();
+            line += &format!(" ({})", l.join(","));
+        }
+    }
+    let percent = b["percent"].as_f64().unwrap_or_default();
+    line += &format!(" weight {} ({percent}%)", s(&b["weight"]));
+    if !b["error"].is_null() {
+        return line + &format!(": {}", s(&b["error"]));
+    }
+    let eps: Vec<String> = b["endpoints"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    let eps = if eps.is_empty() {
+        "no ready endpoint".to_string()
+    } else {
+        eps.join(" ")
+    };
+    line + &format!(", {}: {eps}", s(&b["policy"]))
+}
+
+fn render_routes(v: &Value) -> String {
+    let mut out = String::new();
+    for svc in v["services"].as_array().into_iter().flatten() {
+        out += &format!(
+            "SERVICE {} (policy from {})",
+            s(&svc["service"]),
+            s(&svc["from"])
+        );
+        if svc["unresolved"] == Value::Bool(true) {
+            out += " -- not a known service: nothing routed yet";
+        }
+        if !svc["load_balancer"].is_null() {
+            out += &format!(", load balancer {}", s(&svc["load_balancer"]));
+        }
+        out += "\n";
+        for (i, r) in svc["routes"].as_array().into_iter().flatten().enumerate() {
+            out += &format!("  {}. {}  [{}]\n", i + 1, s(&r["name"]), s(&r["source"]));
+            let matches = r["matches"].as_array().map_or(0, Vec::len);
+            if matches == 0 {
+                out += "     match:   any call\n";
+            }
+            for m in r["matches"].as_array().into_iter().flatten() {
+                out += &format!("     match:   {}\n", s(m));
+            }
+            for b in r["backends"].as_array().into_iter().flatten() {
+                out += &format!("     backend: {}\n", backend_line(b));
+            }
+            if !r["timeout_ms"].is_null() {
+                out += &format!("     timeout: {} ms\n", s(&r["timeout_ms"]));
+            }
+        }
+        out += "  otherwise: every endpoint of the service\n\n";
+    }
+    if v["services"].as_array().is_none_or(Vec::is_empty) {
+        out +=
+            "no traffic policy in force: every call goes to all the endpoints of its service\n\n";
+    }
+    let rejected = v["rejected"].as_array().map_or(0, Vec::len);
+    if rejected > 0 {
+        out += "REFUSED (the last good policy stays in force)\n";
+        out += &table(
+            &["KIND", "NAME", "SERVICE", "REASON"],
+            rows(&v["rejected"], &["kind", "name", "service", "reason"]),
+        );
+    }
+    out
+}
+
+fn render_explain(v: &Value) -> String {
+    let mut out = format!("service:  {}\n", s(&v["service"]));
+    out += &format!("decision: {}\n", s(&v["outcome"]));
+    let r = &v["route"];
+    if !r.is_null() {
+        for m in r["matches"].as_array().into_iter().flatten() {
+            out += &format!("  match:   {}\n", s(m));
+        }
+        if !r["timeout_ms"].is_null() {
+            out += &format!("  timeout: {} ms\n", s(&r["timeout_ms"]));
+        }
+    }
+    out += "backends:\n";
+    for b in v["backends"].as_array().into_iter().flatten() {
+        out += &format!("  {}\n", backend_line(b));
+    }
+    let others = v["others"].as_array().map_or(0, Vec::len);
+    if others > 0 {
+        out += "other routes:\n";
+        for o in v["others"].as_array().into_iter().flatten() {
+            out += &format!("  {}  [{}]:", s(&o["name"]), s(&o["source"]));
+            let why: Vec<String> = o["why"].as_array().into_iter().flatten().map(s).collect();
+            if why.len() == 1 {
+                out += &format!(" {}\n", why[0]);
+            } else {
+                out += "\n";
+                for w in why {
+                    out += &format!("    {w}\n");
+                }
+            }
+        }
+    }
+    out
 }
 
 fn render_bpf(v: &Value) -> String {
