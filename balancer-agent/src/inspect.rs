@@ -482,7 +482,7 @@ fn render_explain(v: &Value) -> String {
 fn render_bpf(v: &Value) -> String {
     let a = &v["agent"];
     let mut out = format!(
-        "pinned maps:  {}\nagent lease:  {} ({} ms left), proxy {}, redirect {}, shortcut {}\n\n",
+        "pinned maps:  {}\nagent lease:  {} ({} ms left), proxy {}, redirect {}\n\n",
         s(&v["pin_path"]),
         if a["alive"] == Value::Bool(true) {
             "alive"
@@ -492,8 +492,23 @@ fn render_bpf(v: &Value) -> String {
         s(&a["lease_remaining_ms"]),
         s(&a["proxy_address"]),
         s(&a["redirect"]),
-        s(&a["shortcut"]),
     );
+    out += "AGENT SLOTS (BLB_AGENT)\n";
+    out += &table(
+        &["SLOT", "PID", "LIVE", "REDIRECT", "LEASE-MS", "PROXY"],
+        rows(
+            &a["slots"],
+            &[
+                "slot",
+                "pid",
+                "live",
+                "redirect",
+                "lease_remaining_ms",
+                "proxy_address",
+            ],
+        ),
+    );
+    out += "\n";
     out += "SERVICES (BLB_SERVICES)\n";
     out += &table(
         &["VIP", "SERVICE-ID"],

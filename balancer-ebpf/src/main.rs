@@ -28,9 +28,9 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use balancer_common::{
-    AGENT_FLAG_REDIRECT, AGENT_FLAG_SHORTCUT, AgentState, COUNTER_COUNT, Counter, MAX_CGROUP_DEPTH,
-    MAX_OPTED_IN_CGROUPS, MAX_SERVICES, MAX_SOCKETS, MAX_TRACKED_CONNECTIONS, OrigDst, ServiceKey,
-    ServiceValue, SockTuple,
+    AGENT_FLAG_REDIRECT, AgentState, COUNTER_COUNT, Counter, LOCAL_FLAG_SHORTCUT, MAX_AGENTS,
+    MAX_CGROUP_DEPTH, MAX_OPTED_IN_CGROUPS, MAX_SERVICES, MAX_SOCKETS, MAX_TRACKED_CONNECTIONS,
+    OrigDst, OrigDst6, ServiceKey, ServiceKey6, ServiceValue, SockTuple, SockTuple6,
 };
 
 const AF_INET: u32 = 2;
@@ -52,14 +52,28 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 static ORIG_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
     LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
+#[map(name = "BLB_SERVICES6")]
+static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BLB_ORIG_COOKIE6")]
+static ORIG_BY_COOKIE6: LruHashMap<u64, OrigDst6> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+#[map(name = "BLB_ORIG_TUPLE6")]
+static ORIG_BY_TUPLE6: LruHashMap<SockTuple6, OrigDst6> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
 #[map(name = "BLB_AGENT")]
-static AGENT: Array<AgentState> = Array::with_max_entries(1, 0);
+static AGENT: Array<AgentState> = Array::with_max_entries(MAX_AGENTS, 0);
 
 #[map(name = "BLB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 #[map(name = "BLB_SOCKETS")]
 static SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "BLB_LOCAL")]
+static LOCAL: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU counters: there is no atomic fetch_add on bpfel with this toolchain, and per-CPU
 /// slots need none.
@@ -71,13 +85,50 @@ fn count(counter: Counter) {
     }
 }
 
-/// The agent's state, if its lease is still running.
+/// The first agent slot with a live lease that takes redirected connections. Every agent of
+/// the node listens on the same proxy address (SO_REUSEPORT), so which one is found matters
+/// only for the address.
 #[inline(always)]
-fn live_agent() -> Option<AgentState> {
-    let state = *AGENT.get(0)?;
+fn serving_agent() -> Option<AgentState> {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    (state.alive_until_ns > now && state.flags & AGENT_FLAG_REDIRECT != 0).then_some(state)
+    let mut i = 0;
+    while i < MAX_AGENTS {
+        if let Some(state) = AGENT.get(i)
+            && state.alive_until_ns > now
+            && state.flags & AGENT_FLAG_REDIRECT != 0
+        {
+            return Some(*state);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether `ip:port` (network byte order) is the proxy address of an agent with a live lease.
+#[inline(always)]
+fn is_proxy_address(ip4: u32, port: u16) -> bool {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut i = 0;
+    while i < MAX_AGENTS {
+        if let Some(state) = AGENT.get(i)
+            && state.alive_until_ns > now
+            && state.proxy_ip4 == ip4
+            && state.proxy_port == port
+        {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The id of the process that is connecting: its tgid, in the initial pid namespace.
+#[inline(always)]
+fn current_pid() -> u32 {
+    // SAFETY: a helper without arguments. The upper half is the tgid.
+    (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32
 }
 
 /// Whether the current task's cgroup, or one of its ancestors, opted in. Pods are opted in by
@@ -128,7 +179,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
     };
     // SAFETY: the value is copied out at once.
     let service = *unsafe { SERVICES.get(&key) }.ok_or(())?;
-    let Some(agent) = live_agent() else {
+    let Some(agent) = serving_agent() else {
         count(Counter::Connect4AgentDown);
         return Ok(());
     };
@@ -143,8 +194,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
         port: port as u16,
         _pad: 0,
         service_id: service.service_id,
-        // SAFETY: a helper without arguments. The upper half is the tgid.
-        pid: (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32,
+        pid: current_pid(),
     };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         // Without a record the proxy could not tell the service: leave the connect alone.
@@ -210,8 +260,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // The proxy's end of a redirected connection: only its listening address matters.
-            let agent = live_agent().ok_or(())?;
-            if tuple.src_ip4 == agent.proxy_ip4 && tuple.src_port == agent.proxy_port {
+            if is_proxy_address(tuple.src_ip4, tuple.src_port) {
                 insert_socket(ctx, tuple);
             }
         }
@@ -225,19 +274,26 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// Puts an established socket in the shortcut's map when the agent turned the shortcut on.
+/// Puts an established socket in this agent's shortcut map when its self-test passed.
+///
+/// With two agents on the node both `sock_ops` programs run for every socket, in the order
+/// they were attached, each inserting into its own map: the first succeeds, and the second
+/// fails with EBUSY (a socket is in at most one map that has an `sk_msg` program), which is
+/// counted and harmless. Both ends of a connection therefore land in the first agent's map
+/// whose shortcut is on; if they did not (flags changed in between), `sk_msg` finds no peer
+/// and TCP carries the data: correctness never depends on the shortcut.
 #[inline(always)]
 fn insert_socket(ctx: &SockOpsContext, mut tuple: SockTuple) {
-    let Some(agent) = live_agent() else { return };
-    if agent.flags & AGENT_FLAG_SHORTCUT == 0 {
-        return;
+    match LOCAL.get(0) {
+        Some(flags) if flags & LOCAL_FLAG_SHORTCUT != 0 => {}
+        _ => return,
     }
     // SAFETY: the context pointer is the kernel's bpf_sock_ops for this callback.
     if SOCKETS
         .update(&mut tuple, unsafe { &mut *ctx.ops }, 0)
         .is_err()
     {
-        count(Counter::MapUpdateFailed);
+        count(Counter::ShortcutInsertFailed);
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 use balancer_tests::{
     agent::Agent,
     free_port,
-    node::{BACKEND_PORT, Scenario, kube_proxy_stand_in},
+    node::{BACKEND_PORT, Cgroup, Scenario, kube_proxy_stand_in},
     require_root,
 };
 use serde_json::Value;
@@ -37,8 +37,14 @@ fn vip(s: &Scenario, last: u8) -> SocketAddr {
 /// Starts the agent in the node (in its own cgroup below the node's) with the configuration
 /// `config(admin address)`.
 async fn start(s: &Scenario, config: impl FnOnce(SocketAddr) -> String) -> Agent {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cg = s.node.agent_cgroup().expect("agent cgroup");
+    start_in(cg, config).await
+}
+
+/// [`start`] in the cgroup `cg` (a second agent beside the first needs its own: making the
+/// node's agent cgroup again kills what runs in it).
+async fn start_in(cg: Cgroup, config: impl FnOnce(SocketAddr) -> String) -> Agent {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let agent = Agent::start_in_cgroup(&config(admin), admin, cg.path()).await;
     // The cgroup goes with the node's tree (after the agent's process).
     std::mem::forget(cg);
@@ -273,4 +279,175 @@ async fn root_100k_short_connections_leave_the_maps_bounded() {
     )
     .await;
     assert!(agent.bpf_counter("sock_ops_closed") >= n - 16);
+}
+
+/// The ids of the maps pinned under `dir` (name → kernel map id): the same ids later mean the
+/// same maps, neither removed nor made again.
+fn pinned_map_ids(dir: &str) -> BTreeMap<String, u64> {
+    let v = balancer_agent::ebpf::pinned::read(std::path::Path::new(dir)).expect("pins");
+    let ids: BTreeMap<String, u64> = v["map_ids"]
+        .as_object()
+        .expect("map_ids")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("an id")))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        balancer_common::SHARED_MAPS.len(),
+        "every shared map is pinned: {ids:?}"
+    );
+    ids
+}
+
+/// The agent slots as `inspect bpf` reads them from the pins.
+fn slots(dir: &str) -> Vec<Value> {
+    let v = balancer_agent::ebpf::pinned::read(std::path::Path::new(dir)).expect("pins");
+    v["agent"]["slots"].as_array().expect("slots").clone()
+}
+
+fn live_pids(dir: &str) -> Vec<u64> {
+    slots(dir)
+        .iter()
+        .filter(|s| s["live"] == true)
+        .map(|s| s["pid"].as_u64().unwrap())
+        .collect()
+}
+
+/// Runs an agent that must fail to start (in the node's agent cgroup, beside the running
+/// one); returns what it printed.
+async fn failed_start(s: &Scenario, config: &str) -> String {
+    let dir = balancer_tests::agent::TempDir::new("balancer-failing-agent");
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let cg = s.node.cgroup.path().join("agent");
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+        .arg(&cg)
+        .arg(balancer_tests::agent::agent_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("BALANCER_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the failing agent exits within 20 s")
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success(), "the second agent was meant to fail");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_second_agent_that_fails_to_start_leaves_the_running_one_and_its_pins() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 18);
+    let agent = start(&s, |admin| s.agent_config(vip, admin, "auto")).await;
+    assert_eq!(counts(&s.call("client", vip, 30).await).len(), 3);
+    let pins = s.pin_path();
+    let ids = pinned_map_ids(&pins);
+    assert_eq!(live_pids(&pins), [u64::from(agent.pid())]);
+    let root = s.node.cgroup.path().display().to_string();
+    let other_admin = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+
+    // 1. Its datapath fails after it adopted the pins and claimed a slot: the cgroup it is
+    //    told to attach at does not exist.
+    let bad_cgroup = s.agent_config(vip, other_admin(), "auto").replace(
+        &format!("cgroup_root: {root}"),
+        "cgroup_root: /nonexistent-cgroup",
+    );
+    let log = failed_start(&s, &bad_cgroup).await;
+    assert!(log.contains("nonexistent-cgroup"), "{log}");
+    // 2. It fails after its datapath was attached beside the running one's: its listener's
+    //    address is taken (by a socket without SO_REUSEPORT).
+    let taken = std::net::TcpListener::bind((s.node.gateway, 0)).unwrap();
+    let clash = s.agent_config(vip, other_admin(), "auto").replacen(
+        &format!("address: {}:15001", s.node.gateway),
+        &format!("address: {}", taken.local_addr().unwrap()),
+        1,
+    );
+    let log = failed_start(&s, &clash).await;
+    assert!(
+        log.contains("datapath attached"),
+        "it got as far as the datapath: {log}"
+    );
+    assert!(log.to_lowercase().contains("address"), "{log}");
+    // 3. Its configuration is invalid: it never touches the datapath.
+    let log = failed_start(&s, "listeners: [{address: nope}]\n").await;
+    assert!(log.contains("nope"), "{log}");
+
+    // The running agent's pins are the same maps, its slot the only live one, and pods are
+    // still balanced per call through it.
+    assert_eq!(
+        pinned_map_ids(&pins),
+        ids,
+        "the pinned maps were not replaced"
+    );
+    assert_eq!(live_pids(&pins), [u64::from(agent.pid())]);
+    let before = agent.bpf_counter("connect4_redirected");
+    let c = counts(&s.call("client", vip, 30).await);
+    assert_eq!(c.len(), 3, "{c:?}");
+    assert!(c.values().all(|&n| n == 10), "{c:?}");
+    assert_eq!(agent.bpf_counter("connect4_redirected"), before + 1);
+    let bpf = balancer_agent::ebpf::pinned::read(std::path::Path::new(&pins)).unwrap();
+    assert_eq!(bpf["services"][0]["vip"], vip.to_string(), "{bpf}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_two_agents_share_the_pinned_maps_and_the_last_one_out_removes_them() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 19);
+    let mut old = start(&s, |admin| s.agent_config(vip, admin, "auto")).await;
+    let pins = s.pin_path();
+    let ids = pinned_map_ids(&pins);
+    // A second agent on the same node (same proxy address: SO_REUSEPORT) adopts the maps.
+    let cg = s.node.cgroup.child("agent-new").unwrap();
+    let mut new = start_in(cg, |admin| s.agent_config(vip, admin, "auto")).await;
+    assert_eq!(pinned_map_ids(&pins), ids, "adopted, not made again");
+    let mut live = live_pids(&pins);
+    live.sort();
+    let mut want = vec![u64::from(old.pid()), u64::from(new.pid())];
+    want.sort();
+    assert_eq!(live, want, "{:?}", slots(&pins));
+    // Pods are balanced per call whichever agent accepts.
+    for _ in 0..4 {
+        assert_eq!(counts(&s.call("client", vip, 9).await).len(), 3);
+    }
+    // Both programs run in attach order; only the first rewrites: one redirect per connect.
+    assert_eq!(new.bpf_counter("connect4_redirected"), 4);
+    assert_eq!(
+        old.bpf_counter("connect4_redirected"),
+        4,
+        "the counters are shared"
+    );
+
+    // The old agent leaves: the new one keeps the pins and takes every connection.
+    old.sigterm();
+    assert!(old.wait_exit(Duration::from_secs(10)).await.is_some());
+    assert_eq!(
+        pinned_map_ids(&pins),
+        ids,
+        "the pins outlive the agent that made them"
+    );
+    assert_eq!(live_pids(&pins), [u64::from(new.pid())]);
+    let c = counts(&s.call("client", vip, 30).await);
+    assert!(c.len() == 3 && c.values().all(|&n| n == 10), "{c:?}");
+    assert_eq!(new.bpf_counter("connect4_redirected"), 5);
+
+    // The last agent out removes them.
+    new.sigterm();
+    assert!(new.wait_exit(Duration::from_secs(10)).await.is_some());
+    for m in balancer_common::SHARED_MAPS {
+        let p = std::path::Path::new(&pins).join(m.name);
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
 }

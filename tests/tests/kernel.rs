@@ -39,6 +39,7 @@ fn root_connect4_redirects_a_cgroup_member_and_records_the_original_destination(
         proxy: proxy_addr,
         pin_dir: None,
         shortcut: Shortcut::Off,
+        redirect_at_start: true,
     })
     .expect("loading and attaching the eBPF programs");
     let vip: SocketAddrV4 = "127.77.0.1:8080".parse().unwrap();

@@ -1,11 +1,45 @@
 //! Loading, attaching and talking to the kernel programs of `balancer-ebpf`.
 //!
 //! [`Datapath::load`] loads the object embedded at build time, attaches `connect4` and
-//! `sock_ops` at a cgroup (v2) root, takes typed handles on the maps, and pins them under the
-//! bpffs for `balancer-agent inspect bpf`. Links are owned by this process: if the agent exits,
-//! even by SIGKILL, the kernel detaches the programs. While it runs, [`Datapath::heartbeat`]
-//! keeps a liveness lease fresh; `connect4` stops redirecting by itself when the lease runs out
-//! (an agent that hangs), so pods always reach their Services (fail open).
+//! `sock_ops` at a cgroup (v2) root, and takes typed handles on the maps. Links are owned by
+//! this process: if the agent exits, even by SIGKILL, the kernel detaches its programs. While it
+//! runs, [`Datapath::heartbeat`] keeps its liveness lease fresh; the programs stop redirecting
+//! by themselves when no lease is live (an agent that hangs), so pods always reach their
+//! Services (fail open).
+//!
+//! # Agents side by side (handover)
+//!
+//! Two agents can run on a node at once, an old one and its replacement during a rollout:
+//!
+//! - **Shared maps.** The maps of [`SHARED_MAPS`] (services, opted-in cgroups, original
+//!   destinations, agent slots, counters) are pinned by name under the pin directory. The
+//!   first agent creates and pins them; a later one *adopts* the pinned maps (after checking
+//!   their layout: a map of another ABI is neither adopted nor touched, the start fails) instead
+//!   of making its own. Pins are never removed at load. Without a pin directory nothing is
+//!   shared.
+//! - **Slots.** `BLB_AGENT` has [`MAX_AGENTS`] slots. An agent claims a free one (lease
+//!   expired) at start, before loading, and renews only its own; `connect4`/`connect6`
+//!   redirect while *any* slot has a live lease with the redirect flag, to that slot's proxy
+//!   address (every agent of the node listens on the same address, with SO_REUSEPORT).
+//! - **Programs side by side.** Each agent attaches its own programs beside any other's (a
+//!   bpf_link attachment always runs beside the others, as `BPF_F_ALLOW_MULTI`; that flag is
+//!   passed on kernels before 5.7); the kernel runs them in attach order over the same socket
+//!   address: the first rewrites the VIP to the proxy address, the second sees the proxy
+//!   address, which is no VIP, and leaves it. Likewise the first `sock_ops` consumes the
+//!   cookie entry and the second finds none (`root_two_agents_share_the_pinned_maps_...`
+//!   checks one redirect per connect). Per-connect counters other than `*_redirected`
+//!   (`connect4_calls`, ...) therefore count twice while two agents run.
+//! - **The shortcut** (`BLB_SOCKETS`, `sk_msg`) stays per agent; see [`maps::SOCKETS`] for why
+//!   a second agent's failed insert is harmless.
+//! - **Protocol.** A new agent loads with [`Options::redirect_at_start`] off: its slot is
+//!   live but does not redirect, and it writes nothing into the shared services and opted-in
+//!   maps (its store may still be empty: the old agent's view stands). Once its listeners and
+//!   discovery are ready it calls [`Datapath::set_redirect`]`(true)`, which writes its view of
+//!   the services and pods and starts taking connections; the old agent sees it in
+//!   [`Datapath::others_serving`], calls `set_redirect(false)` and drains. An agent exits
+//!   through [`Datapath::unpin`] (also on drop): it clears its slot ([`Datapath::release`])
+//!   and removes the pins only if no other slot holds a live lease, so an agent that fails to
+//!   start, or stops, never removes the pins of one that runs.
 //!
 //! Errors name what is missing: the hook, the kernel option, the path.
 //!
@@ -22,18 +56,21 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, MapType, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
 };
 use balancer_common::{
-    AGENT_FLAG_REDIRECT, AGENT_FLAG_SHORTCUT, AgentState, COUNTER_COUNT, Counter, OrigDst,
-    ServiceKey, ServiceValue, SockTuple, maps, programs,
+    AGENT_FLAG_REDIRECT, AgentState, COUNTER_COUNT, Counter, LOCAL_FLAG_SHORTCUT, MAX_AGENTS,
+    MapKind, MapLayout, OrigDst, SHARED_MAPS, ServiceKey, ServiceValue, SockTuple, maps, programs,
 };
 use tracing::{info, warn};
 
@@ -110,6 +147,32 @@ pub enum Error {
         /// The cause.
         reason: String,
     },
+    /// A pinned map has another layout than this agent's: another version of balancer made
+    /// it. It is left as it is.
+    #[error(
+        "the pinned map {path} has another layout than this agent's ({found}; this agent wants \
+         {wanted}): another version of balancer made it, and it is left in place. Run this agent \
+         with another datapath.pin_path, or remove the pins once no agent of that version runs"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// What the pinned map is.
+        found: String,
+        /// What this agent needs.
+        wanted: String,
+    },
+    /// Every agent slot holds a live lease.
+    #[error(
+        "all {MAX_AGENTS} agent slots under {path} hold a live lease (pids {pids:?}): too many \
+         agents on this node"
+    )]
+    NoFreeSlot {
+        /// The pin directory.
+        path: PathBuf,
+        /// The agents holding the slots.
+        pids: Vec<u32>,
+    },
 }
 
 const HINT_LOAD: &str = "the kernel needs CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and BTF, and the agent CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (or root)";
@@ -124,10 +187,14 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     /// Where pods are sent: a node address and the proxy's port.
     pub proxy: SocketAddrV4,
-    /// Where maps are pinned for the CLI; `None` to pin nothing.
+    /// Where the shared maps are pinned (for the CLI, and for the node's other agents to
+    /// adopt); `None` to pin and share nothing.
     pub pin_dir: Option<PathBuf>,
     /// The `sk_msg` shortcut.
     pub shortcut: Shortcut,
+    /// Whether this agent's slot redirects from the start (a lone agent), or only once
+    /// [`Datapath::set_redirect`] turns it on (a new agent taking over from a running one).
+    pub redirect_at_start: bool,
 }
 
 /// Whether the same-node shortcut is in use, and why.
@@ -154,7 +221,22 @@ pub struct Datapath {
     cgroup_root: PathBuf,
     pin_dir: Option<PathBuf>,
     shortcut: ShortcutState,
-    flags: std::sync::atomic::AtomicU32,
+    /// This agent's slot in `BLB_AGENT`.
+    slot: AtomicUsize,
+    /// This agent's redirect flag.
+    redirect: AtomicBool,
+    /// The slot was given up: the heartbeat no longer renews it.
+    released: AtomicBool,
+    /// What the shared services and opted-in maps should hold in this agent's view, written
+    /// while it redirects.
+    wanted: Mutex<Wanted>,
+    pid: u32,
+}
+
+#[derive(Default)]
+struct Wanted {
+    services: Option<std::collections::HashMap<ServiceKey, ServiceValue>>,
+    opted_in: Option<HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -163,41 +245,221 @@ impl std::fmt::Debug for Datapath {
             .field("proxy", &self.proxy)
             .field("cgroup_root", &self.cgroup_root)
             .field("shortcut", &self.shortcut)
+            .field("slot", &self.slot())
             .finish_non_exhaustive()
     }
 }
 
-/// Takes a map out of the object as a typed handle, pinning it under `pin_dir` first.
-fn take<T>(ebpf: &mut Ebpf, name: &'static str, pin_dir: Option<&Path>) -> Result<T, Error>
+/// One slot of `BLB_AGENT`, as [`Datapath::slots`] and `inspect bpf` show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Slot {
+    /// Its index.
+    pub slot: usize,
+    /// The agent's process id (0: never used).
+    pub pid: u32,
+    /// Its lease is live.
+    pub live: bool,
+    /// It takes redirected connections.
+    pub redirect: bool,
+    /// Milliseconds left on its lease.
+    pub lease_remaining_ms: u64,
+    /// Its proxy address.
+    pub proxy_address: String,
+}
+
+impl Slot {
+    fn of(slot: usize, s: &AgentState, now: u64) -> Self {
+        Self {
+            slot,
+            pid: s.pid,
+            live: s.alive_until_ns > now,
+            redirect: s.flags & AGENT_FLAG_REDIRECT != 0,
+            lease_remaining_ms: s.alive_until_ns.saturating_sub(now) / 1_000_000,
+            proxy_address: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(s.proxy_ip4)),
+                u16::from_be(s.proxy_port),
+            )
+            .to_string(),
+        }
+    }
+}
+
+/// Every slot of an agent map.
+fn read_slots(map: &Array<MapData, AgentState>) -> Vec<Slot> {
+    let now = monotonic_ns();
+    (0..MAX_AGENTS)
+        .map(|i| Slot::of(i as usize, &map.get(&i, 0).unwrap_or_default(), now))
+        .collect()
+}
+
+/// Takes a map out of the object as a typed handle.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
-    if let Some(dir) = pin_dir {
-        map.pin(dir.join(name)).map_err(|e| Error::Pin {
-            path: dir.to_path_buf(),
-            reason: format!("{name}: {e}"),
-        })?;
-    }
     T::try_from(map).map_err(|source| Error::Map {
         name,
         source: Box::new(source),
     })
 }
 
+fn pin_error(dir: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Pin {
+        path: dir.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Checks the layout of every shared map pinned under `dir`, before any is adopted.
+fn check_pins(dir: &Path) -> Result<(), Error> {
+    for want in &SHARED_MAPS {
+        let path = dir.join(want.name);
+        if !path.exists() {
+            continue;
+        }
+        let map =
+            MapData::from_pin(&path).map_err(|e| pin_error(dir, format!("{}: {e}", want.name)))?;
+        let info = map
+            .info()
+            .map_err(|e| pin_error(dir, format!("{}: {e}", want.name)))?;
+        let kind = match info.map_type() {
+            Ok(MapType::Hash) => Some(MapKind::Hash),
+            Ok(MapType::LruHash) => Some(MapKind::LruHash),
+            Ok(MapType::Array) => Some(MapKind::Array),
+            Ok(MapType::PerCpuArray) => Some(MapKind::PerCpuArray),
+            _ => None,
+        };
+        let found = MapLayout {
+            name: want.name,
+            kind: kind.unwrap_or(MapKind::Hash),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if kind.is_none() || found != *want {
+            let show = |l: &MapLayout| {
+                format!(
+                    "{:?}, key {} B, value {} B, {} entries",
+                    l.kind, l.key_size, l.value_size, l.max_entries
+                )
+            };
+            return Err(Error::IncompatiblePin {
+                path,
+                found: match kind {
+                    Some(_) => show(&found),
+                    None => format!("{:?}", info.map_type()),
+                },
+                wanted: show(want),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The agent map pinned under `dir`, if there is one.
+fn pinned_agents(dir: &Path) -> Option<Array<MapData, AgentState>> {
+    let data = MapData::from_pin(dir.join(maps::AGENT_STATE)).ok()?;
+    Array::try_from(Map::Array(data)).ok()
+}
+
+/// Claims a free slot in the pinned agent map (if any) with a lease that does not redirect
+/// yet, so that an agent exiting meanwhile keeps the pins. Slot 0 when nothing is pinned.
+fn claim_slot(dir: Option<&Path>, pid: u32, proxy: SocketAddrV4) -> Result<usize, Error> {
+    let Some(dir) = dir else { return Ok(0) };
+    let Some(mut map) = pinned_agents(dir) else {
+        return Ok(0);
+    };
+    let slots = read_slots(&map);
+    let Some(free) = slots.iter().find(|s| !s.live) else {
+        return Err(Error::NoFreeSlot {
+            path: dir.to_path_buf(),
+            pids: slots.iter().map(|s| s.pid).collect(),
+        });
+    };
+    let state = slot_state(pid, proxy, 0);
+    map.set(free.slot as u32, state, 0)
+        .map_err(|e| pin_error(dir, format!("claiming slot {}: {e}", free.slot)))?;
+    Ok(free.slot)
+}
+
+fn slot_state(pid: u32, proxy: SocketAddrV4, flags: u32) -> AgentState {
+    AgentState {
+        alive_until_ns: monotonic_ns() + LEASE.as_nanos() as u64,
+        proxy_ip4: u32::from(*proxy.ip()).to_be(),
+        proxy_port: proxy.port().to_be(),
+        proxy6_port: 0,
+        flags,
+        pid,
+        proxy_ip6: [0; 4],
+    }
+}
+
+/// Gives up `slot` of the agent map pinned under `dir` if `pid` still holds it, then removes
+/// the pins if no slot holds a live lease any more: the last agent out cleans up.
+fn leave(dir: &Path, slot: usize, pid: u32) {
+    if let Some(mut map) = pinned_agents(dir) {
+        if map.get(&(slot as u32), 0).is_ok_and(|s| s.pid == pid) {
+            let _ = map.set(slot as u32, AgentState::default(), 0);
+        }
+        let live: Vec<u32> = read_slots(&map)
+            .into_iter()
+            .filter(|s| s.live)
+            .map(|s| s.pid)
+            .collect();
+        if !live.is_empty() {
+            info!(pin_dir = %dir.display(), agents = ?live, "other agents run: pins kept");
+            return;
+        }
+    }
+    for m in &SHARED_MAPS {
+        let _ = std::fs::remove_file(dir.join(m.name));
+    }
+    // Only if empty: the directory may hold what others put there.
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Datapath {
-    /// Loads and attaches the programs. The agent's lease starts running at once.
+    /// Loads and attaches the programs, adopting the maps pinned under the pin directory or
+    /// creating and pinning them. This agent's slot is live at once; it redirects if
+    /// `opts.redirect_at_start`. On failure the slot is given up and nothing pinned is
+    /// removed while another agent's lease is live.
     pub fn load(opts: Options) -> Result<Self, Error> {
         if OBJECT.is_empty() {
             return Err(Error::Stub);
         }
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
-            .map_err(|source| Error::Load {
-                source: Box::new(source),
-                hint: HINT_LOAD,
-            })?;
+        let pid = std::process::id();
+        let pin_dir = opts.pin_dir.clone();
+        if let Some(dir) = &pin_dir {
+            std::fs::create_dir_all(dir).map_err(|e| pin_error(dir, e))?;
+            check_pins(dir)?;
+        }
+        let slot = claim_slot(pin_dir.as_deref(), pid, opts.proxy)?;
+        let result = Self::load_at(opts, slot, pid);
+        if let (Err(_), Some(dir)) = (&result, &pin_dir) {
+            leave(dir, slot, pid);
+        }
+        result
+    }
+
+    fn load_at(opts: Options, slot: usize, pid: u32) -> Result<Self, Error> {
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => SHARED_MAPS
+                .iter()
+                .map(|m| (m.name, dir.join(m.name)))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            // Adopted if pinned there already, else created and pinned.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|source| Error::Load {
+            source: Box::new(source),
+            hint: HINT_LOAD,
+        })?;
         let cgroup = File::open(&opts.cgroup_root).map_err(|source| Error::Cgroup {
             path: opts.cgroup_root.clone(),
             source,
@@ -211,6 +473,8 @@ impl Datapath {
                 hint,
             }
         };
+        // Attached beside any other agent's: see the module doc.
+        let mode = attach_mode();
         {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(programs::CONNECT4)
@@ -223,13 +487,12 @@ impl Datapath {
                 "cgroup/connect4",
                 HINT_LOAD,
             ))?;
-            p.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(
-                    "attach",
-                    programs::CONNECT4,
-                    "cgroup/connect4",
-                    HINT_CGROUP,
-                ))?;
+            p.attach(&cgroup, mode).map_err(program_error(
+                "attach",
+                programs::CONNECT4,
+                "cgroup/connect4",
+                HINT_CGROUP,
+            ))?;
         }
         {
             let p: &mut SockOps = ebpf
@@ -243,24 +506,14 @@ impl Datapath {
                 "sockops",
                 HINT_LOAD,
             ))?;
-            p.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(
-                    "attach",
-                    programs::SOCK_OPS,
-                    "sockops",
-                    HINT_CGROUP,
-                ))?;
+            p.attach(&cgroup, mode).map_err(program_error(
+                "attach",
+                programs::SOCK_OPS,
+                "sockops",
+                HINT_CGROUP,
+            ))?;
         }
-        let pin_dir = opts.pin_dir.as_deref();
-        if let Some(dir) = pin_dir {
-            // A previous agent's pins (one that was killed) are replaced.
-            let _ = std::fs::remove_dir_all(dir);
-            std::fs::create_dir_all(dir).map_err(|e| Error::Pin {
-                path: dir.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        }
-        let mut sockets: SockHash<MapData, SockTuple> = take(&mut ebpf, maps::SOCKETS, None)?;
+        let mut sockets: SockHash<MapData, SockTuple> = take(&mut ebpf, maps::SOCKETS)?;
         {
             let p: &mut SkMsg = ebpf
                 .program_mut(programs::SK_MSG)
@@ -306,31 +559,41 @@ impl Datapath {
                 },
             },
         };
-        let flags = AGENT_FLAG_REDIRECT
-            | if shortcut.enabled {
-                AGENT_FLAG_SHORTCUT
-            } else {
-                0
-            };
+        let mut local: Array<MapData, u32> = take(&mut ebpf, maps::LOCAL)?;
+        let local_flags = if shortcut.enabled {
+            LOCAL_FLAG_SHORTCUT
+        } else {
+            0
+        };
+        local.set(0, local_flags, 0).map_err(|source| Error::Map {
+            name: maps::LOCAL,
+            source: Box::new(source),
+        })?;
         let dp = Self {
-            services: Mutex::new(take(&mut ebpf, maps::SERVICES, pin_dir)?),
-            opted_in: Mutex::new(take(&mut ebpf, maps::OPTED_IN_CGROUPS, pin_dir)?),
-            agent: Mutex::new(take(&mut ebpf, maps::AGENT_STATE, pin_dir)?),
-            orig_by_tuple: take(&mut ebpf, maps::ORIG_DST_BY_TUPLE, pin_dir)?,
-            orig_by_cookie: take(&mut ebpf, maps::ORIG_DST_BY_COOKIE, pin_dir)?,
-            counters: take(&mut ebpf, maps::COUNTERS, pin_dir)?,
+            services: Mutex::new(take(&mut ebpf, maps::SERVICES)?),
+            opted_in: Mutex::new(take(&mut ebpf, maps::OPTED_IN_CGROUPS)?),
+            agent: Mutex::new(take(&mut ebpf, maps::AGENT_STATE)?),
+            orig_by_tuple: take(&mut ebpf, maps::ORIG_DST_BY_TUPLE)?,
+            orig_by_cookie: take(&mut ebpf, maps::ORIG_DST_BY_COOKIE)?,
+            counters: take(&mut ebpf, maps::COUNTERS)?,
             sockets: Mutex::new(sockets),
             _ebpf: ebpf,
             proxy: opts.proxy,
             cgroup_root: opts.cgroup_root.clone(),
             pin_dir: opts.pin_dir.clone(),
             shortcut,
-            flags: std::sync::atomic::AtomicU32::new(flags),
+            slot: AtomicUsize::new(slot),
+            redirect: AtomicBool::new(opts.redirect_at_start),
+            released: AtomicBool::new(false),
+            wanted: Mutex::default(),
+            pid,
         };
         dp.heartbeat();
         info!(
             cgroup_root = %opts.cgroup_root.display(),
             proxy = %opts.proxy,
+            slot,
+            redirect = opts.redirect_at_start,
             shortcut = dp.shortcut.enabled,
             reason = %dp.shortcut.reason,
             "datapath attached"
@@ -338,25 +601,101 @@ impl Datapath {
         Ok(dp)
     }
 
-    /// Renews the liveness lease. Call it every [`HEARTBEAT`].
+    /// Renews this agent's lease in its slot. Call it every [`HEARTBEAT`]. If another agent
+    /// took the slot (this one hung past its lease meanwhile), it moves to a free one.
     pub fn heartbeat(&self) {
-        let state = AgentState {
-            alive_until_ns: monotonic_ns() + LEASE.as_nanos() as u64,
-            proxy_ip4: u32::from(*self.proxy.ip()).to_be(),
-            proxy_port: self.proxy.port().to_be(),
-            _pad: 0,
-            flags: self.flags.load(std::sync::atomic::Ordering::Relaxed),
-            _pad2: 0,
+        if self.released.load(Relaxed) {
+            return;
+        }
+        let mut map = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.slot.load(Relaxed);
+        let now = monotonic_ns();
+        if let Ok(s) = map.get(&(slot as u32), 0)
+            && s.pid != self.pid
+            && s.alive_until_ns > now
+        {
+            match read_slots(&map).into_iter().find(|s| !s.live) {
+                Some(free) => {
+                    warn!(
+                        slot,
+                        other = s.pid,
+                        new_slot = free.slot,
+                        "another agent took this agent's slot (its lease had run out); moving"
+                    );
+                    slot = free.slot;
+                    self.slot.store(slot, Relaxed);
+                }
+                None => {
+                    warn!(
+                        slot,
+                        other = s.pid,
+                        "another agent took this agent's slot and none is free"
+                    );
+                    return;
+                }
+            }
+        }
+        let flags = if self.redirect.load(Relaxed) {
+            AGENT_FLAG_REDIRECT
+        } else {
+            0
         };
-        if let Err(e) = self.agent.lock().expect("lock").set(0, state, 0) {
+        if let Err(e) = map.set(slot as u32, slot_state(self.pid, self.proxy, flags), 0) {
             warn!(error = %e, "renewing the datapath lease failed");
         }
     }
 
-    /// Stops redirecting new connections (drain) without unloading.
-    pub fn stop_redirecting(&self) {
-        self.flags.store(0, std::sync::atomic::Ordering::Relaxed);
+    /// Turns this agent's redirect flag on or off, in force at once. Turning it on first writes
+    /// this agent's view of the services and opted-in pods into the shared maps.
+    pub fn set_redirect(&self, on: bool) {
+        if on {
+            self.redirect.store(true, Relaxed);
+            if let Err(e) = self.write_wanted() {
+                tracing::error!("datapath: writing this agent's services and pods: {e}");
+            }
+        } else {
+            self.redirect.store(false, Relaxed);
+        }
         self.heartbeat();
+    }
+
+    /// Stops redirecting new connections (drain) without unloading: `set_redirect(false)`.
+    pub fn stop_redirecting(&self) {
+        self.set_redirect(false);
+    }
+
+    /// Whether this agent's redirect flag is on.
+    pub fn redirecting(&self) -> bool {
+        self.redirect.load(Relaxed)
+    }
+
+    /// Gives up this agent's slot now (its lease ends; the heartbeat stops renewing it).
+    pub fn release(&self) {
+        self.released.store(true, Relaxed);
+        let mut map = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self.slot.load(Relaxed) as u32;
+        if map.get(&slot, 0).is_ok_and(|s| s.pid == self.pid) {
+            let _ = map.set(slot, AgentState::default(), 0);
+        }
+    }
+
+    /// How many other agents have a live lease and take redirected connections.
+    pub fn others_serving(&self) -> usize {
+        let slot = self.slot();
+        self.slots()
+            .iter()
+            .filter(|s| s.slot != slot && s.live && s.redirect)
+            .count()
+    }
+
+    /// This agent's slot.
+    pub fn slot(&self) -> usize {
+        self.slot.load(Relaxed)
+    }
+
+    /// Every slot of the agent map.
+    pub fn slots(&self) -> Vec<Slot> {
+        read_slots(&self.agent.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The shortcut's state.
@@ -379,10 +718,11 @@ impl Datapath {
         self.proxy
     }
 
-    /// Makes the services map hold exactly `vips` (VIP:port to service id).
+    /// Makes the services map hold exactly `vips` (VIP:port to service id). The map is
+    /// shared by the node's agents: it is written only while this agent redirects, else
+    /// when it starts to ([`Datapath::set_redirect`]).
     pub fn sync_services(&self, vips: &[(SocketAddrV4, u32)]) -> Result<(), Error> {
-        let mut map = self.services.lock().expect("lock");
-        let want: std::collections::HashMap<ServiceKey, ServiceValue> = vips
+        let want = vips
             .iter()
             .map(|(a, id)| {
                 (
@@ -394,41 +734,42 @@ impl Datapath {
                 )
             })
             .collect();
-        let have: Vec<ServiceKey> = map.keys().filter_map(Result::ok).collect();
-        let err = |source| Error::Map {
-            name: maps::SERVICES,
-            source: Box::new(source),
-        };
-        for k in have {
-            if !want.contains_key(&k) {
-                map.remove(&k).map_err(err)?;
-            }
-        }
-        for (k, v) in want {
-            if map.get(&k, 0).ok() != Some(v) {
-                map.insert(k, v, 0).map_err(err)?;
-            }
-        }
-        Ok(())
+        self.wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .services = Some(want);
+        self.write_wanted_if_redirecting()
     }
 
-    /// Makes the opted-in map hold exactly these cgroup ids.
+    /// Makes the opted-in map hold exactly these cgroup ids; shared, written as
+    /// [`Datapath::sync_services`] says.
     pub fn sync_opted_in(&self, ids: &HashSet<u64>) -> Result<(), Error> {
-        let mut map = self.opted_in.lock().expect("lock");
-        let have: Vec<u64> = map.keys().filter_map(Result::ok).collect();
-        let err = |source| Error::Map {
-            name: maps::OPTED_IN_CGROUPS,
-            source: Box::new(source),
-        };
-        for k in &have {
-            if !ids.contains(k) {
-                map.remove(k).map_err(err)?;
-            }
+        self.wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .opted_in = Some(ids.clone());
+        self.write_wanted_if_redirecting()
+    }
+
+    fn write_wanted_if_redirecting(&self) -> Result<(), Error> {
+        if self.redirecting() {
+            self.write_wanted()
+        } else {
+            Ok(())
         }
-        for id in ids {
-            if !have.contains(id) {
-                map.insert(id, 1, 0).map_err(err)?;
-            }
+    }
+
+    /// Writes this agent's view into the shared services and opted-in maps.
+    fn write_wanted(&self) -> Result<(), Error> {
+        let wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(want) = &wanted.services {
+            let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+            sync_map(&mut map, want, maps::SERVICES)?;
+        }
+        if let Some(ids) = &wanted.opted_in {
+            let want = ids.iter().map(|id| (*id, 1)).collect();
+            let mut map = self.opted_in.lock().unwrap_or_else(|p| p.into_inner());
+            sync_map(&mut map, &want, maps::OPTED_IN_CGROUPS)?;
         }
         Ok(())
     }
@@ -448,15 +789,60 @@ impl Datapath {
 
     /// Sockets in the shortcut's map.
     pub fn shortcut_sockets(&self) -> usize {
-        self.sockets.lock().expect("lock").keys().count()
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .count()
     }
 
-    /// Removes the pins (the programs detach when this value is dropped).
+    /// Leaves the node: gives up this agent's slot and removes the pins if no other agent
+    /// holds a live lease (the programs detach when this value is dropped).
     pub fn unpin(&self) {
+        self.release();
         if let Some(dir) = &self.pin_dir {
-            let _ = std::fs::remove_dir_all(dir);
+            leave(dir, self.slot(), self.pid);
         }
     }
+}
+
+/// How the cgroup programs attach so that another agent's can attach beside them. From 5.7
+/// aya attaches through a bpf_link, and the kernel runs link attachments as
+/// `BPF_F_ALLOW_MULTI` always (it refuses the flag itself on a link: EINVAL); before that the
+/// flag is passed to `BPF_PROG_ATTACH`.
+fn attach_mode() -> CgroupAttachMode {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
+        _ => CgroupAttachMode::AllowMultiple,
+    }
+}
+
+/// Makes a hash map hold exactly `want`.
+fn sync_map<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &std::collections::HashMap<K, V>,
+    name: &'static str,
+) -> Result<(), Error>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let err = |source| Error::Map {
+        name,
+        source: Box::new(source),
+    };
+    let have: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in have {
+        if !want.contains_key(&k) {
+            map.remove(&k).map_err(err)?;
+        }
+    }
+    for (k, v) in want {
+        if map.get(k, 0).ok().as_ref() != Some(v) {
+            map.insert(k, v, 0).map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Datapath {

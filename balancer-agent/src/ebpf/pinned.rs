@@ -66,18 +66,34 @@ pub fn read(dir: &Path) -> Result<Value, String> {
         PerCpuArray::try_from(Map::PerCpuArray(open(dir, maps::COUNTERS)?))
             .map_err(|e| e.to_string())?;
     let counters: BTreeMap<_, _> = super::read_counters(&counters).into_iter().collect();
-    let agent: Array<_, AgentState> =
+    let agents: Array<_, AgentState> =
         Array::try_from(Map::Array(open(dir, maps::AGENT_STATE)?)).map_err(|e| e.to_string())?;
-    let a = agent.get(&0, 0).map_err(|e| e.to_string())?;
-    let now = super::monotonic_ns();
+    let slots = super::read_slots(&agents);
+    // The agent that takes connections (the programs use the first serving slot), else the
+    // first live one, else slot 0.
+    let main = slots
+        .iter()
+        .find(|s| s.live && s.redirect)
+        .or_else(|| slots.iter().find(|s| s.live))
+        .unwrap_or(&slots[0]);
+    // The kernel's id of each pinned map: the same id later means the same map.
+    let map_ids: BTreeMap<&str, u32> = balancer_common::SHARED_MAPS
+        .iter()
+        .filter_map(|m| {
+            let info = open(dir, m.name).ok()?.info().ok()?;
+            Some((m.name, info.id()))
+        })
+        .collect();
     Ok(json!({
         "pin_path": dir.display().to_string(),
+        "map_ids": map_ids,
         "agent": {
-            "alive": a.alive_until_ns > now,
-            "lease_remaining_ms": a.alive_until_ns.saturating_sub(now) / 1_000_000,
-            "proxy_address": addr(a.proxy_ip4, a.proxy_port),
-            "redirect": a.flags & balancer_common::AGENT_FLAG_REDIRECT != 0,
-            "shortcut": a.flags & balancer_common::AGENT_FLAG_SHORTCUT != 0,
+            "alive": main.live,
+            "lease_remaining_ms": main.lease_remaining_ms,
+            "proxy_address": main.proxy_address,
+            "redirect": main.live && main.redirect,
+            "serving": slots.iter().filter(|s| s.live && s.redirect).count(),
+            "slots": slots,
         },
         "services": services,
         "opted_in_cgroups": opted,

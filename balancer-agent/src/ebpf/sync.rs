@@ -10,8 +10,20 @@ use tracing::{error, warn};
 use super::{Datapath, HEARTBEAT, Options, cgroup};
 use crate::{config::Config, state::Store};
 
-/// Loads and attaches the datapath the configuration describes.
+/// Loads and attaches the datapath the configuration describes, redirecting at once (a lone
+/// agent).
 pub fn load(config: &Config) -> anyhow::Result<Datapath> {
+    load_with(config, true)
+}
+
+/// Loads and attaches the datapath with this agent's redirect off: its slot is live, the
+/// maps it shares with another agent are left as they are, and nothing is sent to it until
+/// [`Datapath::set_redirect`]`(true)` (the handover protocol, see [`super`]).
+pub fn load_idle(config: &Config) -> anyhow::Result<Datapath> {
+    load_with(config, false)
+}
+
+fn load_with(config: &Config, redirect_at_start: bool) -> anyhow::Result<Datapath> {
     let d = &config.datapath;
     let cgroup_root = match &d.cgroup_root {
         Some(root) => root.clone(),
@@ -25,6 +37,7 @@ pub fn load(config: &Config) -> anyhow::Result<Datapath> {
         proxy,
         pin_dir: d.pin_path.clone(),
         shortcut: d.shortcut,
+        redirect_at_start,
     })?)
 }
 
