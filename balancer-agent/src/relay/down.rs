@@ -718,7 +718,7 @@ impl Down {
         let service = call.destination().clone();
         let r = call.replay();
         let deadline = r.deadline;
-        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error);
+        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error).keyed(r.hash);
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
         let first = attempts.next(&service);
