@@ -86,7 +86,6 @@ fn spec(i: usize) -> ServiceSpec {
                 .parse()
                 .expect("an address"),
         )],
-        balancing: Default::default(),
     }
 }
 
