@@ -86,6 +86,7 @@ fn spec(i: usize) -> ServiceSpec {
                 .parse()
                 .expect("an address"),
         )],
+        balancing: Default::default(),
     }
 }
 

@@ -144,9 +144,13 @@ pub struct EndpointView {
     pub zone: Option<String>,
     /// Node.
     pub node: Option<String>,
-    /// `ready`, `terminating`, `not-ready`, `backing-off` after a refused connection, or
-    /// `ejected` by outlier detection.
+    /// `ready`, `terminating`, `not-ready`, `backing-off` after a refused connection,
+    /// `ejected` by outlier detection, or `not-serving` by its health check.
     pub health: String,
+    /// What its active health check says: `unchecked`, `serving`, `not-serving`.
+    pub check: &'static str,
+    /// Why the balancer gives it the share it gets (`balance::Balancer::explain`).
+    pub pick: String,
     /// Calls in flight.
     pub in_flight: u32,
     /// Peak-EWMA latency, ms.
@@ -243,6 +247,7 @@ impl Admin {
             if service.is_some_and(|n| n != s.spec.name) {
                 continue;
             }
+            let why: std::collections::HashMap<_, _> = s.balancer.explain().into_iter().collect();
             for e in &s.endpoints {
                 let st = &e.endpoint.stats;
                 let health = if e.spec.terminating {
@@ -253,6 +258,8 @@ impl Admin {
                     "ejected"
                 } else if st.backing_off(backoff) {
                     "backing-off"
+                } else if st.health() == crate::balance::Health::NotServing {
+                    "not-serving"
                 } else {
                     "ready"
                 };
@@ -263,6 +270,11 @@ impl Admin {
                     zone: e.spec.zone.clone(),
                     node: e.spec.node.clone(),
                     health: health.into(),
+                    check: st.health().as_str(),
+                    pick: why
+                        .get(&e.endpoint.addr)
+                        .cloned()
+                        .unwrap_or_else(|| "takes no new calls: not ready, or terminating".into()),
                     in_flight: st.in_flight.load(Relaxed),
                     ewma_ms: st.ewma().as_secs_f64() * 1000.0,
                     calls: st.calls.load(Relaxed),

@@ -23,8 +23,8 @@ use serde::Serialize;
 
 pub use crate::balance::Endpoint;
 use crate::{
-    balance::{Balancer, FailurePolicy},
-    config::{Policy, PoolConfig, ServiceConfig},
+    balance::{Balancer, FailurePolicy, Place, Settings},
+    config::{Balancing, LocalityConfig, Policy, PoolConfig, ServiceConfig},
 };
 
 /// A service as discovery describes it.
@@ -40,6 +40,8 @@ pub struct ServiceSpec {
     pub policy: Policy,
     /// Its endpoints, ready or not.
     pub endpoints: Vec<EndpointSpec>,
+    /// Hash header, locality, warm-up, health checks.
+    pub balancing: Balancing,
 }
 
 /// An endpoint as discovery describes it.
@@ -115,6 +117,7 @@ impl ServiceSpec {
                     labels: Arc::new(e.labels.clone()),
                 })
                 .collect(),
+            balancing: s.balancing.clone(),
         }
     }
 }
@@ -131,6 +134,8 @@ pub enum Source {
 }
 
 /// A change from a discovery source.
+// A few per discovery event, on the control plane: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Update {
     /// The source's whole view: services it does not list are removed.
@@ -229,6 +234,12 @@ struct Inner {
     next_id: u32,
     endpoints: HashMap<SocketAddr, Weak<Endpoint>>,
     failures: FailurePolicy,
+    /// Where this agent runs, as the file says.
+    locality: LocalityConfig,
+    /// This node's name from the command line (`--node-name`).
+    node_name: Option<String>,
+    /// Where this agent runs, as the balancers are built with it.
+    local: Place,
     version: u64,
 }
 
@@ -252,6 +263,9 @@ impl Store {
                 next_id: 1,
                 endpoints: HashMap::new(),
                 failures: FailurePolicy::from_config(&pool),
+                locality: LocalityConfig::default(),
+                node_name: None,
+                local: Place::default(),
                 version: 0,
             }),
             changed: tokio::sync::watch::channel(0).0,
@@ -332,6 +346,41 @@ impl Store {
         self.publish(inner, snapshot);
     }
 
+    /// Where this agent runs, as the file's `locality` section says (empty fields: from
+    /// `--node-name`, and the zone of the endpoints on this node). Every balancer is made again
+    /// when that changes what they prefer.
+    pub fn set_locality(&self, locality: &LocalityConfig) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.locality = locality.clone();
+        self.relocate(inner);
+    }
+
+    /// This node's name from the command line (`--node-name`, NODE_NAME).
+    pub fn set_node_name(&self, node: Option<String>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.node_name = node.filter(|n| !n.is_empty());
+        self.relocate(inner);
+    }
+
+    /// Where this agent runs, as its balancers see it.
+    pub fn local(&self) -> Place {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .local
+            .clone()
+    }
+
+    fn relocate(&self, mut inner: std::sync::MutexGuard<'_, Inner>) {
+        let local = inner.local_place();
+        if local == inner.local {
+            return;
+        }
+        inner.local = local;
+        let snapshot = inner.build(&Snapshot::default());
+        self.publish(inner, snapshot);
+    }
+
     fn publish(&self, inner: std::sync::MutexGuard<'_, Inner>, snapshot: Snapshot) {
         let version = snapshot.version;
         let snapshot = Arc::new(snapshot);
@@ -350,8 +399,37 @@ impl Store {
 }
 
 impl Inner {
+    /// Where this agent runs: the file's names, else the node from the command line and the
+    /// zone that discovery reports for the endpoints on that node.
+    fn local_place(&self) -> Place {
+        let node = Some(self.locality.node.as_str())
+            .filter(|n| !n.is_empty())
+            .or(self.node_name.as_deref());
+        let zone = Some(self.locality.zone.as_str())
+            .filter(|z| !z.is_empty())
+            .or_else(|| {
+                let node = node?;
+                self.sources
+                    .values()
+                    .flat_map(|s| s.values())
+                    .flat_map(|s| &s.endpoints)
+                    .find(|e| e.node.as_deref() == Some(node) && e.zone.is_some())
+                    .and_then(|e| e.zone.as_deref())
+            });
+        Place::new(node, zone)
+    }
+
     fn build(&mut self, previous: &Snapshot) -> Snapshot {
         self.version += 1;
+        // The zone may come from the endpoints, which may have changed.
+        let local = self.local_place();
+        let empty = Snapshot::default();
+        let previous = if local == self.local {
+            previous
+        } else {
+            self.local = local;
+            &empty
+        };
         self.endpoints.retain(|_, e| e.strong_count() > 0);
         let mut snap = Snapshot {
             version: self.version,
@@ -368,7 +446,7 @@ impl Inner {
             // Unchanged services keep their Arc (and their round-robin position).
             let service = match previous.services.get(&spec.name) {
                 Some(prev) if prev.spec == *spec => prev.clone(),
-                _ => Arc::new(self.service(spec)),
+                prev => Arc::new(self.service(spec, prev.map(|p| &**p))),
             };
             for vip in &spec.vips {
                 snap.by_vip.insert(*vip, service.clone());
@@ -382,7 +460,8 @@ impl Inner {
         snap
     }
 
-    fn service(&mut self, spec: &ServiceSpec) -> Service {
+    /// The service of `spec`; `previous`: its last version, whose endpoints need no warm-up.
+    fn service(&mut self, spec: &ServiceSpec, previous: Option<&Service>) -> Service {
         let id = match self.ids.get(&spec.name) {
             Some(id) => *id,
             None => {
@@ -395,9 +474,22 @@ impl Inner {
         let endpoints: Vec<ServiceEndpoint> = spec
             .endpoints
             .iter()
-            .map(|e| ServiceEndpoint {
-                endpoint: self.endpoint(e.addr),
-                spec: e.clone(),
+            .map(|e| {
+                let endpoint = self.endpoint(e.addr);
+                endpoint.set_place(Place::new(e.node.as_deref(), e.zone.as_deref()));
+                // Slow start for an endpoint that joins a service that already had endpoints
+                // to take its calls; a new service's first endpoints start at full share.
+                if !spec.balancing.warmup.is_zero()
+                    && let Some(prev) = previous
+                    && !prev.balancer.ready().is_empty()
+                    && !prev.endpoints.iter().any(|p| p.spec.addr == e.addr)
+                {
+                    endpoint.stats.start_warmup();
+                }
+                ServiceEndpoint {
+                    endpoint,
+                    spec: e.clone(),
+                }
             })
             .collect();
         let ready = endpoints
@@ -410,7 +502,15 @@ impl Inner {
             name: spec.name.as_str().into(),
             spec: spec.clone(),
             endpoints,
-            balancer: Balancer::new(spec.policy, ready, self.failures),
+            balancer: Balancer::new(
+                spec.policy,
+                ready,
+                Settings {
+                    failures: self.failures,
+                    balancing: spec.balancing.clone(),
+                    local: self.local.clone(),
+                },
+            ),
         }
     }
 
@@ -438,6 +538,7 @@ mod tests {
                 .iter()
                 .map(|e| EndpointSpec::ready(e.parse().unwrap()))
                 .collect(),
+            balancing: Balancing::default(),
         }
     }
 

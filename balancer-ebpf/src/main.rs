@@ -1,13 +1,21 @@
 //! balancer's kernel programs.
 //!
 //! - `blb_connect4` (cgroup `connect4`): a pod that opted in connects to a gRPC Service
-//!   VIP:port; while the agent's lease is fresh the connect is rewritten to the node proxy and
+//!   VIP:port; while some agent's lease is fresh the connect is rewritten to the node proxy and
 //!   the original destination is recorded by socket cookie.
+//! - `blb_connect6` (cgroup `connect6`): the same for AF_INET6 sockets: to an IPv4-mapped VIP
+//!   (`::ffff:a.b.c.d`, how gRPC's C-core dials IPv4) exactly as `connect4`, to an IPv6 VIP
+//!   towards the proxy's IPv6 address.
 //! - `blb_sock_ops` (`sockops`): once such a connection is established, its original
-//!   destination is re-keyed by the client's 4-tuple (what the proxy sees at accept) and removed
-//!   again when the socket closes; with the shortcut on, both ends go into the socket map.
+//!   destination is re-keyed by the client's 4-tuple (what the proxy sees at accept; IPv4 for
+//!   an IPv4-mapped socket) and removed again when the socket closes; with the shortcut on,
+//!   both ends go into this agent's socket map.
 //! - `blb_sk_msg` (`sk_msg`): the optional same-node shortcut; a message written on one end is
 //!   put straight on the peer socket's receive queue, bypassing TCP.
+//!
+//! Several agents may have these programs attached at once (a rollout): they share every map
+//! but the socket map and `BLB_LOCAL`, and behave the same, so whichever runs first does the
+//! work and the others find nothing left to do (see the agent's `ebpf` module).
 //!
 //! These programs never drop or refuse a connection: every error path lets the connect proceed
 //! untouched (fail open). All addresses and ports are kept in network byte order.
@@ -34,6 +42,7 @@ use balancer_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 /// A cgroup sock_addr program allows the operation by returning 1.
 const ALLOW: i32 = 1;
@@ -151,6 +160,76 @@ fn cgroup_opted_in() -> bool {
     false
 }
 
+/// The counters of one connect program.
+struct ConnectCounters {
+    redirected: Counter,
+    not_opted_in: Counter,
+    agent_down: Counter,
+}
+
+const CONNECT4: ConnectCounters = ConnectCounters {
+    redirected: Counter::Connect4Redirected,
+    not_opted_in: Counter::Connect4NotOptedIn,
+    agent_down: Counter::Connect4AgentDown,
+};
+
+const CONNECT6: ConnectCounters = ConnectCounters {
+    redirected: Counter::Connect6Redirected,
+    not_opted_in: Counter::Connect6NotOptedIn,
+    agent_down: Counter::Connect6AgentDown,
+};
+
+/// Whether a connect to a Service VIP is taken: `agent` serves, and the connecting cgroup
+/// opted in. Counts why not.
+#[inline(always)]
+fn take(c: &ConnectCounters, agent: Option<AgentState>) -> Option<AgentState> {
+    let Some(agent) = agent else {
+        count(c.agent_down);
+        return None;
+    };
+    if !cgroup_opted_in() {
+        count(c.not_opted_in);
+        return None;
+    }
+    Some(agent)
+}
+
+/// The socket cookie of a connect.
+#[inline(always)]
+fn cookie_of(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the sock_addr context is a valid argument for bpf_get_socket_cookie.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// A connect to IPv4 `ip4:port` (network byte order; from `connect4`, or `connect6` for an
+/// IPv4-mapped address): if it is a Service VIP to redirect, records the original destination
+/// by socket cookie and returns the agent to send it to.
+#[inline(always)]
+fn redirect_v4(
+    ctx: &SockAddrContext,
+    ip4: u32,
+    port: u16,
+    c: &ConnectCounters,
+) -> Option<AgentState> {
+    let key = ServiceKey { ip4, port, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let service = *unsafe { SERVICES.get(&key) }?;
+    let agent = take(c, serving_agent())?;
+    let orig = OrigDst {
+        ip4,
+        port,
+        _pad: 0,
+        service_id: service.service_id,
+        pid: current_pid(),
+    };
+    if ORIG_BY_COOKIE.insert(&cookie_of(ctx), &orig, 0).is_err() {
+        // Without a record the proxy could not tell the service: leave the connect alone.
+        count(Counter::MapUpdateFailed);
+        return None;
+    }
+    Some(agent)
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn blb_connect4(ctx: SockAddrContext) -> i32 {
     count(Counter::Connect4Calls);
@@ -172,42 +251,136 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), ()> {
     if family != AF_INET || sock_type != SOCK_STREAM {
         return Ok(());
     }
-    let key = ServiceKey {
-        ip4,
-        port: port as u16,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    let service = *unsafe { SERVICES.get(&key) }.ok_or(())?;
-    let Some(agent) = serving_agent() else {
-        count(Counter::Connect4AgentDown);
-        return Ok(());
-    };
-    if !cgroup_opted_in() {
-        count(Counter::Connect4NotOptedIn);
-        return Ok(());
-    }
-    // SAFETY: the sock_addr context is a valid argument for bpf_get_socket_cookie.
-    let cookie = unsafe { bpf_get_socket_cookie(addr.cast()) };
-    let orig = OrigDst {
-        ip4,
-        port: port as u16,
-        _pad: 0,
-        service_id: service.service_id,
-        pid: current_pid(),
-    };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        // Without a record the proxy could not tell the service: leave the connect alone.
-        count(Counter::MapUpdateFailed);
-        return Ok(());
-    }
+    let agent = redirect_v4(ctx, ip4, port as u16, &CONNECT4).ok_or(())?;
     // SAFETY: writes of 4-byte context fields, each on its own: LLVM may otherwise merge the
     // two stores into one 8-byte store, which the verifier refuses for this context.
     unsafe {
         core::ptr::write_volatile(&raw mut (*addr).user_ip4, agent.proxy_ip4);
         core::ptr::write_volatile(&raw mut (*addr).user_port, u32::from(agent.proxy_port));
     }
-    count(Counter::Connect4Redirected);
+    count(CONNECT4.redirected);
+    Ok(())
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as the kernel holds it.
+const V4_MAPPED_WORD: u32 = 0x0000_ffff_u32.to_be();
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (four words, network byte order).
+#[inline(always)]
+fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
+    (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD).then_some(ip6[3])
+}
+
+/// Reads four 4-byte context words one by one (the verifier refuses wider reads of some).
+///
+/// # Safety
+/// `p` points to four readable `u32` words of a program context.
+#[inline(always)]
+unsafe fn read_ip6(p: *const u32) -> [u32; 4] {
+    // SAFETY: the caller promises four readable words.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
+/// Writes four 4-byte context words one by one.
+///
+/// # Safety
+/// `p` points to four writable `u32` words of a program context.
+#[inline(always)]
+unsafe fn write_ip6(p: *mut u32, ip6: [u32; 4]) {
+    // SAFETY: the caller promises four writable words.
+    unsafe {
+        core::ptr::write_volatile(p, ip6[0]);
+        core::ptr::write_volatile(p.add(1), ip6[1]);
+        core::ptr::write_volatile(p.add(2), ip6[2]);
+        core::ptr::write_volatile(p.add(3), ip6[3]);
+    }
+}
+
+/// The first slot with a live lease that takes redirected connections and has an IPv6 proxy
+/// address.
+#[inline(always)]
+fn serving_agent6() -> Option<AgentState> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut i = 0;
+    while i < MAX_AGENTS {
+        if let Some(state) = AGENT.get(i)
+            && state.alive_until_ns > now
+            && state.flags & AGENT_FLAG_REDIRECT != 0
+            && state.proxy6_port != 0
+        {
+            return Some(*state);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `connect6`: an AF_INET6 stream socket connects. gRPC's C-core (Python, C++, Ruby, PHP)
+/// dials IPv4 targets through AF_INET6 sockets whenever the host has IPv6, to `::ffff:VIP`:
+/// such a connect to an IPv4 VIP is sent to `::ffff:<proxy IPv4>` exactly as `connect4`
+/// would, and its original destination recorded as IPv4, so the proxy, which accepts it on
+/// its IPv4 listener, finds it by the IPv4 4-tuple. A connect to an IPv6 VIP goes to the
+/// proxy's IPv6 address, its original destination in the IPv6 maps.
+#[cgroup_sock_addr(connect6)]
+pub fn blb_connect6(ctx: SockAddrContext) -> i32 {
+    count(Counter::Connect6Calls);
+    let _ = try_connect6(&ctx);
+    ALLOW
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
+    let addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program; reads are of 4-byte fields.
+    let (family, sock_type, ip6, port) = unsafe {
+        (
+            (*addr).user_family,
+            (*addr).type_,
+            read_ip6((&raw const (*addr).user_ip6).cast()),
+            (*addr).user_port,
+        )
+    };
+    if family != AF_INET6 || sock_type != SOCK_STREAM {
+        return Ok(());
+    }
+    let port = port as u16;
+    let (to, to_port) = match v4_mapped(&ip6) {
+        Some(ip4) => {
+            let agent = redirect_v4(ctx, ip4, port, &CONNECT6).ok_or(())?;
+            ([0, 0, V4_MAPPED_WORD, agent.proxy_ip4], agent.proxy_port)
+        }
+        None => {
+            let key = ServiceKey6 { ip6, port, _pad: 0 };
+            // SAFETY: the value is copied out at once.
+            let service = *unsafe { SERVICES6.get(&key) }.ok_or(())?;
+            let agent = take(&CONNECT6, serving_agent6()).ok_or(())?;
+            let orig = OrigDst6 {
+                ip6,
+                port,
+                _pad: 0,
+                service_id: service.service_id,
+                pid: current_pid(),
+            };
+            if ORIG_BY_COOKIE6.insert(&cookie_of(ctx), &orig, 0).is_err() {
+                count(Counter::MapUpdateFailed);
+                return Err(());
+            }
+            (agent.proxy_ip6, agent.proxy6_port)
+        }
+    };
+    // SAFETY: 4-byte writes of context fields, each on its own.
+    unsafe {
+        write_ip6((&raw mut (*addr).user_ip6).cast(), to);
+        core::ptr::write_volatile(&raw mut (*addr).user_port, u32::from(to_port));
+    }
+    count(CONNECT6.redirected);
     Ok(())
 }
 
@@ -231,21 +404,75 @@ pub fn blb_sock_ops(ctx: SockOpsContext) -> u32 {
     0
 }
 
-fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
-    if ctx.family() != AF_INET {
-        return Ok(());
+/// A socket's addresses as `sock_ops` sees them: IPv4 (an AF_INET socket, or an AF_INET6
+/// one whose both ends are IPv4-mapped: a C-core gRPC client's), or native IPv6.
+enum Tuple {
+    V4(SockTuple),
+    V6(SockTuple6),
+}
+
+fn tuple_of(ctx: &SockOpsContext) -> Option<Tuple> {
+    let ops = ctx.ops;
+    let src_port = local_port_be(ctx.local_port());
+    let dst_port = remote_port_be(ctx.remote_port());
+    match ctx.family() {
+        AF_INET => Some(Tuple::V4(SockTuple {
+            src_ip4: ctx.local_ip4(),
+            dst_ip4: ctx.remote_ip4(),
+            src_port,
+            dst_port,
+        })),
+        AF_INET6 => {
+            // SAFETY: the context pointer is valid for the whole program; 4-byte reads.
+            let (local, remote) = unsafe {
+                (
+                    read_ip6((&raw const (*ops).local_ip6).cast()),
+                    read_ip6((&raw const (*ops).remote_ip6).cast()),
+                )
+            };
+            Some(match (v4_mapped(&local), v4_mapped(&remote)) {
+                (Some(src_ip4), Some(dst_ip4)) => Tuple::V4(SockTuple {
+                    src_ip4,
+                    dst_ip4,
+                    src_port,
+                    dst_port,
+                }),
+                _ => Tuple::V6(SockTuple6 {
+                    src_ip6: local,
+                    dst_ip6: remote,
+                    src_port,
+                    dst_port,
+                }),
+            })
+        }
+        _ => None,
     }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     // The tuple as this socket sees it: src is the local end.
-    let tuple = SockTuple {
-        src_ip4: ctx.local_ip4(),
-        dst_ip4: ctx.remote_ip4(),
-        src_port: local_port_be(ctx.local_port()),
-        dst_port: remote_port_be(ctx.remote_port()),
-    };
+    match tuple_of(ctx).ok_or(())? {
+        Tuple::V4(tuple) => sock_ops_v4(ctx, tuple),
+        Tuple::V6(tuple) => sock_ops_v6(ctx, tuple),
+    }
+}
+
+/// Asks for state callbacks so that the socket's entry goes when it closes.
+#[inline(always)]
+fn track_close(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn cookie_of_sock(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the sock_ops context is a valid argument for bpf_get_socket_cookie.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+fn sock_ops_v4(ctx: &SockOpsContext, tuple: SockTuple) -> Result<(), ()> {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // SAFETY: the sock_ops context is a valid argument for bpf_get_socket_cookie.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let cookie = cookie_of_sock(ctx);
             // SAFETY: the value is copied out at once.
             let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }.ok_or(())?;
             let _ = ORIG_BY_COOKIE.remove(&cookie);
@@ -254,8 +481,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 return Err(());
             }
             count(Counter::SockOpsTracked);
-            // Ask for state callbacks so the entry goes when the socket closes.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            track_close(ctx);
             insert_socket(ctx, tuple);
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
@@ -266,6 +492,32 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE && ORIG_BY_TUPLE.remove(&tuple).is_ok() {
+                count(Counter::SockOpsClosed);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Native IPv6: the original destination is re-keyed by the 4-tuple as for IPv4; the
+/// shortcut is not used (its socket map is keyed by IPv4 tuples; TCP carries the data).
+fn sock_ops_v6(ctx: &SockOpsContext, tuple: SockTuple6) -> Result<(), ()> {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let cookie = cookie_of_sock(ctx);
+            // SAFETY: the value is copied out at once.
+            let orig = *unsafe { ORIG_BY_COOKIE6.get(&cookie) }.ok_or(())?;
+            let _ = ORIG_BY_COOKIE6.remove(&cookie);
+            if ORIG_BY_TUPLE6.insert(&tuple, &orig, 0).is_err() {
+                count(Counter::MapUpdateFailed);
+                return Err(());
+            }
+            count(Counter::SockOpsTracked);
+            track_close(ctx);
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE && ORIG_BY_TUPLE6.remove(&tuple).is_ok() {
                 count(Counter::SockOpsClosed);
             }
         }
@@ -299,20 +551,28 @@ fn insert_socket(ctx: &SockOpsContext, mut tuple: SockTuple) {
 
 #[sk_msg]
 pub fn blb_sk_msg(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
     // SAFETY: the context pointer is valid for the whole program; 4-byte field reads.
-    let (family, local_ip4, remote_ip4, local_port, remote_port) = unsafe {
-        let md = ctx.msg;
-        (
-            (*md).family,
-            (*md).local_ip4,
-            (*md).remote_ip4,
-            (*md).local_port,
-            (*md).remote_port,
-        )
+    let (family, local_port, remote_port) =
+        unsafe { ((*md).family, (*md).local_port, (*md).remote_port) };
+    let ends = match family {
+        // SAFETY: as above.
+        AF_INET => unsafe { Some(((*md).local_ip4, (*md).remote_ip4)) },
+        AF_INET6 => {
+            // SAFETY: as above; a client's AF_INET6 socket with IPv4-mapped ends.
+            let (local, remote) = unsafe {
+                (
+                    read_ip6((&raw const (*md).local_ip6).cast()),
+                    read_ip6((&raw const (*md).remote_ip6).cast()),
+                )
+            };
+            v4_mapped(&local).zip(v4_mapped(&remote))
+        }
+        _ => None,
     };
-    if family != AF_INET {
+    let Some((local_ip4, remote_ip4)) = ends else {
         return SK_PASS;
-    }
+    };
     // The peer socket sees this connection from the other end.
     let mut peer = SockTuple {
         src_ip4: remote_ip4,

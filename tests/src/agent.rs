@@ -225,6 +225,33 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, as the kubelet stops a pod, without waiting.
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Waits (without blocking the runtime) until the process exits, at most `timeout`; `None`
+    /// if it is still running then.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();

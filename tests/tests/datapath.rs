@@ -26,6 +26,15 @@ fn counts(v: &Value) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Asserts that the agent counted `n` successful calls of `service`.
+fn assert_calls_ok(agent: &Agent, service: &str, n: u64) {
+    let m = agent.metrics();
+    let service = format!("service=\"{service}\"");
+    let ok =
+        balancer_tests::agent::metric(&m, "balancer_calls_total", &[&service, "grpc_status=\"0\""]);
+    assert_eq!(ok, n as f64, "{m}");
+}
+
 /// A VIP for this scenario: an address of the node (so nothing ever leaves the machine).
 fn vip(s: &Scenario, last: u8) -> SocketAddr {
     let gw = s.node.gateway.octets();
@@ -71,13 +80,7 @@ async fn root_an_opted_in_pod_dialing_a_vip_is_balanced_per_call() {
     );
     // The listener has no default service and the calls' :authority is the VIP, which names
     // no service: they could only be routed by the original destination sock_ops recorded.
-    let m = agent.metrics();
-    let ok = balancer_tests::agent::metric(
-        &m,
-        "balancer_calls_total",
-        &["service=\"greeter\"", "grpc_status=\"0\""],
-    );
-    assert_eq!(ok, 100.0, "{m}");
+    assert_calls_ok(&agent, "greeter", 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,4 +453,119 @@ async fn root_two_agents_share_the_pinned_maps_and_the_last_one_out_removes_them
         let p = std::path::Path::new(&pins).join(m.name);
         assert!(!p.exists(), "{} left behind", p.display());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_an_ipv4_mapped_ipv6_socket_dialing_a_vip_is_redirected_and_balanced_per_call() {
+    require_root!();
+    let s = Scenario::new(4).await.unwrap();
+    let vip = vip(&s, 21);
+    let agent = start(&s, |admin| s.agent_config(vip, admin, "auto")).await;
+    // The client pod dials `[::ffff:VIP]:port` through an AF_INET6 socket.
+    let SocketAddr::V4(v4) = vip else {
+        unreachable!()
+    };
+    let mapped = SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()));
+    let out = s.call("client", mapped, 100).await;
+    let c = counts(&out);
+    assert_eq!(c.len(), 4, "every backend pod served: {c:?}");
+    assert!(c.values().all(|&n| n == 25), "{c:?}");
+    assert_eq!(agent.bpf_counter("connect6_redirected"), 1, "{out}");
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 0);
+    // sock_ops keyed it by the IPv4 tuple the proxy accepted on its IPv4 listener: the calls
+    // were routed by the original destination (the :authority names no service).
+    assert_calls_ok(&agent, "greeter", 100);
+    // And the same-node shortcut took the mapped socket too: no data segment over TCP.
+    assert_eq!(out["data_segs_out"].as_u64(), Some(0), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_python_grpcio_in_a_pod_with_ipv6_is_redirected_through_connect6_and_balanced() {
+    require_root!();
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .unwrap_or_else(|e| panic!("python3 is needed for this test: {e}"));
+    assert!(
+        check.status.success(),
+        "python3 cannot import grpc: run `cargo xtask setup` (it installs grpcio): {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let s = Scenario::new(4).await.unwrap();
+    let vip = vip(&s, 22);
+    let agent = start(&s, |admin| s.agent_config(vip, admin, "off")).await;
+    let pod = s.node.pod("client");
+    // IPv6 is up in the pod (`::1` on its loopback): grpcio's C-core then dials the IPv4 VIP
+    // through an AF_INET6 socket, to `::ffff:VIP`.
+    let addrs = std::process::Command::new("ip")
+        .args(["-n", &pod.netns, "-6", "addr", "show", "dev", "lo"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(addrs.contains("::1/128"), "IPv6 is up in the pod: {addrs}");
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/interop_client.py");
+    let (unary, streams, per_stream) = (40, 4, 5);
+    let mut child = pod
+        .command(
+            "python3",
+            &[
+                script,
+                &vip.to_string(),
+                &unary.to_string(),
+                &streams.to_string(),
+                &per_stream.to_string(),
+            ],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        }),
+    )
+    .await
+    .expect("the Python client finishes its calls within 60 s")
+    .unwrap()
+    .unwrap();
+    assert!(
+        !line.is_empty(),
+        "the Python client failed: {:?}",
+        child.wait()
+    );
+    let out: Value = serde_json::from_str(&line).expect("a JSON summary");
+    assert_eq!(out["unary_ok"], unary);
+    let backends = out["unary_backends"].as_object().unwrap();
+    assert_eq!(
+        backends.len(),
+        4,
+        "balanced per call over every backend: {out}"
+    );
+    assert!(backends.values().all(|n| n == 10), "{out}");
+    assert!(
+        agent.bpf_counter("connect6_redirected") >= 1,
+        "went through connect6"
+    );
+    assert_eq!(
+        agent.bpf_counter("connect4_redirected"),
+        0,
+        "not through connect4"
+    );
+    // One client connection, accepted on the IPv4 listener, routed by its original
+    // destination.
+    let conns = agent.json("/api/connections");
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!(conns[0]["target"], format!("vip {vip}"), "{conns:?}");
+    assert_eq!(conns[0]["calls_total"], unary + streams);
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
 }

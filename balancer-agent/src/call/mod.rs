@@ -40,7 +40,7 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 
 use crate::{
-    balance::CallGuard,
+    balance::{CallGuard, PickContext},
     config::Limits,
     metrics::{Metrics, RouteLabels},
     state::{Service, Snapshot, Store},
@@ -272,7 +272,15 @@ impl Calls {
                 deadline = Some(start + t);
             }
         }
+        // A ring-hash destination keys the call by its header (as the client sent it).
+        let hash = decision
+            .destination
+            .balancer()
+            .hash_header()
+            .and_then(|h| fields.get(h.as_bytes()))
+            .map(crate::balance::ring::key);
         let replay = Box::new(Replay {
+            hash,
             fields: sent_fields.unwrap_or_else(|| fields.clone()),
             data: BytesMut::new(),
             complete: end,
@@ -433,6 +441,8 @@ pub struct Replay {
     pub deadline: Option<Instant>,
     /// Endpoints tried, in order.
     pub tried: Vec<SocketAddr>,
+    /// The call's key for a `ring-hash` destination (its `hash_header`, hashed).
+    pub hash: Option<u64>,
 }
 
 impl Call {
@@ -541,6 +551,8 @@ pub struct Attempts {
     /// One failed (connect failure, or it refused the call).
     failed: bool,
     last_error: Option<AttemptError>,
+    /// The call's key for a `ring-hash` destination.
+    hash: Option<u64>,
 }
 
 impl Attempts {
@@ -556,12 +568,21 @@ impl Attempts {
         attempts
     }
 
+    /// With the call's key for a `ring-hash` destination ([`Replay::hash`]).
+    pub fn keyed(mut self, hash: Option<u64>) -> Self {
+        self.hash = hash;
+        self
+    }
+
     /// The next endpoint of `destination` to try, within [`MAX_ATTEMPTS`]; counted as tried.
     pub fn next(&mut self, destination: &Destination) -> Option<CallGuard> {
         if self.tried.len() >= MAX_ATTEMPTS {
             return None;
         }
-        let guard = destination.balancer().pick(&self.tried)?;
+        let guard = destination.balancer().pick_with(PickContext {
+            avoid: &self.tried,
+            hash: self.hash,
+        })?;
         self.tried.push(guard.endpoint().addr);
         Some(guard)
     }

@@ -21,6 +21,7 @@ fn calls(endpoints: u16, limits: Limits) -> Arc<Calls> {
         endpoints: (1..=endpoints)
             .map(|i| EndpointSpec::ready(SocketAddr::from(([10, 0, 0, i as u8], 50051))))
             .collect(),
+        balancing: Default::default(),
     }]));
     let metrics = Metrics::new(store.clone(), 10);
     Calls::new(store, metrics, limits)

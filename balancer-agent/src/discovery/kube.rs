@@ -52,7 +52,7 @@ use tracing::{debug, info, warn};
 
 use super::pods::{self, ENABLED_LABEL, OptedIn, OptedInPod, PodInfo};
 use crate::{
-    config::Policy,
+    config::{Balancing, HealthCheck, Policy, TrafficDistribution},
     metrics::Metrics,
     state::{EndpointSpec, ServiceSpec, Source, Store, Update},
 };
@@ -184,6 +184,8 @@ struct Svc {
     /// gRPC ports, in the order of `spec.ports`: (port name, port).
     ports: Vec<(String, u16)>,
     policy: Policy,
+    /// From `spec.trafficDistribution` and the `balancer.dev/*` annotations.
+    balancing: Balancing,
 }
 
 /// An EndpointSlice as the model keeps it.
@@ -284,6 +286,95 @@ fn svc_of(s: &Service) -> Svc {
             .and_then(|a| a.get(POLICY_ANNOTATION))
             .and_then(|p| Policy::parse(p))
             .unwrap_or_default(),
+        balancing: balancing_of(s),
+    }
+}
+
+/// `balancer.dev/hash-header`: the header a `ring-hash` Service's calls are keyed by.
+pub const HASH_HEADER_ANNOTATION: &str = "balancer.dev/hash-header";
+/// `balancer.dev/warmup`: slow start of new endpoints (`30s`, `500ms`, or ms).
+pub const WARMUP_ANNOTATION: &str = "balancer.dev/warmup";
+/// `balancer.dev/health-check: grpc` turns on active gRPC health checks; the
+/// `balancer.dev/health-check-{service,interval,timeout,healthy-threshold,unhealthy-threshold}`
+/// annotations set them.
+pub const HEALTH_CHECK_ANNOTATION: &str = "balancer.dev/health-check";
+
+/// A duration annotation: `250ms`, `2s`, `1m`, or a number of milliseconds.
+fn duration_annotation(v: &str) -> Option<std::time::Duration> {
+    let v = v.trim();
+    let (n, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, "ms"),
+    };
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// A Service's balancing settings: `spec.trafficDistribution` and the `balancer.dev/*`
+/// annotations. A value that does not parse is ignored (the default stays) and logged.
+fn balancing_of(s: &Service) -> Balancing {
+    let empty = Default::default();
+    let a = s.metadata.annotations.as_ref().unwrap_or(&empty);
+    let get = |k: &str| a.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let name = || key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref());
+    let bad = |k: &str, v: &str| warn!(service = %name(), "annotation {k}: {v:?} ignored");
+    let traffic_distribution = s
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        .map_or(TrafficDistribution::Any, |t| {
+            TrafficDistribution::parse(t).unwrap_or(TrafficDistribution::Any)
+        });
+    let warmup = get(WARMUP_ANNOTATION)
+        .and_then(|v| duration_annotation(v).or_else(|| (bad(WARMUP_ANNOTATION, v), None).1))
+        .unwrap_or_default();
+    let health_check = get(HEALTH_CHECK_ANNOTATION)
+        .filter(|v| {
+            let grpc = *v == "grpc";
+            if !grpc && *v != "none" {
+                bad(HEALTH_CHECK_ANNOTATION, v);
+            }
+            grpc
+        })
+        .map(|_| {
+            let mut h = HealthCheck::default();
+            let k = |what: &str| format!("{HEALTH_CHECK_ANNOTATION}-{what}");
+            if let Some(v) = get(&k("service")) {
+                h.service = v.to_string();
+            }
+            for (what, field) in [("interval", &mut h.interval), ("timeout", &mut h.timeout)] {
+                if let Some(v) = get(&k(what)) {
+                    match duration_annotation(v).filter(|d| !d.is_zero()) {
+                        Some(d) => *field = d,
+                        None => bad(&k(what), v),
+                    }
+                }
+            }
+            for (what, field) in [
+                ("healthy-threshold", &mut h.healthy_threshold),
+                ("unhealthy-threshold", &mut h.unhealthy_threshold),
+            ] {
+                if let Some(v) = get(&k(what)) {
+                    match v.parse::<u32>().ok().filter(|n| *n > 0) {
+                        Some(n) => *field = n,
+                        None => bad(&k(what), v),
+                    }
+                }
+            }
+            h
+        });
+    Balancing {
+        hash_header: get(HASH_HEADER_ANNOTATION).map(str::to_ascii_lowercase),
+        traffic_distribution,
+        warmup,
+        health_check,
+        ..Balancing::default()
     }
 }
 
@@ -549,6 +640,7 @@ impl Model {
                         .collect(),
                     policy: svc.policy,
                     endpoints: endpoints.into_values().collect(),
+                    balancing: svc.balancing.clone(),
                 }
             })
             .collect()

@@ -1,7 +1,7 @@
 //! Loading, attaching and talking to the kernel programs of `balancer-ebpf`.
 //!
-//! [`Datapath::load`] loads the object embedded at build time, attaches `connect4` and
-//! `sock_ops` at a cgroup (v2) root, and takes typed handles on the maps. Links are owned by
+//! [`Datapath::load`] loads the object embedded at build time, attaches `connect4`,
+//! `connect6` and `sock_ops` at a cgroup (v2) root, and takes typed handles on the maps. Links are owned by
 //! this process: if the agent exits, even by SIGKILL, the kernel detaches its programs. While it
 //! runs, [`Datapath::heartbeat`] keeps its liveness lease fresh; the programs stop redirecting
 //! by themselves when no lease is live (an agent that hangs), so pods always reach their
@@ -475,24 +475,19 @@ impl Datapath {
         };
         // Attached beside any other agent's: see the module doc.
         let mode = attach_mode();
-        {
+        for (program, hook) in [
+            (programs::CONNECT4, "cgroup/connect4"),
+            (programs::CONNECT6, "cgroup/connect6"),
+        ] {
             let p: &mut CgroupSockAddr = ebpf
-                .program_mut(programs::CONNECT4)
-                .expect("connect4 is in the object")
+                .program_mut(program)
+                .expect("the connect programs are in the object")
                 .try_into()
-                .expect("connect4 is a cgroup sock_addr program");
-            p.load().map_err(program_error(
-                "load",
-                programs::CONNECT4,
-                "cgroup/connect4",
-                HINT_LOAD,
-            ))?;
-            p.attach(&cgroup, mode).map_err(program_error(
-                "attach",
-                programs::CONNECT4,
-                "cgroup/connect4",
-                HINT_CGROUP,
-            ))?;
+                .expect("a connect program is a cgroup sock_addr program");
+            p.load()
+                .map_err(program_error("load", program, hook, HINT_LOAD))?;
+            p.attach(&cgroup, mode)
+                .map_err(program_error("attach", program, hook, HINT_CGROUP))?;
         }
         {
             let p: &mut SockOps = ebpf

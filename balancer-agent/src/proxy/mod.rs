@@ -149,6 +149,8 @@ impl Proxy {
     }
 
     /// Accepts connections on `listener` until drained, each served by one of the workers.
+    /// Drained, it serves what the kernel queued before it closes: those connections are told
+    /// to go away like the others, rather than reset.
     pub async fn serve(self: Arc<Self>, tcp: TcpListener, listener: Listener) {
         let mut drain = self.drain.clone();
         let listener = Arc::new(listener);
@@ -165,22 +167,33 @@ impl Proxy {
                 },
                 () = drained(&mut drain) => break,
             };
-            if self.connections.load(Relaxed) >= self.calls.limits().max_connections {
-                self.calls
-                    .metrics
-                    .client_connection_errors
-                    .with_label_values(&["max_connections"])
-                    .inc();
-                drop(stream);
-                continue;
-            }
-            let proxy = self.clone();
-            let listener = listener.clone();
-            self.workers.dispatch(stream, move |stream| async move {
-                proxy.connection(stream, peer, listener).await;
-            });
+            self.accepted(stream, peer, &listener);
         }
-        info!(listener = %listener.name, "listener stopped");
+        let mut queued = 0;
+        let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+        while let std::task::Poll::Ready(Ok((stream, peer))) = tcp.poll_accept(noop) {
+            self.accepted(stream, peer, &listener);
+            queued += 1;
+        }
+        info!(listener = %listener.name, queued, "listener stopped");
+    }
+
+    /// Hands an accepted connection to a worker, unless `limits.max_connections` are open.
+    fn accepted(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, listener: &Arc<Listener>) {
+        if self.connections.load(Relaxed) >= self.calls.limits().max_connections {
+            self.calls
+                .metrics
+                .client_connection_errors
+                .with_label_values(&["max_connections"])
+                .inc();
+            drop(stream);
+            return;
+        }
+        let proxy = self.clone();
+        let listener = listener.clone();
+        self.workers.dispatch(stream, move |stream| async move {
+            proxy.connection(stream, peer, listener).await;
+        });
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, l: Arc<Listener>) {

@@ -322,9 +322,16 @@ impl State {
     }
 
     /// The task that owns the socket has something to do besides reading: calls to replay,
-    /// or, on an endpoint connection no longer in use, closing it.
+    /// or, on an endpoint connection no longer in use or a drained client connection, closing
+    /// it.
     pub fn has_work(&self) -> bool {
-        !self.replays.is_empty() || self.finished() || self.overloaded()
+        !self.replays.is_empty() || self.finished() || self.drained() || self.overloaded()
+    }
+
+    /// A client connection past its last GOAWAY (`going_away`, set by the drain's second step)
+    /// with no stream left: it closes.
+    pub fn drained(&self) -> bool {
+        self.role == Role::Server && self.going_away && self.streams.is_empty()
     }
 
     /// More DATA waits here than the peer may leave unread (`max_held`).

@@ -27,7 +27,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
 use super::{
-    ConnectionEnded, Io, Keepalive,
+    ConnectionEnded, Drain, Io, Keepalive,
     conn::{Conn, Credit, Link, Replayed, Role, State, Stream, apply, unlink},
     flush,
     read::{self, ConnError, HeaderBlock, check_connection_frame, connection_frame, unpad},
@@ -95,6 +95,8 @@ struct Down {
     waiting: HashMap<u32, Waiting>,
     /// Their routing, polled beside the client's frames.
     routing: FuturesUnordered<Abortable<RouteFuture>>,
+    /// Where the connection is in a drain.
+    drain: Drain,
 }
 
 type RouteFuture = Pin<Box<dyn Future<Output = Routed> + Send>>;
@@ -167,8 +169,8 @@ struct Routed {
 }
 
 /// Serves one client connection whose first bytes are the HTTP/2 preface, until it closes or
-/// `drain` is set (then: GOAWAY, its calls finish, it closes). An error says why the proxy
-/// closed it, or why it broke.
+/// `drain` is set (then: the two-step GOAWAY of [`super::Drain`], its calls finish, it
+/// closes). An error says why the proxy closed it, or why it broke.
 pub async fn serve(
     relay: super::Relay,
     mut sock: TcpStream,
@@ -180,16 +182,23 @@ pub async fn serve(
     let mut down = Down::new(relay.calls, leases, target, info);
     let conn = down.conn.clone();
     let mut rbuf = BytesMut::with_capacity(32 * 1024);
-    let mut draining = false;
     let mut preface = false;
-    // Armed at the soonest call deadline or keepalive PING.
+    // Armed at the soonest call deadline, keepalive PING or drain step.
     let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
     let result = loop {
-        let next = match (down.deadlines.peek(), &down.keepalive) {
-            (Some(Reverse((d, _))), Some(k)) => Some((*d).min(k.due())),
-            (Some(Reverse((d, _))), None) => Some(*d),
-            (None, k) => k.as_ref().map(Keepalive::due),
-        };
+        if down.drain == Drain::Final && conn.lock().streams.is_empty() {
+            // Drained: the second GOAWAY went out, every stream up to it is done.
+            let _ = tokio::time::timeout(FLUSH_WAIT, flush(&conn, &sock)).await;
+            break Ok(());
+        }
+        let next = [
+            down.deadlines.peek().map(|Reverse((d, _))| *d),
+            down.keepalive.as_ref().map(Keepalive::due),
+            down.drain.due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if let Some(t) = next
             && timer.deadline() != t
         {
@@ -199,6 +208,7 @@ pub async fn serve(
             r = read_more(&conn, &mut sock, &mut rbuf) => r,
             () = &mut timer, if next.is_some() => {
                 down.expire();
+                down.drain.expire(&conn, down.last_sid);
                 if let Some(k) = &mut down.keepalive
                     && k.due() <= Instant::now()
                     && !k.fire(&conn)
@@ -213,12 +223,8 @@ pub async fn serve(
                 down.routed(routed);
                 continue;
             }
-            () = super::drained(&mut drain), if !draining => {
-                draining = true;
-                let mut st = conn.lock();
-                st.going_away = true;
-                frame::goaway(&mut st.out, down.last_sid, Reason::NO_ERROR, b"");
-                st.wake();
+            () = super::drained(&mut drain), if down.drain == Drain::Serving => {
+                down.drain.announce(&conn);
                 continue;
             }
         };
@@ -261,10 +267,6 @@ pub async fn serve(
         if let Err(e) = down.frames(&mut rbuf) {
             let ended = ConnectionEnded::Protocol(e);
             break Err(down.close_for(&sock, ended, FLUSH_WAIT).await);
-        }
-        if draining && conn.lock().streams.is_empty() {
-            let _ = flush(&conn, &sock).await;
-            break Ok(());
         }
     };
     down.close();
@@ -319,6 +321,7 @@ impl Down {
             keepalive: Keepalive::new(l.keepalive_interval, l.keepalive_timeout),
             waiting: HashMap::new(),
             routing: FuturesUnordered::new(),
+            drain: Drain::default(),
             limits: l,
         }
     }
@@ -406,6 +409,7 @@ impl Down {
                 if let Some(k) = &mut self.keepalive {
                     k.pong(payload);
                 }
+                self.drain.pong(payload, &self.conn, self.last_sid);
                 Ok(())
             }
             // GOAWAY (the client opens no more streams; it closes when done) and unknown types
@@ -718,7 +722,7 @@ impl Down {
         let service = call.destination().clone();
         let r = call.replay();
         let deadline = r.deadline;
-        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error);
+        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error).keyed(r.hash);
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
         let first = attempts.next(&service);

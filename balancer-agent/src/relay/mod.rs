@@ -189,6 +189,95 @@ async fn drained(drain: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
+/// How a client connection closes when the agent drains: the graceful two-step GOAWAY of
+/// RFC 9113 §6.8, so that no stream the client sent is refused or lost.
+///
+/// 1. [`Drain::announce`]: a GOAWAY with the largest stream id (2^31-1) and NO_ERROR tells the
+///    client to open no more streams here (it opens its next ones on a new connection), and a
+///    PING follows it. Streams that were on their way keep being accepted.
+/// 2. [`Drain::finish`]: when the PING's ACK comes back, every stream the client opened before
+///    it read the first GOAWAY has arrived (frames are read in order); a client that does not
+///    answer gets [`DRAIN_ANNOUNCE_WAIT`]. A second GOAWAY then names the last stream the
+///    proxy serves. Every stream up to it is served to its end; a stream above it (only a
+///    client that ignored the first GOAWAY sends one) is refused unprocessed, which it may
+///    retry elsewhere.
+///
+/// The connection closes once it is [`Drain::Final`] and its streams are done.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Not draining.
+    #[default]
+    Serving,
+    /// The first GOAWAY and its PING are out; the second GOAWAY goes at the ACK or at `until`.
+    Announced {
+        /// When the second GOAWAY goes without an ACK.
+        until: Instant,
+    },
+    /// The second GOAWAY is out: no new stream; the connection closes when its streams are done.
+    Final,
+}
+
+/// How long the first GOAWAY waits for its PING's ACK before the second goes anyway.
+pub const DRAIN_ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+
+/// The payload of the PING that follows the first GOAWAY ("drain" tag, distinct from keepalive
+/// PINGs).
+pub const DRAIN_PING: [u8; 8] = *b"blbdrain";
+
+/// The largest stream id: the first GOAWAY's last-stream-id (RFC 9113 §6.8).
+pub const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+
+impl Drain {
+    /// Step 1: the first GOAWAY (2^31-1, NO_ERROR) and a PING, queued on `conn`.
+    pub fn announce(&mut self, conn: &Conn) {
+        if *self != Drain::Serving {
+            return;
+        }
+        let mut st = conn.lock();
+        frame::goaway(&mut st.out, MAX_STREAM_ID, Reason::NO_ERROR, b"");
+        frame::ping(&mut st.out, false, DRAIN_PING);
+        st.wake();
+        *self = Drain::Announced {
+            until: Instant::now() + DRAIN_ANNOUNCE_WAIT,
+        };
+    }
+
+    /// Step 2: the second GOAWAY naming `last_sid`, the last stream the client opened; the
+    /// connection takes no stream above it.
+    pub fn finish(&mut self, conn: &Conn, last_sid: u32) {
+        if !matches!(self, Drain::Announced { .. }) {
+            return;
+        }
+        let mut st = conn.lock();
+        st.going_away = true;
+        frame::goaway(&mut st.out, last_sid, Reason::NO_ERROR, b"");
+        st.wake();
+        *self = Drain::Final;
+    }
+
+    /// A PING ACK with `payload` arrived: the ACK of the drain PING finishes the drain.
+    pub fn pong(&mut self, payload: &[u8], conn: &Conn, last_sid: u32) {
+        if payload == DRAIN_PING {
+            self.finish(conn, last_sid);
+        }
+    }
+
+    /// When [`Drain::expire`] is due, if it is.
+    pub fn due(&self) -> Option<Instant> {
+        match self {
+            Drain::Announced { until } => Some(*until),
+            _ => None,
+        }
+    }
+
+    /// At [`Drain::due`]: the second GOAWAY goes without the ACK.
+    pub fn expire(&mut self, conn: &Conn, last_sid: u32) {
+        if self.due().is_some_and(|t| t <= Instant::now()) {
+            self.finish(conn, last_sid);
+        }
+    }
+}
+
 /// Keepalive PINGs on a connection: one every `interval`; one unanswered for `timeout` means
 /// the peer is gone. Driven by the connection's task: [`Keepalive::due`] says when to call
 /// [`Keepalive::fire`], whose frames go into the connection's write buffer.
@@ -296,4 +385,84 @@ fn write_out(out: &mut BytesMut, sock: &TcpStream) -> io::Result<bool> {
         *out = BytesMut::with_capacity(16 * 1024);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::wire::frame::{Head, kind};
+    use conn::{Role, State};
+
+    /// The frames queued on `conn` (kind, flags, stream, payload), taken out.
+    fn frames(conn: &Conn) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut st = conn.lock();
+        let mut b = std::mem::take(&mut st.out);
+        let mut out = Vec::new();
+        while b.len() >= frame::HEADER_LEN {
+            let h = Head::parse(&b);
+            let total = frame::HEADER_LEN + h.len;
+            out.push((h.kind, h.stream, b[frame::HEADER_LEN..total].to_vec()));
+            b.advance(total);
+        }
+        out
+    }
+
+    fn goaway(last: u32) -> (u8, u32, Vec<u8>) {
+        let mut p = last.to_be_bytes().to_vec();
+        p.extend_from_slice(&Reason::NO_ERROR.0.to_be_bytes());
+        (kind::GOAWAY, 0, p)
+    }
+
+    fn server() -> Arc<Conn> {
+        Conn::new(State::new(Role::Server, 65_535, 65_535))
+    }
+
+    #[test]
+    fn a_drain_announces_with_the_largest_id_then_names_the_last_stream_at_the_ping_ack() {
+        let conn = server();
+        let mut d = Drain::default();
+        d.announce(&conn);
+        assert_eq!(
+            frames(&conn),
+            [goaway(MAX_STREAM_ID), (kind::PING, 0, DRAIN_PING.to_vec())]
+        );
+        assert!(
+            !conn.lock().going_away,
+            "streams still arrive after the first GOAWAY"
+        );
+        // Announcing twice, or another PING's ACK, changes nothing.
+        d.announce(&conn);
+        d.pong(&[0; 8], &conn, 7);
+        assert!(frames(&conn).is_empty());
+        assert!(matches!(d, Drain::Announced { .. }));
+        d.pong(&DRAIN_PING, &conn, 7);
+        assert_eq!(frames(&conn), [goaway(7)]);
+        assert_eq!(d, Drain::Final);
+        assert!(conn.lock().going_away);
+        assert!(
+            conn.lock().drained(),
+            "no stream left: the connection closes"
+        );
+        d.pong(&DRAIN_PING, &conn, 9);
+        assert!(frames(&conn).is_empty(), "one second GOAWAY only");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_ack_the_second_goaway_goes_after_the_wait() {
+        let conn = server();
+        let mut d = Drain::default();
+        d.announce(&conn);
+        frames(&conn);
+        let due = d.due().expect("a second step is due");
+        assert_eq!(due - Instant::now(), DRAIN_ANNOUNCE_WAIT);
+        tokio::time::sleep(DRAIN_ANNOUNCE_WAIT / 2).await;
+        d.expire(&conn, 3);
+        assert!(frames(&conn).is_empty(), "not yet");
+        tokio::time::sleep_until(due).await;
+        d.expire(&conn, 3);
+        assert_eq!(frames(&conn), [goaway(3)]);
+        assert_eq!(d.due(), None);
+    }
 }
