@@ -1316,6 +1316,7 @@ mod tests {
             vips: vec![],
             policy: Policy::RoundRobin,
             endpoints: vec![ep(1, "v1"), ep(2, "v1"), ep(3, "v2")],
+            balancing: Default::default(),
         }]));
         store
     }
