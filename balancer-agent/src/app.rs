@@ -65,6 +65,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (data_plane, workers) = Workers::start(workers::resolve(opts.workers))?;
     info!(workers = workers.count(), "data-plane workers started");
     let store = Store::new(config.pool.clone());
+    store.set_node_name(opts.kubernetes.as_ref().and_then(|k| k.node_name.clone()));
+    store.set_locality(&config.locality);
     store.apply(discovery::file::update_of(&config));
     // The relay's endpoint pools: one shard per endpoint and worker.
     let pools = Pools::new(config.pool.clone(), workers.count());
@@ -184,6 +186,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                             .with_context(|| format!("binding the admin server on {admin_addr}"))?;
                         info!(%admin_addr, "admin server listening");
                         tokio::spawn(admin::serve(admin, listener));
+                        // Active health checks, once per node for every client.
+                        tokio::spawn(crate::health::run(store.clone()));
                         if let Some((kopts, kconfig)) = kube {
                             let (store, metrics) = (store.clone(), metrics.clone());
                             tokio::spawn(async move {

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod ebpf;
+pub mod health;
 pub mod inspect;
 pub mod metrics;
 pub mod netns;

@@ -542,7 +542,7 @@ impl EndpointCollector {
         }
     }
 
-    fn families() -> [(&'static str, &'static str); 7] {
+    fn families() -> [(&'static str, &'static str); 8] {
         [
             (
                 "balancer_endpoint_in_flight",
@@ -571,6 +571,11 @@ impl EndpointCollector {
             (
                 "balancer_endpoint_ejections",
                 "Times outlier detection ejected an endpoint since it appeared.",
+            ),
+            (
+                "balancer_endpoint_healthy",
+                "0 while an endpoint's active health check says NOT_SERVING (or keeps failing), \
+                 else 1.",
             ),
         ]
     }
@@ -603,6 +608,7 @@ impl Collector for EndpointCollector {
                     (self.connections)(ep) as f64,
                     f64::from(u8::from(s.ejected())),
                     s.ejections.load(Relaxed) as f64,
+                    f64::from(u8::from(s.health() != crate::balance::Health::NotServing)),
                 ];
                 for (g, v) in gauges.iter_mut().zip(values) {
                     g.with_label_values(&labels).set(v);

@@ -24,6 +24,11 @@ use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 
+use crate::health_pb::{
+    HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus,
+    health_server::{Health, HealthServer},
+};
 use crate::pb::{
     HelloReply, HelloRequest,
     greeter_server::{Greeter, GreeterServer},
@@ -65,6 +70,113 @@ pub struct Options {
     pub max_concurrent_streams: Option<u32>,
     /// Non-zero: every unary call fails at once with this gRPC status (a broken pod).
     pub fail_code: i32,
+    /// A `grpc.health.v1.Health` service beside the greeter, switched by the test.
+    pub health: Option<HealthControl>,
+}
+
+/// A `grpc.health.v1.Health` service whose answer the test switches
+/// ([`HealthControl::set_serving`]), counting the `Watch` streams open and the `Check`s.
+/// Clones share one state.
+#[derive(Debug, Clone)]
+pub struct HealthControl {
+    inner: Arc<HealthInner>,
+}
+
+#[derive(Debug)]
+struct HealthInner {
+    status: tokio::sync::watch::Sender<i32>,
+    watch: bool,
+    watches_open: AtomicU64,
+    watches_opened: AtomicU64,
+    checks: AtomicU64,
+}
+
+impl HealthControl {
+    /// SERVING at first; `watch: false` answers `Watch` with UNIMPLEMENTED (as servers that
+    /// only have `Check` do).
+    pub fn new(watch: bool) -> Self {
+        Self {
+            inner: Arc::new(HealthInner {
+                status: tokio::sync::watch::Sender::new(ServingStatus::Serving as i32),
+                watch,
+                watches_open: AtomicU64::new(0),
+                watches_opened: AtomicU64::new(0),
+                checks: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Answers SERVING (`true`) or NOT_SERVING from now on; open `Watch` streams are told.
+    pub fn set_serving(&self, serving: bool) {
+        let s = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.inner.status.send_replace(s as i32);
+    }
+
+    /// `Watch` streams open now.
+    pub fn watches_open(&self) -> u64 {
+        self.inner.watches_open.load(Relaxed)
+    }
+
+    /// `Watch` streams opened so far.
+    pub fn watches_opened(&self) -> u64 {
+        self.inner.watches_opened.load(Relaxed)
+    }
+
+    /// `Check` calls so far.
+    pub fn checks(&self) -> u64 {
+        self.inner.checks.load(Relaxed)
+    }
+}
+
+/// Counts a `Watch` stream open until dropped.
+struct OpenWatch(Arc<HealthInner>);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.watches_open.fetch_sub(1, Relaxed);
+    }
+}
+
+type HealthStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for HealthControl {
+    async fn check(
+        &self,
+        _req: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.checks.fetch_add(1, Relaxed);
+        let status = *self.inner.status.borrow();
+        Ok(Response::new(HealthCheckResponse { status }))
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        _req: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        if !self.inner.watch {
+            return Err(Status::unimplemented("Watch"));
+        }
+        self.inner.watches_open.fetch_add(1, Relaxed);
+        self.inner.watches_opened.fetch_add(1, Relaxed);
+        let open = OpenWatch(self.inner.clone());
+        let rx = self.inner.status.subscribe();
+        let stream =
+            futures_util::stream::unfold((rx, true, open), |(mut rx, first, open)| async move {
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let status = *rx.borrow_and_update();
+                Some((Ok(HealthCheckResponse { status }), (rx, false, open)))
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 /// Counts a call in flight, and as cancelled if dropped before [`CallGuard::done`].
@@ -287,6 +399,8 @@ pub struct Handle {
     pub name: String,
     /// What it has seen.
     pub stats: Arc<Stats>,
+    /// Its health service, if it has one.
+    pub health: Option<HealthControl>,
     task: tokio::task::JoinHandle<()>,
     shutdown: Arc<tokio::sync::Notify>,
 }
@@ -359,6 +473,7 @@ pub async fn serve_with(
     });
     let _ = tonic::transport::Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
+        .add_optional_service(options.health.clone().map(HealthServer::new))
         .add_service(service_with(&name, stats, &options))
         .serve_with_incoming_shutdown(incoming, async move { shutdown.notified().await })
         .await;
@@ -375,6 +490,7 @@ pub async fn spawn_with(addr: &str, name: &str, options: Options) -> Handle {
     let addr = listener.local_addr().expect("local addr");
     let stats = Arc::new(Stats::default());
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let health = options.health.clone();
     let task = tokio::spawn(serve_with(
         listener,
         name.to_string(),
@@ -386,6 +502,7 @@ pub async fn spawn_with(addr: &str, name: &str, options: Options) -> Handle {
         addr,
         name: name.into(),
         stats,
+        health,
         task,
         shutdown,
     }

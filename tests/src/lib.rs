@@ -18,6 +18,12 @@ pub mod pb {
     tonic::include_proto!("helloworld");
 }
 
+/// `grpc.health.v1`, for backends with a controllable health service.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod health_pb {
+    tonic::include_proto!("grpc.health.v1");
+}
+
 /// Waits until `cond` holds, checking every 10 ms, for at most `timeout`. Panics with `what`
 /// when it does not: every wait in the tests is bounded.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -132,6 +132,7 @@ fn apply_live(config: &Config, calls: &Calls, pools: &Pools) {
     calls.store.apply(update_of(config));
     apply_routes(config, calls);
     calls.store.set_pool(&config.pool);
+    calls.store.set_locality(&config.locality);
     pools.set_config(config.pool.clone());
     calls.set_limits(config.limits.clone());
 }
