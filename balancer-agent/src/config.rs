@@ -20,7 +20,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::{SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     time::Duration,
 };
@@ -121,9 +121,25 @@ pub struct ServiceConfig {
     pub policy: Policy,
     /// The endpoints.
     pub endpoints: Vec<EndpointConfig>,
+    /// A headless Service balanced per call: a connect to one of its endpoints' addresses from
+    /// an opted-in pod is redirected like a connect to a VIP. Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
     /// Hash header, locality, warm-up, health checks ([`Balancing`]).
     #[serde(flatten)]
     pub balancing: Balancing,
+}
+
+impl ServiceConfig {
+    /// The addresses whose connects select this service: its VIPs, and for a headless service
+    /// its endpoints' addresses.
+    pub fn selecting_addresses(&self) -> Vec<SocketAddr> {
+        let mut all = self.vips.clone();
+        if self.headless {
+            all.extend(self.endpoints.iter().map(|e| e.address));
+        }
+        all
+    }
 }
 
 /// One endpoint of a service.
@@ -327,6 +343,10 @@ pub struct DatapathConfig {
     /// from pods); needed when enabled.
     #[serde(serialize_with = "empty_if_none")]
     pub proxy_address: Option<SocketAddrV4>,
+    /// The node address pods' connects to IPv6 VIPs are redirected to (an IPv6 `[IP]:port` of
+    /// a listener); `None` (empty, the default): IPv6 VIPs are left alone.
+    #[serde(serialize_with = "empty_if_none")]
+    pub proxy_address_v6: Option<SocketAddrV6>,
     /// The same-node `sk_msg` shortcut. Default `auto`.
     pub shortcut: Shortcut,
     /// Directory under the bpffs where maps are pinned; `None` (empty): nothing is pinned.
@@ -665,6 +685,7 @@ mod raw {
         pub(super) vips: Vec<String>,
         pub(super) policy: Option<String>,
         pub(super) endpoints: Vec<Endpoint>,
+        pub(super) headless: bool,
         pub(super) hash_header: Option<String>,
         pub(super) traffic_distribution: Option<String>,
         pub(super) locality_lb: super::LocalityLb,
@@ -702,6 +723,7 @@ mod raw {
         pub(super) enabled: bool,
         pub(super) cgroup_root: String,
         pub(super) proxy_address: String,
+        pub(super) proxy_address_v6: String,
         pub(super) shortcut: String,
         pub(super) pin_path: String,
         pub(super) opted_in_cgroups: Vec<String>,
@@ -715,6 +737,7 @@ mod raw {
                 enabled: false,
                 cgroup_root: String::new(),
                 proxy_address: String::new(),
+                proxy_address_v6: String::new(),
                 shortcut: "auto".into(),
                 pin_path: "/sys/fs/bpf/balancer".into(),
                 opted_in_cgroups: Vec::new(),
@@ -819,6 +842,7 @@ impl raw::Config {
                 vips: typed_vips,
                 policy,
                 endpoints,
+                headless: s.headless,
             });
         }
         routes::problems(&self.routes, &mut p);
@@ -930,6 +954,17 @@ impl raw::Config {
                 None
             }
         };
+        let proxy_address_v6 = match d.proxy_address_v6.parse() {
+            Ok(SocketAddr::V6(a)) => Some(a),
+            _ if d.proxy_address_v6.is_empty() => None,
+            _ => {
+                p.push(format!(
+                    "datapath.proxy_address_v6: {:?} is not an IPv6 [IP]:port",
+                    d.proxy_address_v6
+                ));
+                None
+            }
+        };
         if !p.is_empty() {
             return Err(p);
         }
@@ -946,6 +981,7 @@ impl raw::Config {
                 enabled: d.enabled,
                 cgroup_root: path(d.cgroup_root),
                 proxy_address,
+                proxy_address_v6,
                 shortcut,
                 pin_path: path(d.pin_path),
                 opted_in_cgroups: d.opted_in_cgroups,

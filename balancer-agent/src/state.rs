@@ -102,7 +102,7 @@ impl ServiceSpec {
                 .iter()
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
-            vips: s.vips.clone(),
+            vips: s.selecting_addresses(),
             policy: s.policy,
             endpoints: s
                 .endpoints

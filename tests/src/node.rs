@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering::Relaxed},
@@ -117,6 +117,8 @@ pub struct Pod {
     pub netns: String,
     /// Its IP on the node's pod network.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the node's pod network (dual stack).
+    pub ip6: Ipv6Addr,
     /// Its cgroup (a child of the node's cgroup).
     pub cgroup: Cgroup,
     host_veth: String,
@@ -154,6 +156,8 @@ pub struct SimNode {
     bridge: String,
     /// The node's address on the pod network (the pods' default gateway).
     pub gateway: Ipv4Addr,
+    /// The node's IPv6 address on the pod network (the pods' IPv6 default gateway).
+    pub gateway6: Ipv6Addr,
     /// The cgroup the datapath attaches at; pods and the agent live below it.
     pub cgroup: Cgroup,
     pods: Vec<Pod>,
@@ -168,18 +172,23 @@ impl SimNode {
         let id = format!("{:x}{n:x}", pid & 0xfff);
         let subnet = [10, 200 + (pid % 50) as u8, (n % 250) as u8];
         let gateway = Ipv4Addr::new(subnet[0], subnet[1], subnet[2], 1);
+        let gateway6 = ip6_of(subnet, 1);
         let bridge = format!("blbbr{id}");
         let cgroup = Cgroup::create(&format!("node{id}"))?;
         let node = Self {
             id,
             bridge,
             gateway,
+            gateway6,
             cgroup,
             pods: Vec::new(),
             subnet,
         };
         ip(&["link", "add", &node.bridge, "type", "bridge"])?;
         ip(&["addr", "add", &format!("{gateway}/24"), "dev", &node.bridge])?;
+        // No duplicate address detection: the addresses are usable at once.
+        let gw6 = format!("{gateway6}/64");
+        ip(&["-6", "addr", "add", &gw6, "dev", &node.bridge, "nodad"])?;
         ip(&["link", "set", &node.bridge, "up"])?;
         Ok(node)
     }
@@ -199,6 +208,7 @@ impl SimNode {
         let peer = format!("blbq{}p{n}", self.id);
         let [a, b, c] = self.subnet;
         let ip4 = Ipv4Addr::new(a, b, c, 10 + n as u8);
+        let ip6 = ip6_of(self.subnet, 10 + n as u16);
         ip(&["netns", "add", &netns])?;
         ip(&[
             "link", "add", &host_veth, "type", "veth", "peer", "name", &peer,
@@ -215,6 +225,18 @@ impl SimNode {
             "dev",
             "eth0",
         ])?;
+        let with_prefix = format!("{ip6}/64");
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "addr",
+            "add",
+            &with_prefix,
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&[
@@ -226,11 +248,22 @@ impl SimNode {
             "via",
             &self.gateway.to_string(),
         ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway6.to_string(),
+        ])?;
         let cgroup = self.cgroup.child(cgroup)?;
         self.pods.push(Pod {
             name: name.into(),
             netns,
             ip: ip4,
+            ip6,
             cgroup,
             host_veth,
         });
@@ -249,6 +282,12 @@ impl SimNode {
     /// delivered to the node itself, and nothing ever leaves the machine.
     pub fn add_vip(&self, vip: Ipv4Addr) -> std::io::Result<()> {
         ip(&["addr", "add", &format!("{vip}/32"), "dev", &self.bridge])
+    }
+
+    /// Makes the IPv6 `vip` an address of the node (a /128 on the bridge), as [`SimNode::add_vip`].
+    pub fn add_vip6(&self, vip: Ipv6Addr) -> std::io::Result<()> {
+        let a = format!("{vip}/128");
+        ip(&["-6", "addr", "add", &a, "dev", &self.bridge, "nodad"])
     }
 
     /// A cgroup for the agent under the node's, so the proxy's sockets are seen by sock_ops.
@@ -271,6 +310,12 @@ impl Drop for SimNode {
         }
         let _ = ip(&["link", "del", &self.bridge]);
     }
+}
+
+/// The IPv6 address `host` of a node's pod network (`fd00:<b>:<c>::<host>` for the IPv4
+/// subnet `10.<b>.<c>.0/24`).
+fn ip6_of(subnet: [u8; 3], host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, subnet[1].into(), subnet[2].into(), 0, 0, 0, 0, host)
 }
 
 /// A stand-in for kube-proxy: connections to `vip` (an address of the node) are forwarded to
@@ -369,15 +414,22 @@ impl Scenario {
     /// The agent configuration for this node: one service `greeter` on `vip` over every
     /// backend, the datapath attached at the node's cgroup, the client pod opted in.
     pub fn agent_config(&self, vip: SocketAddr, admin: SocketAddr, shortcut: &str) -> String {
+        self.config_with_services(&self.greeter_service(&[vip], false), admin, shortcut)
+    }
+
+    /// The `services:` entry of `greeter`: round-robin over every backend, selected by `vips`
+    /// (and, when `headless`, by its endpoints' addresses).
+    pub fn greeter_service(&self, vips: &[SocketAddr], headless: bool) -> String {
         let eps: String = self
             .backends
             .iter()
             .map(|(_, a)| format!("      - address: {a}\n"))
             .collect();
-        self.config_with_services(
-            &format!("  - name: greeter\n    vips: [\"{vip}\"]\n    policy: round-robin\n    endpoints:\n{eps}"),
-            admin,
-            shortcut,
+        let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+        let headless = if headless { "    headless: true\n" } else { "" };
+        format!(
+            "  - name: greeter\n    vips: [{}]\n{headless}    policy: round-robin\n    endpoints:\n{eps}",
+            vips.join(", ")
         )
     }
 
@@ -418,6 +470,23 @@ datapath:
             root = self.node.cgroup.path().display(),
             pins = self.pin_path(),
         )
+    }
+
+    /// [`Scenario::config_with_services`] with an IPv6 listener too, and the datapath sending
+    /// pods' connects to IPv6 VIPs to it (`datapath.proxy_address_v6`).
+    pub fn dual_stack_config(&self, services: &str, admin: SocketAddr, shortcut: &str) -> String {
+        let v6 = SocketAddr::from((self.node.gateway6, 15001));
+        self.config_with_services(services, admin, shortcut)
+            .replacen(
+                "listeners:\n",
+                &format!("listeners:\n  - address: \"{v6}\"\n"),
+                1,
+            )
+            .replacen(
+                "datapath:\n",
+                &format!("datapath:\n  proxy_address_v6: \"{v6}\"\n"),
+                1,
+            )
     }
 
     /// Runs `balancer-pod call` in `pod` against `target`; returns its JSON summary.

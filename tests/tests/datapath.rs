@@ -569,3 +569,66 @@ async fn root_python_grpcio_in_a_pod_with_ipv6_is_redirected_through_connect6_an
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_an_ipv6_vip_of_a_dual_stack_service_is_balanced_per_call() {
+    require_root!();
+    let s = Scenario::new(4).await.unwrap();
+    let vip4 = vip(&s, 23);
+    let g = s.node.gateway.octets();
+    let ip6 = std::net::Ipv6Addr::new(0xfd00, 0x96, g[2].into(), 0, 0, 0, 0, 23);
+    s.node.add_vip6(ip6).unwrap();
+    let vip6 = SocketAddr::from((ip6, BACKEND_PORT));
+    let services = s.greeter_service(&[vip4, vip6], false);
+    let agent = start(&s, |admin| s.dual_stack_config(&services, admin, "off")).await;
+
+    // The pod dials the IPv6 VIP: connect6 sends it to the agent's IPv6 listener, sock_ops
+    // records the IPv6 4-tuple, and the agent routes the calls by it.
+    let c = counts(&s.call("client", vip6, 40).await);
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert!(c.values().all(|&n| n == 10), "{c:?}");
+    assert_eq!(agent.bpf_counter("connect6_redirected"), 1);
+    // The same service by its IPv4 VIP.
+    let c = counts(&s.call("client", vip4, 40).await);
+    assert!(c.len() == 4 && c.values().all(|&n| n == 10), "{c:?}");
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 1);
+    // Both routed by their original destination (the :authority names no service).
+    assert_calls_ok(&agent, "greeter", 80);
+    let bpf = balancer_agent::ebpf::pinned::read(std::path::Path::new(&s.pin_path())).unwrap();
+    let vips: Vec<&str> = bpf["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vip"].as_str().unwrap())
+        .collect();
+    assert!(vips.contains(&vip6.to_string().as_str()), "{vips:?}");
+    let slot = &bpf["agent"]["slots"][0];
+    assert_eq!(
+        slot["proxy_address_v6"],
+        format!("[{}]:15001", s.node.gateway6),
+        "{slot}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_connect_to_a_pod_of_a_headless_service_is_balanced_per_call() {
+    require_root!();
+    let s = Scenario::new(4).await.unwrap();
+    // A headless service: no VIP, its endpoints' addresses select it.
+    let services = s.greeter_service(&[], true);
+    let agent = start(&s, |admin| s.config_with_services(&services, admin, "off")).await;
+    let pod_ip = s.backends[2].1;
+    // The opted-in pod dials one pod of the Service (as after a DNS lookup of a headless
+    // Service): its calls go to every pod of it.
+    let c = counts(&s.call("client", pod_ip, 40).await);
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert!(c.values().all(|&n| n == 10), "{c:?}");
+    // One redirect: the agent's own connections to the same pod addresses (its cgroup is not
+    // opted in) were left alone, or no call would have reached a pod.
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 1);
+    assert_calls_ok(&agent, "greeter", 40);
+    // A pod that did not opt in reaches the pod it dialed, and only it.
+    let c = counts(&s.call("outsider", pod_ip, 10).await);
+    assert_eq!(c, BTreeMap::from([("backend-3".to_string(), 10)]));
+    assert_eq!(agent.bpf_counter("connect4_redirected"), 1);
+}

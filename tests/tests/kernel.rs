@@ -37,13 +37,14 @@ fn root_connect4_redirects_a_cgroup_member_and_records_the_original_destination(
     let dp = Datapath::load(ebpf::Options {
         cgroup_root: cg.path().to_path_buf(),
         proxy: proxy_addr,
+        proxy6: None,
         pin_dir: None,
         shortcut: Shortcut::Off,
         redirect_at_start: true,
     })
     .expect("loading and attaching the eBPF programs");
     let vip: SocketAddrV4 = "127.77.0.1:8080".parse().unwrap();
-    dp.sync_services(&[(vip, 7)]).unwrap();
+    dp.sync_services(&[(vip.into(), 7)]).unwrap();
     dp.sync_opted_in(&HashSet::from([cg.id()])).unwrap();
     let before = counter(&dp, "connect4_calls");
 

@@ -181,6 +181,9 @@ struct Svc {
     namespace: String,
     name: String,
     cluster_ips: Vec<IpAddr>,
+    /// A headless Service opted in to per-call balancing ([`HEADLESS_ANNOTATION`]): its
+    /// endpoints' addresses select it, as VIPs do.
+    balance_headless: bool,
     /// gRPC ports, in the order of `spec.ports`: (port name, port).
     ports: Vec<(String, u16)>,
     policy: Policy,
@@ -238,8 +241,19 @@ fn key(ns: Option<&String>, name: Option<&String>) -> String {
     )
 }
 
+/// `balancer.dev/headless: balance` on a headless Service (`clusterIP: None`): a connect from
+/// an opted-in pod to one of its pods' addresses is balanced per call over all of them, as a
+/// connect to a VIP is (clients that resolve the Service's DNS name to pod IPs and dial one).
+pub const HEADLESS_ANNOTATION: &str = "balancer.dev/headless";
+
 fn svc_of(s: &Service) -> Svc {
     let spec = s.spec.as_ref();
+    let balance_headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None")
+        && s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HEADLESS_ANNOTATION))
+            .is_some_and(|v| v == "balance");
     let headless_or_none = |ip: &String| ip.is_empty() || ip == "None";
     let mut cluster_ips: Vec<IpAddr> = spec
         .and_then(|s| s.cluster_ips.clone())
@@ -278,6 +292,7 @@ fn svc_of(s: &Service) -> Svc {
         namespace: s.metadata.namespace.clone().unwrap_or_default(),
         name: s.metadata.name.clone().unwrap_or_default(),
         cluster_ips,
+        balance_headless,
         ports,
         policy: s
             .metadata
@@ -633,11 +648,14 @@ impl Model {
                 ServiceSpec {
                     name: format!("{}.{}:{port}", svc.name, svc.namespace),
                     authorities,
-                    vips: svc
-                        .cluster_ips
-                        .iter()
-                        .map(|ip| SocketAddr::new(*ip, *port))
-                        .collect(),
+                    vips: if svc.balance_headless {
+                        endpoints.keys().copied().collect()
+                    } else {
+                        svc.cluster_ips
+                            .iter()
+                            .map(|ip| SocketAddr::new(*ip, *port))
+                            .collect()
+                    },
                     policy: svc.policy,
                     endpoints: endpoints.into_values().collect(),
                     balancing: svc.balancing.clone(),
@@ -1087,6 +1105,53 @@ mod tests {
         m.handle(Msg::Service(Change::Delete("default/greeter".into())));
         let updates = m.updates();
         assert!(matches!(&updates[..], [Update::Remove(n)] if n == "greeter.default:50051"));
+    }
+
+    #[test]
+    fn a_headless_service_opted_in_is_selected_by_its_pods_addresses() {
+        let mut m = synced_model();
+        let headless = |annotated: bool| {
+            let annotations = if annotated {
+                serde_json::json!({HEADLESS_ANNOTATION: "balance"})
+            } else {
+                serde_json::json!({})
+            };
+            service(serde_json::json!({
+                "metadata": {"name": "db", "namespace": "ns", "annotations": annotations},
+                "spec": {"clusterIP": "None", "ports": [{"name": "grpc", "port": 50051}]}
+            }))
+        };
+        m.handle(Msg::Service(Change::Apply("ns/db".into(), headless(true))));
+        let sl = slice(serde_json::json!({
+            "metadata": {"name": "db-abc", "namespace": "ns",
+                         "labels": {SERVICE_NAME_LABEL: "db"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 50051}],
+            "endpoints": [
+                {"addresses": ["10.244.1.7"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.8"], "conditions": {"ready": true}}]
+        }));
+        m.handle(Msg::Slice(Change::Apply("ns/db-abc".into(), sl)));
+        let updates = m.updates();
+        let vips = |updates: &[Update]| -> Vec<SocketAddr> {
+            updates
+                .iter()
+                .find_map(|u| match u {
+                    Update::Upsert(s) if s.name == "db.ns:50051" => Some(s.vips.clone()),
+                    _ => None,
+                })
+                .expect("the service")
+        };
+        assert_eq!(
+            vips(&updates),
+            [
+                "10.244.1.7:50051".parse().unwrap(),
+                "10.244.1.8:50051".parse().unwrap()
+            ]
+        );
+        // Without the annotation a headless Service has no address to select it by.
+        m.handle(Msg::Service(Change::Apply("ns/db".into(), headless(false))));
+        assert!(vips(&m.updates()).is_empty());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub mod sync;
 use std::{
     collections::HashSet,
     fs::File,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -70,7 +70,8 @@ use aya::{
 };
 use balancer_common::{
     AGENT_FLAG_REDIRECT, AgentState, COUNTER_COUNT, Counter, LOCAL_FLAG_SHORTCUT, MAX_AGENTS,
-    MapKind, MapLayout, OrigDst, SHARED_MAPS, ServiceKey, ServiceValue, SockTuple, maps, programs,
+    MapKind, MapLayout, OrigDst, OrigDst6, SHARED_MAPS, ServiceKey, ServiceKey6, ServiceValue,
+    SockTuple, SockTuple6, maps, programs,
 };
 use tracing::{info, warn};
 
@@ -187,6 +188,8 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     /// Where pods are sent: a node address and the proxy's port.
     pub proxy: SocketAddrV4,
+    /// Where pods' connects to IPv6 VIPs are sent; `None`: IPv6 VIPs are left alone.
+    pub proxy6: Option<SocketAddrV6>,
     /// Where the shared maps are pinned (for the CLI, and for the node's other agents to
     /// adopt); `None` to pin and share nothing.
     pub pin_dir: Option<PathBuf>,
@@ -211,13 +214,17 @@ pub struct Datapath {
     /// Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
     services: Mutex<HashMap<MapData, ServiceKey, ServiceValue>>,
+    services6: Mutex<HashMap<MapData, ServiceKey6, ServiceValue>>,
     opted_in: Mutex<HashMap<MapData, u64, u32>>,
     agent: Mutex<Array<MapData, AgentState>>,
     orig_by_tuple: HashMap<MapData, SockTuple, OrigDst>,
     orig_by_cookie: HashMap<MapData, u64, OrigDst>,
+    orig_by_tuple6: HashMap<MapData, SockTuple6, OrigDst6>,
+    orig_by_cookie6: HashMap<MapData, u64, OrigDst6>,
     counters: PerCpuArray<MapData, u64>,
     sockets: Mutex<SockHash<MapData, SockTuple>>,
     proxy: SocketAddrV4,
+    proxy6: Option<SocketAddrV6>,
     cgroup_root: PathBuf,
     pin_dir: Option<PathBuf>,
     shortcut: ShortcutState,
@@ -236,6 +243,7 @@ pub struct Datapath {
 #[derive(Default)]
 struct Wanted {
     services: Option<std::collections::HashMap<ServiceKey, ServiceValue>>,
+    services6: Option<std::collections::HashMap<ServiceKey6, ServiceValue>>,
     opted_in: Option<HashSet<u64>>,
 }
 
@@ -265,6 +273,8 @@ pub struct Slot {
     pub lease_remaining_ms: u64,
     /// Its proxy address.
     pub proxy_address: String,
+    /// Its IPv6 proxy address, if it has one.
+    pub proxy_address_v6: Option<String>,
 }
 
 impl Slot {
@@ -280,8 +290,29 @@ impl Slot {
                 u16::from_be(s.proxy_port),
             )
             .to_string(),
+            proxy_address_v6: (s.proxy6_port != 0).then(|| {
+                SocketAddrV6::new(ip6_of(s.proxy_ip6), u16::from_be(s.proxy6_port), 0, 0)
+                    .to_string()
+            }),
         }
     }
+}
+
+/// An IPv6 address as the kernel's four network-order words.
+pub fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The IPv6 address of four network-order words.
+pub fn ip6_of(words: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 /// Every slot of an agent map.
@@ -365,7 +396,7 @@ fn pinned_agents(dir: &Path) -> Option<Array<MapData, AgentState>> {
 
 /// Claims a free slot in the pinned agent map (if any) with a lease that does not redirect
 /// yet, so that an agent exiting meanwhile keeps the pins. Slot 0 when nothing is pinned.
-fn claim_slot(dir: Option<&Path>, pid: u32, proxy: SocketAddrV4) -> Result<usize, Error> {
+fn claim_slot(dir: Option<&Path>, pid: u32, opts: &Options) -> Result<usize, Error> {
     let Some(dir) = dir else { return Ok(0) };
     let Some(mut map) = pinned_agents(dir) else {
         return Ok(0);
@@ -377,21 +408,21 @@ fn claim_slot(dir: Option<&Path>, pid: u32, proxy: SocketAddrV4) -> Result<usize
             pids: slots.iter().map(|s| s.pid).collect(),
         });
     };
-    let state = slot_state(pid, proxy, 0);
+    let state = slot_state(pid, opts, 0);
     map.set(free.slot as u32, state, 0)
         .map_err(|e| pin_error(dir, format!("claiming slot {}: {e}", free.slot)))?;
     Ok(free.slot)
 }
 
-fn slot_state(pid: u32, proxy: SocketAddrV4, flags: u32) -> AgentState {
+fn slot_state(pid: u32, opts: &Options, flags: u32) -> AgentState {
     AgentState {
         alive_until_ns: monotonic_ns() + LEASE.as_nanos() as u64,
-        proxy_ip4: u32::from(*proxy.ip()).to_be(),
-        proxy_port: proxy.port().to_be(),
-        proxy6_port: 0,
+        proxy_ip4: u32::from(*opts.proxy.ip()).to_be(),
+        proxy_port: opts.proxy.port().to_be(),
+        proxy6_port: opts.proxy6.map_or(0, |a| a.port().to_be()),
         flags,
         pid,
-        proxy_ip6: [0; 4],
+        proxy_ip6: opts.proxy6.map_or([0; 4], |a| ip6_words(a.ip())),
     }
 }
 
@@ -435,7 +466,7 @@ impl Datapath {
             std::fs::create_dir_all(dir).map_err(|e| pin_error(dir, e))?;
             check_pins(dir)?;
         }
-        let slot = claim_slot(pin_dir.as_deref(), pid, opts.proxy)?;
+        let slot = claim_slot(pin_dir.as_deref(), pid, &opts)?;
         let result = Self::load_at(opts, slot, pid);
         if let (Err(_), Some(dir)) = (&result, &pin_dir) {
             leave(dir, slot, pid);
@@ -566,6 +597,9 @@ impl Datapath {
         })?;
         let dp = Self {
             services: Mutex::new(take(&mut ebpf, maps::SERVICES)?),
+            services6: Mutex::new(take(&mut ebpf, maps::SERVICES6)?),
+            orig_by_tuple6: take(&mut ebpf, maps::ORIG_DST_BY_TUPLE6)?,
+            orig_by_cookie6: take(&mut ebpf, maps::ORIG_DST_BY_COOKIE6)?,
             opted_in: Mutex::new(take(&mut ebpf, maps::OPTED_IN_CGROUPS)?),
             agent: Mutex::new(take(&mut ebpf, maps::AGENT_STATE)?),
             orig_by_tuple: take(&mut ebpf, maps::ORIG_DST_BY_TUPLE)?,
@@ -574,6 +608,7 @@ impl Datapath {
             sockets: Mutex::new(sockets),
             _ebpf: ebpf,
             proxy: opts.proxy,
+            proxy6: opts.proxy6,
             cgroup_root: opts.cgroup_root.clone(),
             pin_dir: opts.pin_dir.clone(),
             shortcut,
@@ -635,7 +670,8 @@ impl Datapath {
         } else {
             0
         };
-        if let Err(e) = map.set(slot as u32, slot_state(self.pid, self.proxy, flags), 0) {
+        let opts = self.slot_options();
+        if let Err(e) = map.set(slot as u32, slot_state(self.pid, &opts, flags), 0) {
             warn!(error = %e, "renewing the datapath lease failed");
         }
     }
@@ -713,26 +749,36 @@ impl Datapath {
         self.proxy
     }
 
-    /// Makes the services map hold exactly `vips` (VIP:port to service id). The map is
-    /// shared by the node's agents: it is written only while this agent redirects, else
-    /// when it starts to ([`Datapath::set_redirect`]).
-    pub fn sync_services(&self, vips: &[(SocketAddrV4, u32)]) -> Result<(), Error> {
-        let want = vips
-            .iter()
-            .map(|(a, id)| {
-                (
-                    service_key(*a),
-                    ServiceValue {
-                        service_id: *id,
-                        flags: 0,
-                    },
-                )
-            })
-            .collect();
-        self.wanted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .services = Some(want);
+    /// Makes the services maps hold exactly `vips` (VIP:port to service id; IPv4 and
+    /// IPv4-mapped in one, IPv6 in the other). The maps are shared by the node's agents: they
+    /// are written only while this agent redirects, else when it starts to
+    /// ([`Datapath::set_redirect`]).
+    pub fn sync_services(&self, vips: &[(SocketAddr, u32)]) -> Result<(), Error> {
+        let mut v4 = std::collections::HashMap::new();
+        let mut v6 = std::collections::HashMap::new();
+        for (a, id) in vips {
+            let value = ServiceValue {
+                service_id: *id,
+                flags: 0,
+            };
+            match a {
+                SocketAddr::V4(a) => {
+                    v4.insert(service_key(*a), value);
+                }
+                SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                    Some(ip) => {
+                        v4.insert(service_key(SocketAddrV4::new(ip, a.port())), value);
+                    }
+                    None => {
+                        v6.insert(service_key6(*a), value);
+                    }
+                },
+            }
+        }
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        wanted.services = Some(v4);
+        wanted.services6 = Some(v6);
+        drop(wanted);
         self.write_wanted_if_redirecting()
     }
 
@@ -761,6 +807,10 @@ impl Datapath {
             let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
             sync_map(&mut map, want, maps::SERVICES)?;
         }
+        if let Some(want) = &wanted.services6 {
+            let mut map = self.services6.lock().unwrap_or_else(|p| p.into_inner());
+            sync_map(&mut map, want, maps::SERVICES6)?;
+        }
         if let Some(ids) = &wanted.opted_in {
             let want = ids.iter().map(|id| (*id, 1)).collect();
             let mut map = self.opted_in.lock().unwrap_or_else(|p| p.into_inner());
@@ -774,12 +824,29 @@ impl Datapath {
         read_counters(&self.counters)
     }
 
-    /// Entries in the original-destination maps (by tuple, by cookie).
+    /// Entries in the original-destination maps (by tuple, by cookie), IPv4 and IPv6.
     pub fn tracked(&self) -> (usize, usize) {
         (
-            self.orig_by_tuple.keys().count(),
-            self.orig_by_cookie.keys().count(),
+            self.orig_by_tuple.keys().count() + self.orig_by_tuple6.keys().count(),
+            self.orig_by_cookie.keys().count() + self.orig_by_cookie6.keys().count(),
         )
+    }
+
+    /// The IPv6 proxy address pods are sent to, if any.
+    pub fn proxy6(&self) -> Option<SocketAddrV6> {
+        self.proxy6
+    }
+
+    /// What this agent's slot says of it (the parts of [`Options`] it holds).
+    fn slot_options(&self) -> Options {
+        Options {
+            cgroup_root: PathBuf::new(),
+            proxy: self.proxy,
+            proxy6: self.proxy6,
+            pin_dir: None,
+            shortcut: Shortcut::Off,
+            redirect_at_start: false,
+        }
     }
 
     /// Sockets in the shortcut's map.
@@ -848,20 +915,43 @@ impl Drop for Datapath {
 
 impl OrigDstLookup for Datapath {
     fn lookup(&self, client: SocketAddr, local: SocketAddr) -> Option<proxy::OrigDst> {
-        let (SocketAddr::V4(client), SocketAddr::V4(local)) = (client, local) else {
+        // A dual-stack listener sees an IPv4 client as IPv4-mapped: the IPv4 tuple.
+        let v4 = |a: SocketAddr| match a {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(a) => Some(SocketAddrV4::new(a.ip().to_ipv4_mapped()?, a.port())),
+        };
+        if let (Some(client), Some(local)) = (v4(client), v4(local)) {
+            let key = SockTuple {
+                src_ip4: u32::from(*client.ip()).to_be(),
+                dst_ip4: u32::from(*local.ip()).to_be(),
+                src_port: client.port().to_be(),
+                dst_port: local.port().to_be(),
+            };
+            let orig = self.orig_by_tuple.get(&key, 0).ok()?;
+            return Some(proxy::OrigDst {
+                addr: SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(orig.ip4)),
+                    u16::from_be(orig.port),
+                )),
+                pid: (orig.pid != 0).then_some(orig.pid),
+            });
+        }
+        let (SocketAddr::V6(client), SocketAddr::V6(local)) = (client, local) else {
             return None;
         };
-        let key = SockTuple {
-            src_ip4: u32::from(*client.ip()).to_be(),
-            dst_ip4: u32::from(*local.ip()).to_be(),
+        let key = SockTuple6 {
+            src_ip6: ip6_words(client.ip()),
+            dst_ip6: ip6_words(local.ip()),
             src_port: client.port().to_be(),
             dst_port: local.port().to_be(),
         };
-        let orig = self.orig_by_tuple.get(&key, 0).ok()?;
+        let orig = self.orig_by_tuple6.get(&key, 0).ok()?;
         Some(proxy::OrigDst {
-            addr: SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(orig.ip4)),
+            addr: SocketAddr::V6(SocketAddrV6::new(
+                ip6_of(orig.ip6),
                 u16::from_be(orig.port),
+                0,
+                0,
             )),
             pid: (orig.pid != 0).then_some(orig.pid),
         })
@@ -872,6 +962,15 @@ impl OrigDstLookup for Datapath {
 pub fn service_key(a: SocketAddrV4) -> ServiceKey {
     ServiceKey {
         ip4: u32::from(*a.ip()).to_be(),
+        port: a.port().to_be(),
+        _pad: 0,
+    }
+}
+
+/// The IPv6 services map key of a VIP.
+pub fn service_key6(a: SocketAddrV6) -> ServiceKey6 {
+    ServiceKey6 {
+        ip6: ip6_words(a.ip()),
         port: a.port().to_be(),
         _pad: 0,
     }

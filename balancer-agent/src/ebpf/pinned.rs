@@ -4,12 +4,14 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use balancer_common::{AgentState, OrigDst, ServiceKey, ServiceValue, SockTuple, maps};
+use balancer_common::{
+    AgentState, OrigDst, ServiceKey, ServiceKey6, ServiceValue, SockTuple, maps,
+};
 use serde_json::{Value, json};
 
 fn open(dir: &Path, name: &str) -> Result<MapData, String> {
@@ -33,11 +35,20 @@ pub fn read(dir: &Path) -> Result<Value, String> {
     }
     let services: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(Map::HashMap(open(dir, maps::SERVICES)?)).map_err(|e| e.to_string())?;
-    let services: Vec<Value> = services
+    let mut services: Vec<Value> = services
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| json!({"vip": addr(k.ip4, k.port), "service_id": v.service_id}))
         .collect();
+    // IPv6 VIPs (absent from the pins of an agent before them).
+    if let Ok(data) = open(dir, maps::SERVICES6) {
+        let v6: HashMap<_, ServiceKey6, ServiceValue> =
+            HashMap::try_from(Map::HashMap(data)).map_err(|e| e.to_string())?;
+        services.extend(v6.iter().filter_map(Result::ok).map(|(k, v)| {
+            let vip = SocketAddrV6::new(super::ip6_of(k.ip6), u16::from_be(k.port), 0, 0);
+            json!({"vip": vip.to_string(), "service_id": v.service_id})
+        }));
+    }
     let opted: HashMap<_, u64, u32> =
         HashMap::try_from(Map::HashMap(open(dir, maps::OPTED_IN_CGROUPS)?))
             .map_err(|e| e.to_string())?;

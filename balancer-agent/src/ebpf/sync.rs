@@ -35,6 +35,7 @@ fn load_with(config: &Config, redirect_at_start: bool) -> anyhow::Result<Datapat
     Ok(Datapath::load(Options {
         cgroup_root,
         proxy,
+        proxy6: d.proxy_address_v6,
         pin_dir: d.pin_path.clone(),
         shortcut: d.shortcut,
         redirect_at_start,
@@ -77,15 +78,10 @@ pub async fn services(dp: Arc<Datapath>, store: Arc<Store>, opted_in: Vec<String
     let mut changes = store.subscribe();
     loop {
         let snap = store.snapshot();
-        let vips: Vec<_> = snap
+        let vips: Vec<(SocketAddr, u32)> = snap
             .services
             .values()
-            .flat_map(|s| {
-                s.spec.vips.iter().filter_map(move |v| match v {
-                    SocketAddr::V4(v4) => Some((*v4, s.id)),
-                    SocketAddr::V6(_) => None,
-                })
-            })
+            .flat_map(|s| s.spec.vips.iter().map(move |v| (*v, s.id)))
             .collect();
         if let Err(e) = dp.sync_services(&vips) {
             error!("datapath: {e}");
