@@ -183,3 +183,151 @@ async fn ring_hash_keeps_a_key_on_one_endpoint_and_falls_back_to_the_next_one() 
         assert_eq!(&now, b, "{key}");
     }
 }
+
+/// An agent over `backends` whose service `greeter` (policy `policy`) has `service_yaml` added.
+async fn agent_with(
+    policy: &str,
+    backends: &[&greeter::Handle],
+    service_yaml: &str,
+    extra: &str,
+) -> (balancer_tests::agent::Agent, std::net::SocketAddr) {
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let listen = balancer_tests::harness::local_addr();
+    let admin = balancer_tests::harness::local_addr();
+    let line = format!("    policy: {policy}\n");
+    let config = balancer_tests::harness::config(listen, admin, policy, &addrs, extra)
+        .replace(&line, &format!("{line}{service_yaml}"));
+    (
+        balancer_tests::agent::Agent::start(&config, admin).await,
+        listen,
+    )
+}
+
+/// The `field` of the endpoint at `addr` in `/api/endpoints`.
+fn endpoint_field(
+    agent: &balancer_tests::agent::Agent,
+    addr: std::net::SocketAddr,
+    field: &str,
+) -> String {
+    let eps = agent.json("/api/endpoints");
+    eps.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["address"] == addr.to_string())
+        .map(|e| e[field].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+const HEALTH: &str = "    health_check:\n      interval_ms: 300\n      timeout_ms: 500\n      healthy_threshold: 2\n      unhealthy_threshold: 2\n";
+
+async fn health_backends(n: usize, watch: bool) -> Vec<greeter::Handle> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        let options = greeter::Options {
+            health: Some(greeter::HealthControl::new(watch)),
+            ..Default::default()
+        };
+        v.push(greeter::spawn_with("127.0.0.1:0", &format!("backend-{i}"), options).await);
+    }
+    v
+}
+
+fn control(b: &greeter::Handle) -> &greeter::HealthControl {
+    b.health.as_ref().expect("a health service")
+}
+
+#[tokio::test]
+async fn a_backend_switched_to_not_serving_gets_no_new_call_then_comes_back() {
+    let backends = health_backends(3, true).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let (agent, listen) = agent_with("p2c-ewma", &refs, HEALTH, "").await;
+    let bound = Duration::from_secs(10);
+    balancer_tests::wait_until("a Watch stream per endpoint", bound, || {
+        backends.iter().all(|b| control(b).watches_open() == 1)
+    })
+    .await;
+    let mut c = client(listen).await;
+    let sick = &backends[0];
+    let calls = |b: &greeter::Handle| b.stats.calls.load(std::sync::atomic::Ordering::Relaxed);
+
+    control(sick).set_serving(false);
+    let switched = std::time::Instant::now();
+    balancer_tests::wait_until("the endpoint is seen NOT_SERVING", bound, || {
+        endpoint_field(&agent, sick.addr, "check") == "not-serving"
+    })
+    .await;
+    let took = switched.elapsed();
+    println!("NOT_SERVING seen by the agent after {took:?} (interval 300 ms)");
+    assert!(took < Duration::from_millis(300), "{took:?}");
+    assert_eq!(endpoint_field(&agent, sick.addr, "health"), "not-serving");
+    let before = calls(sick);
+    let counts = split(&mut c, 90).await;
+    assert_eq!(
+        calls(sick),
+        before,
+        "no new call on a NOT_SERVING endpoint: {counts:?}"
+    );
+
+    control(sick).set_serving(true);
+    balancer_tests::wait_until(
+        "the endpoint is back after the healthy threshold",
+        bound,
+        || endpoint_field(&agent, sick.addr, "check") == "serving",
+    )
+    .await;
+    let counts = split(&mut c, 90).await;
+    println!("after SERVING again: {counts:?}");
+    assert!(
+        calls(sick) > before,
+        "calls again after SERVING: {counts:?}"
+    );
+    // Every call of the test succeeded (split panics on a failed call); one stream each.
+    assert!(backends.iter().all(|b| control(b).watches_opened() == 1));
+    let m = agent.metrics();
+    let healthy =
+        balancer_tests::agent::metric(&m, "balancer_endpoint_healthy", &[&sick.addr.to_string()]);
+    assert_eq!(healthy, 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn check_is_polled_where_watch_is_unimplemented() {
+    let backends = health_backends(2, false).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let (agent, listen) = agent_with("round-robin", &refs, HEALTH, "").await;
+    let bound = Duration::from_secs(10);
+    balancer_tests::wait_until("Check polled", bound, || {
+        control(&backends[0]).checks() >= 2
+    })
+    .await;
+    control(&backends[0]).set_serving(false);
+    balancer_tests::wait_until("NOT_SERVING seen by polling", bound, || {
+        endpoint_field(&agent, backends[0].addr, "check") == "not-serving"
+    })
+    .await;
+    let mut c = client(listen).await;
+    let counts = split(&mut c, 20).await;
+    assert_eq!(counts.get("backend-2"), Some(&20), "{counts:?}");
+    assert_eq!(control(&backends[0]).watches_open(), 0, "no Watch stream");
+}
+
+#[tokio::test]
+async fn a_thousand_client_connections_cost_one_health_stream_per_endpoint() {
+    let backends = health_backends(3, true).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let (_agent, listen) = agent_with("p2c-ewma", &refs, HEALTH, "").await;
+    let mut clients = Vec::new();
+    for batch in 0..20 {
+        let opened = futures_util::future::join_all((0..50).map(|_| client(listen))).await;
+        for mut c in opened {
+            c.say_hello(hello(&format!("b{batch}")))
+                .await
+                .expect("a call");
+            clients.push(c);
+        }
+    }
+    assert_eq!(clients.len(), 1000);
+    for b in &backends {
+        assert_eq!(control(b).watches_opened(), 1, "{}", b.name);
+        assert_eq!(control(b).watches_open(), 1, "{}", b.name);
+    }
+}
