@@ -471,3 +471,61 @@ async fn an_unknown_service_is_an_error_and_admin_queries_are_url_decoded() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_routes_timeout_bounds_the_call_and_the_backend_is_told_the_time_left() {
+    let mesh = Mesh::start(&format!(
+        "{SUBSETS}    rules:\n      - name: slow\n        match:\n          - headers: {{x-slow: {{}}}}\n        backends: [{{subset: v1}}]\n        timeout_ms: 300\n"
+    ))
+    .await;
+    let mut c = client(mesh.listen).await;
+    // A quick call on the route: the backend got a grpc-timeout of at most the route's 300 ms,
+    // though the client sent none.
+    let mut req = tonic::Request::new(HelloRequest::default());
+    req.metadata_mut().insert("x-slow", "1".parse().unwrap());
+    let resp = c.say_hello(req).await.expect("call");
+    let told = resp
+        .metadata()
+        .get("x-received-grpc-timeout")
+        .expect("the backend was given a grpc-timeout")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (n, unit) = told.split_at(told.len() - 1);
+    let ms = match unit {
+        "m" => n.parse::<u64>().unwrap(),
+        "u" => n.parse::<u64>().unwrap() / 1_000,
+        "n" => n.parse::<u64>().unwrap() / 1_000_000,
+        _ => panic!("grpc-timeout {told}"),
+    };
+    assert!(ms > 0 && ms <= 300, "grpc-timeout {told}");
+    // A call slower than the route's timeout ends at it with DEADLINE_EXCEEDED.
+    let mut req = tonic::Request::new(HelloRequest {
+        sleep_ms: 3_000,
+        ..HelloRequest::default()
+    });
+    req.metadata_mut().insert("x-slow", "1".parse().unwrap());
+    let started = std::time::Instant::now();
+    let err = c.say_hello(req).await.expect_err("the route's timeout");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // A sooner client deadline stays the one in force; calls off the route have none.
+    let mut req = tonic::Request::new(HelloRequest::default());
+    req.set_timeout(Duration::from_millis(100));
+    req.metadata_mut().insert("x-slow", "1".parse().unwrap());
+    let resp = c.say_hello(req).await.expect("call");
+    let told = resp.metadata().get("x-received-grpc-timeout").unwrap();
+    assert!(
+        told.to_str().unwrap().ends_with(['m', 'u', 'n']),
+        "{told:?}"
+    );
+    let resp = c
+        .say_hello(HelloRequest::default())
+        .await
+        .expect("call off the route");
+    assert!(resp.metadata().get("x-received-grpc-timeout").is_none());
+}
