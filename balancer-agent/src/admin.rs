@@ -1,13 +1,21 @@
 //! The admin server, on localhost only: readiness, metrics, the configuration in force, and
 //! the JSON API that `balancer-agent inspect` reads. Routes and shapes are documented in
 //! ARCHITECTURE.md. It runs on the control runtime, apart from the data plane.
+//!
+//! It answers on a loopback TCP address and, when asked, on a Unix socket too
+//! ([`serve_unix`]): during a handover two agents run on one node, in the node's network
+//! namespace, and only one can hold the TCP address; the Unix socket, in the container's own
+//! filesystem, is always this agent's, and `balancer-agent probe` ([`probe`]) asks it for the
+//! kubelet.
 #![forbid(unsafe_code)]
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
-    time::Instant,
+    path::Path,
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -18,47 +26,63 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
 use tracing::{debug, warn};
 
 use crate::{config::Config, ebpf::Datapath, metrics::Metrics, proxy::Proxy, state::Store};
 
-/// Whether the agent is ready, and if not, why.
-#[derive(Debug, Default)]
+/// Whether the agent is ready, and if not, why. The start waits on it too
+/// ([`Readiness::wait_for_only`]): the datapath redirects to this agent once nothing else
+/// holds it back.
+#[derive(Debug)]
 pub struct Readiness {
-    not_ready: Mutex<Vec<String>>,
+    not_ready: watch::Sender<Vec<String>>,
 }
 
 impl Readiness {
     /// Starts not ready for `reasons`.
     pub fn new(reasons: &[&str]) -> Arc<Self> {
         Arc::new(Self {
-            not_ready: Mutex::new(reasons.iter().map(|r| r.to_string()).collect()),
+            not_ready: watch::Sender::new(reasons.iter().map(|r| r.to_string()).collect()),
         })
     }
 
     /// Marks one reason resolved.
     pub fn resolve(&self, reason: &str) {
-        self.not_ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|r| r != reason);
+        self.not_ready.send_if_modified(|v| {
+            let before = v.len();
+            v.retain(|r| r != reason);
+            v.len() != before
+        });
     }
 
     /// Adds a reason not to be ready.
     pub fn block(&self, reason: &str) {
-        let mut v = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
-        if !v.iter().any(|r| r == reason) {
-            v.push(reason.to_string());
-        }
+        self.not_ready.send_if_modified(|v| {
+            let new = !v.iter().any(|r| r == reason);
+            if new {
+                v.push(reason.to_string());
+            }
+            new
+        });
     }
 
     /// The reasons not to be ready; empty when ready.
     pub fn reasons(&self) -> Vec<String> {
-        self.not_ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.not_ready.borrow().clone()
+    }
+
+    /// Waits until every reason left is one of `reasons`.
+    pub async fn wait_for_only(&self, reasons: &[&str]) {
+        let mut rx = self.not_ready.subscribe();
+        // The sender lives in `self`: the wait ends only by the condition.
+        let _ = rx
+            .wait_for(|v| v.iter().all(|r| reasons.contains(&r.as_str())))
+            .await;
     }
 }
 
@@ -449,34 +473,99 @@ fn json_response<T: Serialize + ?Sized>(v: &T) -> Response<Full<Bytes>> {
 /// Serves the admin API on `listener` forever.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let admin = admin.clone();
-                async move {
-                    Ok::<_, Infallible>(admin.route(
-                        req.method(),
-                        req.uri().path(),
-                        req.uri().query(),
-                    ))
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection");
+        match listener.accept().await {
+            Ok((stream, _)) => connection(admin.clone(), stream),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+/// Serves the admin API on a Unix socket forever.
+pub async fn serve_unix(admin: Arc<Admin>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => connection(admin.clone(), stream),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+/// EMFILE and friends: backs off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    warn!(error = %e, "admin accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Serves one admin connection (HTTP/1.1) on its own task.
+fn connection<S>(admin: Arc<Admin>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            async move {
+                Ok::<_, Infallible>(admin.route(req.method(), req.uri().path(), req.uri().query()))
             }
         });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            debug!(error = %e, "admin connection");
+        }
+    });
+}
+
+/// Binds the admin Unix socket at `path`, replacing a socket a previous run of this container
+/// left behind (the directory is the container's own: no other agent's socket is there).
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    UnixListener::bind(path)
+}
+
+/// `balancer-agent probe`: asks the agent behind the Unix socket `socket` for `path` (`/ready`
+/// or `/live`) and exits 0 on 200, 1 otherwise, printing the answer (the kubelet keeps it in
+/// the pod's events). The kubelet's exec probes run it inside the agent's container, so the
+/// socket is that container's agent, whichever other agent runs on the node.
+pub fn probe(socket: &Path, path: &str, timeout: Duration) -> ExitCode {
+    match get_unix(socket, path, timeout) {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            print!("{status}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("admin socket {}: {e}", socket.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A GET over a Unix socket (HTTP/1.0, the server closes after the answer): status and body.
+pub fn get_unix(socket: &Path, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {head:?}")))?;
+    Ok((status, body.to_string()))
 }
 
 /// Binds the admin address, refusing anything but loopback.

@@ -10,14 +10,18 @@
 
 use std::{
     collections::HashSet,
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -46,6 +50,10 @@ pub struct RunOptions {
     pub kubernetes: Option<KubernetesOptions>,
     /// Data-plane workers (0: one per CPU this process may use).
     pub workers: usize,
+    /// A Unix socket to serve the admin API on too (the kubelet's exec probes ask it).
+    pub admin_socket: Option<PathBuf>,
+    /// The `net.ipv4.tcp_migrate_req` sysctl file (see [`enable_listener_migration`]).
+    pub tcp_migrate_req: PathBuf,
 }
 
 /// `--kubernetes`, `--kubeconfig`, `--node-name`.
@@ -79,10 +87,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         }),
     );
     let current = Arc::new(ArcSwap::from_pointee(config.clone()));
-    let readiness = Readiness::new(&["listeners not bound"]);
+    let readiness = Readiness::new(&[LISTENERS_NOT_BOUND]);
+    if config.datapath.enabled {
+        readiness.block(NOT_REDIRECTING);
+    }
 
     let datapath = if config.datapath.enabled {
-        Some(Arc::new(ebpf::sync::load(&config)?))
+        // Idle: its slot is live but sends nothing here until the agent is ready (below).
+        Some(Arc::new(ebpf::sync::load_idle(&config)?))
     } else {
         None
     };
@@ -109,13 +121,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
 
-    // Bind everything before reporting ready, so a port clash fails the start.
+    // Bind everything before reporting ready, so a port clash fails the start. The listeners
+    // share their address with another agent's (SO_REUSEPORT): during a handover the new agent
+    // binds beside the old one, which keeps serving until the new one is ready.
+    enable_listener_migration(&opts.tcp_migrate_req);
     let listeners: Vec<(TcpListener, proxy::Listener)> = data_plane.block_on(async {
         let mut v = Vec::new();
         for l in &config.listeners {
             let addr = l.address;
-            let tcp = TcpListener::bind(addr)
-                .await
+            let tcp = bind_shared(addr)
                 .with_context(|| format!("binding listener {} on {addr}", l.name))?;
             info!(listener = %l.name, %addr, "listening");
             v.push((
@@ -131,22 +145,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     for (tcp, l) in listeners {
         data_plane.spawn(proxy.clone().serve(tcp, l));
     }
-    readiness.resolve("listeners not bound");
+    readiness.resolve(LISTENERS_NOT_BOUND);
 
     if let Some(dp) = &datapath {
         data_plane.spawn(ebpf::sync::heartbeat(dp.clone()));
-        data_plane.spawn(ebpf::sync::services(
+        data_plane.spawn(redirect_when_ready(
             dp.clone(),
+            readiness.clone(),
             store.clone(),
             config.datapath.opted_in_cgroups.clone(),
+            kube.is_some().then(|| opted_in_rx.clone()),
         ));
-        if kube.is_some() {
-            data_plane.spawn(sync_opted_in_pods(
-                dp.clone(),
-                config.datapath.opted_in_cgroups.clone(),
-                opted_in_rx.clone(),
-            ));
-        }
     }
 
     // The control plane.
@@ -181,11 +190,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         .build()
                         .context("starting the control runtime")?;
                     rt.block_on(async move {
-                        let listener = admin::bind(admin_addr)
-                            .await
-                            .with_context(|| format!("binding the admin server on {admin_addr}"))?;
-                        info!(%admin_addr, "admin server listening");
-                        tokio::spawn(admin::serve(admin, listener));
+                        if let Some(path) = &opts.admin_socket {
+                            let listener = admin::bind_unix(path).with_context(|| {
+                                format!("binding the admin socket {}", path.display())
+                            })?;
+                            info!(socket = %path.display(), "admin server listening");
+                            tokio::spawn(admin::serve_unix(admin.clone(), listener));
+                        }
+                        serve_admin_tcp(admin, admin_addr).await?;
                         // Active health checks, once per node for every client.
                         tokio::spawn(crate::health::run(store.clone()));
                         if let Some((kopts, kconfig)) = kube {
@@ -236,8 +248,24 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("draining");
         readiness.block("draining");
         if let Some(dp) = &datapath {
-            dp.stop_redirecting();
+            // New connections go to the agent beside this one if there is one (a rollout
+            // starts the new agent and waits until it is ready before it stops this one), else
+            // around the proxy, to their Services (fail open).
+            let successors = dp.others_serving();
+            dp.release();
+            info!(
+                successors,
+                "datapath slot released: new connections go to {}",
+                if successors > 0 {
+                    "the agent that took over"
+                } else {
+                    "their Services directly (no other agent serves)"
+                }
+            );
         }
+        // The listeners close (what is queued in them is served, or moves to the other
+        // agent's listener), and every client connection is told to go away in two steps
+        // (relay::Drain): its calls finish, it reconnects, to the new agent.
         let _ = drain_tx.send(true);
         let deadline = tokio::time::Instant::now() + opts.drain_timeout;
         while proxy.connections() > 0 && tokio::time::Instant::now() < deadline {
@@ -263,6 +291,134 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(f) => Err(anyhow::anyhow!(f)),
         None => Ok(()),
     }
+}
+
+/// Why the agent is not ready until its listeners are bound.
+const LISTENERS_NOT_BOUND: &str = "listeners not bound";
+
+/// Why the agent is not ready until its datapath slot redirects to it.
+const NOT_REDIRECTING: &str = "datapath not redirecting to this agent yet";
+
+/// How often an agent that found its admin address taken tries again.
+const ADMIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Binds a proxy listener that another agent may bind too (SO_REUSEPORT): during a handover
+/// the new agent listens beside the old one on the same address, and the kernel spreads new
+/// connections over both until the old one closes its listener. Only a process of the same
+/// user can join the group; any other holder of the address still makes the bind fail.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    // tokio's own TcpListener::bind backlog.
+    socket.listen(1024)
+}
+
+/// Makes the kernel move the connections queued in a listener that closes to another listener
+/// of its SO_REUSEPORT group instead of resetting them (`net.ipv4.tcp_migrate_req`, Linux
+/// 5.14): when the old agent of a handover closes its listeners, the connections the kernel
+/// had queued there (handshakes done or under way, not yet accepted) move to the new agent's.
+/// The setting belongs to the network namespace, the node's for the DaemonSet (hostNetwork);
+/// it changes nothing for a listener without a group. Without it (a read-only /proc/sys), a
+/// listener is emptied of what is queued before it closes (`proxy::Proxy::serve`), which
+/// leaves only the microseconds between the last accept and the close.
+fn enable_listener_migration(path: &Path) {
+    const WITHOUT: &str = "a connection that reaches a listener as this agent closes it, at the \
+        end of a handover, is reset instead of moving to the agent that took over";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => return,
+        Ok(_) => {}
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "net.ipv4.tcp_migrate_req unknown: {WITHOUT}");
+            return;
+        }
+    }
+    match std::fs::write(path, "1") {
+        Ok(()) => info!(
+            path = %path.display(),
+            "net.ipv4.tcp_migrate_req set to 1: connections queued in a closing listener move \
+             to another agent's"
+        ),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot set net.ipv4.tcp_migrate_req: {WITHOUT}")
+        }
+    }
+}
+
+/// Serves the admin API on its TCP address. During a handover the agent being replaced holds
+/// it: this one takes it over once it is free, trying every [`ADMIN_RETRY`] (its Unix socket
+/// answers meanwhile). Any other failure to bind fails the start.
+async fn serve_admin_tcp(admin: Arc<Admin>, addr: SocketAddr) -> anyhow::Result<()> {
+    match admin::bind(addr).await {
+        Ok(listener) => {
+            info!(%addr, "admin server listening");
+            tokio::spawn(admin::serve(admin, listener));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            warn!(
+                %addr,
+                "admin address in use (by the agent this one replaces?): taking it over once \
+                 it is free"
+            );
+            tokio::spawn(async move {
+                let listener = loop {
+                    tokio::time::sleep(ADMIN_RETRY).await;
+                    if let Ok(l) = admin::bind(addr).await {
+                        break l;
+                    }
+                };
+                info!(%addr, "admin server listening");
+                admin::serve(admin, listener).await;
+            });
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("binding the admin server on {addr}"));
+        }
+    }
+    Ok(())
+}
+
+/// Turns this agent's datapath slot on once nothing else holds readiness back: its listeners
+/// are bound and discovery has synced. Only then does it write the maps it shares with any
+/// other agent on the node (services, opted-in pods) from its store: a new agent beside a
+/// running one leaves the maps it adopted as they are until its store is complete. Then the
+/// agent is ready, and a rollout may stop the agent it replaces.
+async fn redirect_when_ready(
+    dp: Arc<Datapath>,
+    readiness: Arc<Readiness>,
+    store: Arc<Store>,
+    opted_in_cgroups: Vec<String>,
+    pods: Option<watch::Receiver<Arc<discovery::pods::OptedIn>>>,
+) {
+    readiness.wait_for_only(&[NOT_REDIRECTING]).await;
+    // Each sync's first turn runs here, not when its task is first polled: what it records
+    // (the store's VIPs, the configured cgroups, then with Kubernetes those plus the synced
+    // pods) must be in before the redirect turns on, which writes it into the shared maps.
+    let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+    let mut services = Box::pin(ebpf::sync::services(
+        dp.clone(),
+        store,
+        opted_in_cgroups.clone(),
+    ));
+    let _ = services.as_mut().poll(noop);
+    tokio::spawn(services);
+    if let Some(pods) = pods {
+        let mut pods = Box::pin(sync_opted_in_pods(dp.clone(), opted_in_cgroups, pods));
+        let _ = pods.as_mut().poll(noop);
+        tokio::spawn(pods);
+    }
+    dp.set_redirect(true);
+    readiness.resolve(NOT_REDIRECTING);
+    info!(
+        slot = dp.slot(),
+        other_agents = dp.others_serving(),
+        "datapath redirecting to this agent; ready"
+    );
 }
 
 /// Runs the control plane; an error ends the agent.

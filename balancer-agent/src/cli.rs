@@ -1,4 +1,4 @@
-//! The command line: `run`, `inspect`.
+//! The command line: `run`, `inspect`, `probe`.
 #![forbid(unsafe_code)]
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -23,6 +23,32 @@ pub enum Command {
     Run(RunArgs),
     /// Inspect a running agent through its admin API.
     Inspect(inspect::Args),
+    /// Ask the agent of this container whether it is ready or live, through its admin Unix
+    /// socket (`run --admin-socket`): the kubelet's exec probes. Exits 0 if so.
+    Probe(ProbeArgs),
+}
+
+/// `balancer-agent probe`.
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// What to ask.
+    #[arg(value_enum)]
+    pub what: Probe,
+    /// The agent's admin Unix socket (the same variable as `run --admin-socket`).
+    #[arg(long, env = "BALANCER_ADMIN_SOCKET", value_name = "PATH")]
+    pub socket: PathBuf,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+}
+
+/// What `balancer-agent probe` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// `/ready`: the agent serves; the datapath redirects to it.
+    Ready,
+    /// `/live`: the agent's control runtime answers.
+    Live,
 }
 
 /// `balancer-agent run`.
@@ -52,6 +78,21 @@ pub struct RunArgs {
     /// sets NODE_NAME from the downward API.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Also serve the admin API on this Unix socket, a path in the container's own filesystem:
+    /// during a handover two agents share the node's network namespace, where only one holds
+    /// the admin TCP address, and `balancer-agent probe` asks this one through the socket.
+    #[arg(long, env = "BALANCER_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// The `net.ipv4.tcp_migrate_req` sysctl file, set to 1 at start where it can be written:
+    /// connections queued in a listener that closes at the end of a handover move to the new
+    /// agent's listener instead of being reset. The DaemonSet mounts the node's file here.
+    #[arg(
+        long,
+        default_value = "/proc/sys/net/ipv4/tcp_migrate_req",
+        env = "BALANCER_TCP_MIGRATE_REQ",
+        value_name = "PATH"
+    )]
+    pub tcp_migrate_req: PathBuf,
     /// Data-plane worker threads; 0 runs one per CPU this process may use (its CPU quota
     /// counts).
     #[arg(long, default_value_t = 0, env = "BALANCER_WORKERS")]
@@ -67,6 +108,13 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect(args) => inspect::main(args),
+        Command::Probe(args) => {
+            let path = match args.what {
+                Probe::Ready => "/ready",
+                Probe::Live => "/live",
+            };
+            crate::admin::probe(&args.socket, path, Duration::from_millis(args.timeout_ms))
+        }
     }
 }
 
@@ -89,6 +137,8 @@ fn run(args: RunArgs) -> ExitCode {
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         workers: args.workers,
+        admin_socket: args.admin_socket,
+        tcp_migrate_req: args.tcp_migrate_req,
         kubernetes: (args.kubernetes || args.kubeconfig.is_some()).then(|| {
             app::KubernetesOptions {
                 kubeconfig: args.kubeconfig,

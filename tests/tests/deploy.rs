@@ -5,9 +5,11 @@
 //!   them), and so does what kustomize renders from them.
 //! - The ClusterRole grants get/list/watch on exactly `discovery::WATCHED_RESOURCES`.
 //! - The DaemonSet is not privileged, adds only capabilities from an allowed list, and is
-//!   wired to the configuration: arguments the agent's CLI accepts, the admin port its probes
-//!   use, the mounts the datapath settings point into, the downward-API variables the file
-//!   expands.
+//!   wired to the configuration: arguments the agent's CLI accepts, probes that ask the pod's
+//!   own agent (its admin Unix socket, in the pod's emptyDir), the mounts the datapath settings
+//!   point into, the downward-API variables the file expands; and it rolls out in the order a
+//!   handover needs (maxSurge 1, maxUnavailable 0, no host ports, the node's tcp_migrate_req
+//!   writable).
 //! - The ConfigMap holds a configuration the agent accepts.
 //! - The image's entrypoint is a static agent that starts (`--version`, `--help`, and
 //!   `run --check` on the deployed configuration), unpacked from the OCI archive.
@@ -332,6 +334,43 @@ fn daemonset_capabilities() -> Vec<String> {
     .collect()
 }
 
+/// The value a container's environment gives `name`.
+fn container_env(c: &Value, name: &str) -> Option<String> {
+    seq_of(&c["env"], "env")
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| str_of(&e["value"], "env value").to_string())
+}
+
+/// The environment variable an argument of a subcommand of the agent reads.
+fn cli_env(subcommand: &str, arg: &str) -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let sub = cli
+        .find_subcommand(subcommand)
+        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+    let a = sub
+        .get_arguments()
+        .find(|a| a.get_id() == arg)
+        .unwrap_or_else(|| panic!("no argument {arg} of {subcommand}"));
+    a.get_env()
+        .unwrap_or_else(|| panic!("{subcommand} {arg} reads no environment variable"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The image's entrypoint, as the Containerfile sets it.
+fn image_entrypoint() -> String {
+    let file = std::fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();
+    let line = file
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .expect("the Containerfile sets an ENTRYPOINT");
+    let v: Vec<String> = serde_json::from_str(line).expect("ENTRYPOINT in JSON form");
+    assert_eq!(v.len(), 1, "the entrypoint is the binary alone");
+    v[0].clone()
+}
+
 /// A container's environment variable that comes from the downward API: its fieldPath.
 fn downward_env(c: &Value) -> BTreeMap<String, String> {
     seq_of(&c["env"], "env")
@@ -428,13 +467,43 @@ fn daemonset_is_wired_to_the_agent_and_its_configuration() {
         "datapath.proxy_address {proxy} is not a listener's address"
     );
 
-    // The probes reach the admin server on the node's loopback.
-    let admin = config.admin.address;
-    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/live")] {
-        let get = &c[probe]["httpGet"];
-        assert_eq!(get["host"], admin.ip().to_string(), "{probe} host");
-        assert_eq!(get["port"], u64::from(admin.port()), "{probe} port");
-        assert_eq!(get["path"], path, "{probe} path");
+    // The probes ask this pod's own agent: `balancer-agent probe` (the image's binary) through
+    // the Unix socket `run` serves, named by one variable for both, in a directory of the pod's
+    // own (an emptyDir), never the node's loopback, which answers for another agent during a
+    // rollout.
+    let entrypoint = image_entrypoint();
+    let socket_env = cli_env("run", "admin_socket");
+    assert_eq!(cli_env("probe", "socket"), socket_env);
+    let socket = container_env(&c, &socket_env).expect("the admin socket variable is set");
+    let socket_dir = Path::new(&socket).parent().unwrap();
+    let socket_mount = mounts
+        .iter()
+        .find(|m| Path::new(str_of(&m["mountPath"], "mountPath")) == socket_dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", socket_dir.display()));
+    let socket_volume = volume(str_of(&socket_mount["name"], "mount name"));
+    assert!(
+        socket_volume["emptyDir"].is_mapping(),
+        "the admin socket lives in the pod's own emptyDir: {socket_volume:?}"
+    );
+    assert_ne!(socket_mount["readOnly"], true);
+    for (probe, what) in [("readinessProbe", "ready"), ("livenessProbe", "live")] {
+        assert!(c[probe]["httpGet"].is_null(), "{probe}: an exec probe");
+        let command: Vec<String> = seq_of(&c[probe]["exec"]["command"], "exec.command")
+            .iter()
+            .map(|a| str_of(a, "command").to_string())
+            .collect();
+        assert_eq!(command[0], entrypoint, "{probe} runs the image's agent");
+        assert_eq!(command[1..], ["probe", what], "{probe}");
+        let with_socket = command
+            .iter()
+            .map(String::as_str)
+            .chain(["--socket", &socket]);
+        let parsed = Cli::try_parse_from(with_socket)
+            .unwrap_or_else(|e| panic!("the agent refuses the {probe} command {command:?}:\n{e}"));
+        assert!(matches!(
+            parsed.command,
+            balancer_agent::cli::Command::Probe(_)
+        ));
     }
 
     // The datapath's paths are the node's, mounted from the host.
@@ -462,10 +531,33 @@ fn daemonset_is_wired_to_the_agent_and_its_configuration() {
         run.drain_timeout_ms
     );
 
-    // One node at a time, never two agents on one node (they would share NODE_IP:15001).
+    // The rollout order the handover needs: on each node the new agent starts beside the old
+    // one and the old one is stopped only once the new one is ready; one node at a time.
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
     let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
-    assert_eq!(rolling["maxUnavailable"], 1);
-    assert_eq!(rolling["maxSurge"], 0);
+    assert_eq!(rolling["maxSurge"], 1, "the new agent first");
+    assert_eq!(
+        rolling["maxUnavailable"], 0,
+        "never a node without an agent"
+    );
+    // With hostNetwork a declared port is a host port: the scheduler would hold the new pod
+    // until the old one is gone.
+    assert!(
+        c["ports"].as_sequence().is_none_or(|p| p.is_empty()),
+        "no declared ports: {:?}",
+        c["ports"]
+    );
+    // The node's net.ipv4.tcp_migrate_req, writable, where the agent's variable says: what
+    // the old agent's listeners queued moves to the new agent's when they close.
+    let migrate_env = cli_env("run", "tcp_migrate_req");
+    let migrate = container_env(&c, &migrate_env).expect("the tcp_migrate_req variable is set");
+    assert_eq!(host_path_of(&migrate), "/proc/sys/net/ipv4/tcp_migrate_req");
+    let migrate_mount = mounts.iter().find(|m| m["mountPath"] == migrate.as_str());
+    assert_ne!(
+        migrate_mount.unwrap()["readOnly"],
+        true,
+        "the agent writes it"
+    );
 
     // The image tag follows the agent's version.
     assert_eq!(

@@ -1,21 +1,327 @@
-//! Replacing a node's agent without failing a call.
+//! Replacing a node's agent without failing a call, and what a crash costs.
 //!
+//! - A new agent starts beside the running one (the order `deploy/` rolls the DaemonSet in:
+//!   the new pod ready first, then SIGTERM to the old one) while a pod's gRPC clients call
+//!   continuously on long-lived connections: no call fails, no client connection ends up on the
+//!   kube-proxy path, and the clients stay balanced per call through the new agent.
 //! - The drain's two steps at the frame level (RFC 9113 §6.8): a first GOAWAY with 2^31-1, a
 //!   PING, a second GOAWAY with the last stream once the PING is answered; every stream up to
 //!   it is served, none is refused.
+//! - kill -9, then a restart: pods reach their Services within a second; the new agent adopts
+//!   the pinned maps and balances new connections; a connection opened around the dead agent
+//!   stays on the kube-proxy path, working, as the README says.
+//!
+//! The handover and crash tests use the real datapath on a simulated node (root).
 
-use std::{collections::BTreeMap, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
 
 use balancer_agent::wire::hpack;
 use balancer_tests::{
-    greeter,
+    agent::Agent,
+    free_port, greeter,
     harness::{self, frame, grpc_frame},
+    node::{BACKEND_PORT, Scenario},
     pb::HelloRequest,
-    wait_until,
+    require_root, wait_until,
 };
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 
 const BOUND: Duration = Duration::from_secs(20);
+
+/// A VIP for this scenario, 10.96.<the node's subnet>.`last`: an address of the node
+/// (nothing ever leaves the machine).
+fn vip(s: &Scenario, last: u8) -> SocketAddr {
+    let [_, _, subnet, _] = s.node.gateway.octets();
+    let vip = Ipv4Addr::new(10, 96, subnet, last);
+    s.node.add_vip(vip).expect("adding the VIP to the node");
+    (vip, BACKEND_PORT).into()
+}
+
+/// Starts an agent in the node, in a cgroup of its own named `name`, with the configuration
+/// `config(admin address)`, and waits until it is ready.
+async fn start_agent(s: &Scenario, name: &str, config: impl FnOnce(SocketAddr) -> String) -> Agent {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cg = s.node.cgroup.child(name).expect("agent cgroup");
+    let agent = Agent::start_in_cgroup(&config(admin), admin, cg.path()).await;
+    // The cgroup goes with the node's tree (after the agent's process).
+    std::mem::forget(cg);
+    agent
+}
+
+/// kube-proxy's stand-in: connections to `vip` go to `backend`; it counts them. Every
+/// connection it sees went around the agent.
+async fn kube_proxy(vip: SocketAddr, backend: SocketAddr) -> Arc<AtomicU64> {
+    let listener = TcpListener::bind(vip).await.expect("binding the VIP");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            count.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// `balancer-pod-load` running in a pod: tonic channels calling continuously.
+struct Load {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    summary: Arc<Mutex<Option<Value>>>,
+}
+
+impl Load {
+    /// Starts it in `pod` against `target`: `connections` clients with 4 calls of 20 ms each
+    /// always in flight, plus one client calling sequentially, over `transport` (`pooled`:
+    /// tonic over hyper-util's pool, which sends a request a connection going away never sent
+    /// again, as gRPC's own clients do; `channel`: tonic's Channel, which fails it).
+    async fn start(
+        s: &Scenario,
+        pod: &str,
+        target: SocketAddr,
+        connections: usize,
+        transport: &str,
+    ) -> Self {
+        let bin = env!("CARGO_BIN_EXE_balancer-pod-load");
+        let (target, connections) = (target.to_string(), connections.to_string());
+        let args = [
+            "--target",
+            &target,
+            "--connections",
+            &connections,
+            "--in-flight",
+            "4",
+            "--transport",
+            transport,
+        ];
+        let mut cmd = tokio::process::Command::from(s.node.pod(pod).command(bin, &args));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("starting balancer-pod-load");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout");
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let summary = Arc::new(Mutex::new(None));
+        tokio::spawn({
+            let (ok, failed, summary) = (ok.clone(), failed.clone(), summary.clone());
+            async move {
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    if v.get("phases").is_some() {
+                        *summary.lock().unwrap() = Some(v);
+                    } else {
+                        ok.store(v["ok"].as_u64().unwrap_or(0), Relaxed);
+                        failed.store(v["failed"].as_u64().unwrap_or(0), Relaxed);
+                    }
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            ok,
+            failed,
+            summary,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Relaxed)
+    }
+
+    /// Waits until `n` more calls succeeded (failing at once if the process died).
+    async fn wait_calls(&mut self, what: &str, n: u64) {
+        let target = self.ok() + n;
+        let deadline = tokio::time::Instant::now() + BOUND;
+        while self.ok() < target {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("balancer-pod-load exited ({status}) while waiting for {what}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {} calls, {} failed",
+                self.ok(),
+                self.failed.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts a new phase: the calls from now on are counted apart.
+    async fn mark(&mut self) {
+        let stdin = self.stdin.as_mut().expect("running");
+        stdin
+            .write_all(b"mark\n")
+            .await
+            .expect("writing to the client");
+        stdin.flush().await.expect("flushing");
+    }
+
+    /// Stops the clients (the calls in flight finish) and returns their phases.
+    async fn finish(mut self) -> Vec<Value> {
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(BOUND, self.child.wait())
+            .await
+            .expect("balancer-pod-load ends within the bound")
+            .expect("waiting for balancer-pod-load");
+        assert!(status.success(), "balancer-pod-load failed: {status}");
+        // The reader task sees the last line right after the exit.
+        let summary = self.summary.clone();
+        wait_until("the load summary", BOUND, || {
+            summary.lock().unwrap().is_some()
+        })
+        .await;
+        let v = summary.lock().unwrap().take().unwrap();
+        v["phases"].as_array().expect("phases").clone()
+    }
+}
+
+/// A phase's calls served per backend on the sequential channel.
+fn sequential(phase: &Value) -> BTreeMap<String, u64> {
+    serde_json::from_value(phase["sequential"].clone()).expect("calls per backend")
+}
+
+/// What `balancer-pod call` says each backend served.
+fn counts(out: &Value) -> BTreeMap<String, u64> {
+    serde_json::from_value(out["counts"].clone()).expect("calls per backend")
+}
+
+/// The agent's client connections from `ip`.
+fn connections_from(agent: &Agent, ip: Ipv4Addr) -> usize {
+    agent
+        .json("/api/connections")
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter(|c| {
+            c["peer"]
+                .as_str()
+                .and_then(|p| p.parse::<SocketAddr>().ok())
+                .is_some_and(|p| p.ip() == ip)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 20);
+    let bypassed = kube_proxy(vip, s.backends[0].1).await;
+    let mut old = start_agent(&s, "agent-old", |a| s.agent_config(vip, a, "auto")).await;
+
+    // 4 connections with 4 calls of 20 ms each in flight, and one calling sequentially; and
+    // the same with tonic's Channel, which fails a call on every GOAWAY (see Load::start).
+    let mut load = Load::start(&s, "client", vip, 4, "pooled").await;
+    let mut channels = Load::start(&s, "client", vip, 4, "channel").await;
+    load.wait_calls("calls through the old agent", 300).await;
+    channels
+        .wait_calls("calls through the old agent", 300)
+        .await;
+    let client_ip = s.node.pod("client").ip;
+    assert_eq!(connections_from(&old, client_ip), 10, "5 connections each");
+
+    // The rollout: the new agent starts beside the old one and becomes ready...
+    let new = start_agent(&s, "agent-new", |a| s.agent_config(vip, a, "auto")).await;
+    load.wait_calls("calls while both agents run", 300).await;
+    channels
+        .wait_calls("calls while both agents run", 300)
+        .await;
+    // ...then the old one gets SIGTERM, and drains.
+    old.sigterm();
+    let drain_started = Instant::now();
+    let status = old
+        .wait_exit(BOUND)
+        .await
+        .expect("the old agent exits after its drain");
+    let drained_in = drain_started.elapsed();
+    assert!(status.success(), "the old agent exited with {status}");
+
+    // Every client connection came back to the new agent.
+    wait_until("the 10 connections on the new agent", BOUND, || {
+        connections_from(&new, client_ip) == 10
+    })
+    .await;
+    load.mark().await;
+    load.wait_calls("calls through the new agent", 600).await;
+    let phases = load.finish().await;
+    let channel_phases = channels.finish().await;
+
+    let total: u64 = phases.iter().map(|p| p["ok"].as_u64().unwrap()).sum();
+    let failed: u64 = phases.iter().map(|p| p["failed"].as_u64().unwrap()).sum();
+    println!(
+        "handover: {total} calls, {failed} failed; the old agent drained in {drained_in:?}; \
+         sequential calls before {:?}, after {:?}",
+        sequential(&phases[0]),
+        sequential(&phases[1])
+    );
+    assert_eq!(failed, 0, "calls failed across the handover: {phases:?}");
+    // tonic's Channel: hyper fails the calls given to a connection after its GOAWAY while a
+    // call was open on it (at most the 4 x 4 + 1 that can be waiting), without sending them:
+    // it cancels them, or h2 refuses to open their stream after the GOAWAY. Every other call
+    // succeeds.
+    let channel_failed: u64 = channel_phases
+        .iter()
+        .map(|p| p["failed"].as_u64().unwrap())
+        .sum();
+    let channel_ok: u64 = channel_phases
+        .iter()
+        .map(|p| p["ok"].as_u64().unwrap())
+        .sum();
+    println!("tonic Channel: {channel_ok} calls, {channel_failed} failed: {channel_phases:?}");
+    assert!(channel_failed <= 17, "{channel_phases:?}");
+    for p in &channel_phases {
+        for e in p["errors"].as_array().unwrap() {
+            let e = e.as_str().unwrap();
+            let unsent = e.starts_with("Cancelled: operation was canceled")
+                || (e.contains("GoAway") && e.contains("NO_ERROR") && e.contains("Remote"));
+            assert!(unsent, "a call failed otherwise than unsent: {e}");
+        }
+    }
+    assert_eq!(
+        bypassed.load(Relaxed),
+        0,
+        "a client connection went around the agents (kube-proxy path)"
+    );
+    assert_eq!(
+        new.bpf_counter("connect4_agent_down"),
+        0,
+        "a connect found no agent serving"
+    );
+    // The single channel is still balanced per call, through the new agent.
+    let after = sequential(&phases[1]);
+    assert_eq!(
+        after.len(),
+        3,
+        "the sequential channel's calls after the handover reach every backend: {after:?}"
+    );
+    // The old agent left the pins to the new one, which still serves new connections.
+    assert!(std::path::Path::new(&s.pin_path()).exists());
+    assert_eq!(counts(&s.call("client", vip, 30).await).len(), 3);
+}
 
 /// The request HEADERS of a SayHello call on stream `sid`.
 fn request(sid: u32) -> Vec<u8> {
@@ -150,4 +456,141 @@ async fn the_drain_sends_two_goaways_and_serves_every_stream_up_to_the_second() 
     );
     let status = agent.wait_exit(BOUND).await.expect("the agent exits");
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_after_kill_9_pods_fail_open_and_a_restarted_agent_adopts_the_pins() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 21);
+    let bypassed = kube_proxy(vip, s.backends[0].1).await;
+    let mut first = start_agent(&s, "agent-1", |a| s.agent_config(vip, a, "auto")).await;
+    assert_eq!(
+        counts(&s.call("client", vip, 30).await).len(),
+        3,
+        "balanced"
+    );
+    let redirected = first.bpf_counter("connect4_redirected");
+
+    first.kill();
+    let killed = Instant::now();
+    // The links died with the process: the first connect after the kill goes around it.
+    let answered = s.try_call("client", vip, Duration::from_secs(5)).await;
+    let took = killed.elapsed();
+    assert!(
+        answered.is_some(),
+        "no call reached the Service after the kill"
+    );
+    assert_eq!(
+        bypassed.load(Relaxed),
+        1,
+        "the call went through kube-proxy"
+    );
+    assert!(took < Duration::from_secs(1), "fail-open took {took:?}");
+    assert!(
+        std::path::Path::new(&s.pin_path()).exists(),
+        "the killed agent's pins stay for the next one"
+    );
+
+    // A client that connects while no agent runs: around it, to one backend.
+    let mut around = Load::start(&s, "client", vip, 0, "pooled").await;
+    around.wait_calls("calls around the dead agent", 50).await;
+    let bypassed_before = bypassed.load(Relaxed);
+
+    let second = start_agent(&s, "agent-2", |a| s.agent_config(vip, a, "auto")).await;
+    // The counters map was adopted, not made anew.
+    assert!(
+        second.bpf_counter("connect4_redirected") >= redirected,
+        "the restarted agent's counters start from the first one's"
+    );
+    // New connections are balanced again.
+    let out = s.call("client", vip, 30).await;
+    assert_eq!(counts(&out).len(), 3, "balanced after the restart: {out}");
+    assert!(second.bpf_counter("connect4_redirected") > redirected);
+
+    // The connection opened around the dead agent stays where it is, and keeps working.
+    around.mark().await;
+    around
+        .wait_calls("calls on the bypassing connection after the restart", 100)
+        .await;
+    let phases = around.finish().await;
+    let after = &phases[1];
+    assert_eq!(after["failed"], 0, "{after}");
+    assert_eq!(
+        sequential(after).keys().collect::<Vec<_>>(),
+        ["backend-1"],
+        "still on the kube-proxy path: {after}"
+    );
+    assert_eq!(
+        bypassed.load(Relaxed),
+        bypassed_before,
+        "no new connection went around the restarted agent"
+    );
+}
+
+/// `balancer-agent probe WHAT --socket PATH`: its exit status and output.
+fn probe(socket: &std::path::Path, what: &str) -> (bool, String) {
+    let out = std::process::Command::new(balancer_tests::agent::agent_bin())
+        .args(["probe", what, "--socket"])
+        .arg(socket)
+        .output()
+        .expect("running balancer-agent probe");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_second_agent_shares_the_listener_answers_its_own_probes_and_takes_the_admin_address_over()
+ {
+    let backend = greeter::spawn("127.0.0.1:0", "backend-1").await;
+    let listen = harness::local_addr();
+    let admin = harness::local_addr();
+    let config = harness::config(listen, admin, "round-robin", &[backend.addr], "");
+    let dir = balancer_tests::agent::TempDir::new("balancer-handover-probe");
+    let socket = |name: &str| dir.0.join(format!("{name}.sock"));
+    let (sock_old, sock_new) = (socket("old"), socket("new"));
+    let mut old = Agent::start_with(&config, admin, |c| {
+        c.arg("--admin-socket").arg(&sock_old);
+    })
+    .await;
+    assert_eq!(probe(&sock_old, "ready"), (true, "ready\n".into()));
+    assert!(probe(&sock_old, "live").0);
+
+    // The same configuration: the same listener address (SO_REUSEPORT) and admin address.
+    // `start_with` returns at once (the old agent answers on the admin address); the new one
+    // answers its own probes on its own socket.
+    let mut new = Agent::start_with(&config, admin, |c| {
+        c.arg("--admin-socket").arg(&sock_new);
+    })
+    .await;
+    balancer_tests::wait_until("the new agent ready on its socket", BOUND, || {
+        probe(&sock_new, "ready").0
+    })
+    .await;
+    assert!(new.exited().is_none(), "the second agent runs");
+    let mut c = harness::client(listen).await;
+    c.say_hello(harness::hello("both")).await.unwrap();
+
+    old.sigterm();
+    let status = old.wait_exit(BOUND).await.expect("the old agent exits");
+    assert!(status.success(), "{status}");
+    assert!(
+        !probe(&sock_old, "ready").0,
+        "the old agent's socket is gone with it"
+    );
+    // The new agent takes the admin address over once it is free, and serves the listener.
+    balancer_tests::wait_until_async("the new agent on the admin address", BOUND, || async {
+        matches!(
+            balancer_tests::agent::http_get(admin, "/ready"),
+            Ok((200, _))
+        )
+    })
+    .await;
+    let mut c = harness::client(listen).await;
+    let r = c.say_hello(harness::hello("after")).await.unwrap();
+    assert_eq!(r.into_inner().backend, "backend-1");
+    assert!(probe(&sock_new, "ready").0);
+    assert!(new.exited().is_none());
 }
