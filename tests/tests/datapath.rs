@@ -632,3 +632,33 @@ async fn root_a_connect_to_a_pod_of_a_headless_service_is_balanced_per_call() {
     assert_eq!(c, BTreeMap::from([("backend-3".to_string(), 10)]));
     assert_eq!(agent.bpf_counter("connect4_redirected"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_an_agent_started_after_a_kill_9_adopts_the_pins_left_and_balances_again() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 24);
+    let mut killed = start(&s, |admin| s.agent_config(vip, admin, "auto")).await;
+    assert_eq!(counts(&s.call("client", vip, 9).await).len(), 3);
+    let pins = s.pin_path();
+    let ids = pinned_map_ids(&pins);
+    killed.kill();
+    // No clean exit: the pins stay, with a slot whose lease runs out.
+    assert_eq!(pinned_map_ids(&pins), ids);
+    balancer_tests::wait_until(
+        "the killed agent's lease ran out",
+        Duration::from_secs(2),
+        || live_pids(&pins).is_empty(),
+    )
+    .await;
+    let agent = start(&s, |admin| s.agent_config(vip, admin, "auto")).await;
+    assert_eq!(pinned_map_ids(&pins), ids, "the maps left are adopted");
+    assert_eq!(live_pids(&pins), [u64::from(agent.pid())]);
+    let c = counts(&s.call("client", vip, 30).await);
+    assert!(c.len() == 3 && c.values().all(|&n| n == 10), "{c:?}");
+    assert_eq!(
+        agent.bpf_counter("connect4_redirected"),
+        2,
+        "the counters carried on"
+    );
+}

@@ -55,6 +55,7 @@ use std::{
     collections::HashSet,
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -369,6 +370,17 @@ fn check_pins(dir: &Path) -> Result<(), Error> {
             max_entries: info.max_entries(),
         };
         if kind.is_none() || found != *want {
+            if any_live_lease(dir) == Some(false) {
+                // Left by an agent of another version that is gone (killed: no clean exit
+                // removed them): nothing uses them; they are replaced.
+                warn!(
+                    pin_dir = %dir.display(),
+                    map = want.name,
+                    "pinned maps of another layout and no live agent: removing them"
+                );
+                remove_pins(dir);
+                return Ok(());
+            }
             let show = |l: &MapLayout| {
                 format!(
                     "{:?}, key {} B, value {} B, {} entries",
@@ -386,6 +398,86 @@ fn check_pins(dir: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Whether a slot of the agent map pinned under `dir` holds a live lease, read without
+/// assuming this agent's layout (every layout of [`AgentState`] starts with
+/// `alive_until_ns`): `Some(false)` when no agent map is pinned, `None` when it cannot be read.
+fn any_live_lease(dir: &Path) -> Option<bool> {
+    let path = dir.join(maps::AGENT_STATE);
+    if !path.exists() {
+        return Some(false);
+    }
+    let map = MapData::from_pin(&path).ok()?;
+    let info = map.info().ok()?;
+    if !matches!(info.map_type(), Ok(MapType::Array))
+        || info.key_size() != 4
+        || info.value_size() < 8
+    {
+        return None;
+    }
+    let now = monotonic_ns();
+    let mut value = vec![0u8; info.value_size() as usize];
+    for slot in 0..info.max_entries() {
+        raw::lookup(map.fd().as_fd(), slot, &mut value).ok()?;
+        let until = u64::from_ne_bytes(value[..8].try_into().ok()?);
+        if until > now {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// Removes the pins of the shared maps under `dir`, and `dir` if that leaves it empty.
+fn remove_pins(dir: &Path) {
+    for m in &SHARED_MAPS {
+        let _ = std::fs::remove_file(dir.join(m.name));
+    }
+    // Only if empty: the directory may hold what others put there.
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The `bpf(2)` commands aya does not offer for a map of a layout it was not told.
+#[allow(unsafe_code)] // the bpf syscall: libc has no wrapper.
+mod raw {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+    /// `bpf_attr` for the element commands.
+    #[repr(C)]
+    pub(super) struct ElemAttr {
+        pub(super) map_fd: u32,
+        pub(super) _pad: u32,
+        pub(super) key: u64,
+        pub(super) value: u64,
+        pub(super) flags: u64,
+    }
+
+    /// Reads element `key` of an array map into `value` (exactly its value size).
+    pub(super) fn lookup(fd: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> std::io::Result<()> {
+        let attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: (&raw const key) as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the attribute points to a live key of the map's key size (4) and a buffer
+        // of its value size, which the kernel writes at most; both outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &raw const attr,
+                std::mem::size_of::<ElemAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// The agent map pinned under `dir`, if there is one.
@@ -443,11 +535,7 @@ fn leave(dir: &Path, slot: usize, pid: u32) {
             return;
         }
     }
-    for m in &SHARED_MAPS {
-        let _ = std::fs::remove_file(dir.join(m.name));
-    }
-    // Only if empty: the directory may hold what others put there.
-    let _ = std::fs::remove_dir(dir);
+    remove_pins(dir);
 }
 
 impl Datapath {
@@ -1015,5 +1103,90 @@ fn raise_memlock() {
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if rc != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels with memcg accounting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::*;
+
+    /// An array map of `value_size`-byte values pinned at `path`, as another version of the
+    /// agent would have left its agent map, its first slot's lease running until `until`.
+    #[allow(unsafe_code)] // the bpf syscall, to make a map of a layout aya was not told.
+    fn pin_foreign_agent_map(path: &Path, value_size: u32, until: u64) {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+        }
+        #[repr(C)]
+        struct PinAttr {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let bpf = |cmd: libc::c_long, attr: *const u8, size: usize| {
+            // SAFETY: each attribute below is a valid prefix of `bpf_attr` for its command,
+            // pointing to buffers that outlive the call.
+            let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+            assert!(rc >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+            rc
+        };
+        let create = CreateAttr {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size,
+            max_entries: 1,
+        };
+        let fd = bpf(0, (&raw const create).cast(), size_of::<CreateAttr>());
+        // SAFETY: the kernel just returned this descriptor to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut value = vec![0u8; value_size as usize];
+        value[..8].copy_from_slice(&until.to_ne_bytes());
+        let key = 0u32;
+        let update = raw::ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: (&raw const key) as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+        };
+        bpf(2, (&raw const update).cast(), size_of::<raw::ElemAttr>());
+        let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let pin = PinAttr {
+            pathname: name.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            file_flags: 0,
+        };
+        bpf(6, (&raw const pin).cast(), size_of::<PinAttr>());
+    }
+
+    #[test]
+    fn root_pins_of_another_layout_are_replaced_only_when_no_agent_is_alive() {
+        // SAFETY: geteuid has no preconditions.
+        #[allow(unsafe_code)]
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !Path::new("/sys/fs/bpf").is_dir() {
+            eprintln!("SKIPPED: needs root and the bpffs");
+            return;
+        }
+        let dir = PathBuf::from(format!("/sys/fs/bpf/balancer-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = dir.join(maps::AGENT_STATE);
+        // An agent of the layout before slots (24-byte values, one entry) still runs.
+        pin_foreign_agent_map(&agent, 24, monotonic_ns() + 60_000_000_000);
+        let err = check_pins(&dir).expect_err("a live agent's maps of another layout");
+        assert!(matches!(err, Error::IncompatiblePin { .. }), "{err}");
+        assert!(agent.exists(), "left in place");
+        // It was killed: its lease ran out, its pins are stale and replaced.
+        std::fs::remove_file(&agent).unwrap();
+        pin_foreign_agent_map(&agent, 24, monotonic_ns().saturating_sub(1));
+        check_pins(&dir).expect("stale pins of another layout are no obstacle");
+        assert!(!agent.exists(), "removed");
+        let _ = std::fs::remove_dir(&dir);
     }
 }
