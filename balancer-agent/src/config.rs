@@ -27,6 +27,7 @@ use std::{
 
 use serde::{Deserialize, Serialize, Serializer};
 
+pub mod resilience;
 pub mod routes;
 pub use routes::RoutesConfig;
 pub mod balancing;

@@ -275,6 +275,14 @@ impl Metrics {
         })
     }
 
+    /// Registers a metric another layer keeps (the call layer's retry, fault and circuit
+    /// breaker counters). A second metric of the same name is not exported.
+    pub fn register(&self, c: Box<dyn Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::debug!(error = %e, "metric not registered");
+        }
+    }
+
     /// Distinct method labels per service from now on (`limits.max_methods_per_service`, on a
     /// reload); methods already labelled keep their label.
     pub fn set_max_methods(&self, max: usize) {

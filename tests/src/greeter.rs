@@ -6,8 +6,10 @@
 //! gets it back as `x-received-grpc-timeout` in the response headers, so tests can see what
 //! deadline reached the backend.
 //!
-//! Per-backend [`Options`] (a delay on every call, a cap on concurrent streams) and a graceful
-//! shutdown ([`Handle::shutdown`]) shape a backend as a whole.
+//! Per-backend [`Options`] (a delay on every call, a cap on concurrent streams, a share of
+//! calls failed with a status and maybe `grpc-retry-pushback-ms`) and a graceful shutdown
+//! ([`Handle::shutdown`]) shape a backend as a whole. A client-streaming call fails with the
+//! `fail_code` of any of its messages once it read them all.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -50,6 +52,10 @@ pub struct Stats {
     pub sent: AtomicU64,
     /// TCP connections accepted (by [`serve_with`] and [`spawn_with`]).
     pub connections: AtomicU64,
+    /// When each unary call arrived, with its `grpc-previous-rpc-attempts` (0 if none).
+    pub arrivals: std::sync::Mutex<Vec<(std::time::Instant, u32)>>,
+    /// Unary calls failed by [`Options::fail_percent`].
+    pub failed: AtomicU64,
 }
 
 /// The service.
@@ -59,6 +65,8 @@ pub struct Backend {
     stats: Arc<Stats>,
     delay: Duration,
     fail_code: i32,
+    fail_percent: u32,
+    pushback_ms: Option<String>,
 }
 
 /// How a whole backend behaves, set when it is spawned.
@@ -72,6 +80,11 @@ pub struct Options {
     pub fail_code: i32,
     /// A `grpc.health.v1.Health` service beside the greeter, switched by the test.
     pub health: Option<HealthControl>,
+    /// With `fail_code`: only this share of unary calls fail, percent, drawn for each call
+    /// (0: every call).
+    pub fail_percent: u32,
+    /// With `fail_code`: the failures carry `grpc-retry-pushback-ms` with this value.
+    pub pushback_ms: Option<String>,
 }
 
 /// A `grpc.health.v1.Health` service whose answer the test switches
@@ -226,6 +239,24 @@ fn echo(from: &MetadataMap) -> MetadataMap {
 }
 
 impl Backend {
+    /// Whether this unary call is one of those the backend fails (see [`Options`]).
+    fn fails(&self) -> bool {
+        if self.fail_code == 0 {
+            return false;
+        }
+        if self.fail_percent == 0 {
+            return true;
+        }
+        // splitmix64 over a process-wide counter: an even, independent draw per call.
+        static DRAWS: AtomicU64 = AtomicU64::new(0);
+        let n = DRAWS.fetch_add(1, Relaxed);
+        let mut z = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z % 100 < u64::from(self.fail_percent)
+    }
+
     async fn delay(&self) {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
@@ -256,6 +287,16 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>
 impl Greeter for Backend {
     async fn say_hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let guard = CallGuard::new(&self.stats);
+        let previous = req
+            .metadata()
+            .get("grpc-previous-rpc-attempts")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        self.stats
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((std::time::Instant::now(), previous));
         self.delay().await;
         let md = req.metadata().clone();
         let req = req.into_inner();
@@ -263,11 +304,15 @@ impl Greeter for Backend {
             tokio::time::sleep(Duration::from_millis(req.sleep_ms.into())).await;
         }
         guard.done();
-        if self.fail_code != 0 {
-            return Err(Status::new(
-                self.fail_code.into(),
-                format!("{} is broken", self.name),
-            ));
+        if self.fails() {
+            self.stats.failed.fetch_add(1, Relaxed);
+            let mut status = Status::new(self.fail_code.into(), format!("{} is broken", self.name));
+            if let Some(ms) = &self.pushback_ms
+                && let Ok(v) = ms.parse()
+            {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            return Err(status);
         }
         if let Some(s) = Self::failure(&req, &md) {
             return Err(s);
@@ -319,12 +364,19 @@ impl Greeter for Backend {
         let mut stream = req.into_inner();
         let mut names = Vec::new();
         let mut bytes = 0;
+        let mut fail = 0;
         while let Some(m) = stream.next().await {
             let m = m?;
             bytes += m.payload.len();
             names.push(m.name);
+            if m.fail_code != 0 {
+                fail = m.fail_code;
+            }
         }
         guard.done();
+        if fail != 0 {
+            return Err(Status::new(fail.into(), format!("{} failed it", self.name)));
+        }
         Ok(Response::new(HelloReply {
             message: format!(
                 "Hello {} from {} ({bytes} bytes)",
@@ -442,6 +494,8 @@ pub fn service_with(name: &str, stats: Arc<Stats>, options: &Options) -> Greeter
         stats,
         delay: Duration::from_millis(options.delay_ms),
         fail_code: options.fail_code,
+        fail_percent: options.fail_percent,
+        pushback_ms: options.pushback_ms.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE)

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-/// gRPC status codes the proxy produces or labels metrics with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use crate::config::resilience::{GRPC_STATUS_NAMES, grpc_status};
+
+/// gRPC status codes (every one: fault injection aborts with any, retry conditions name
+/// several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Code {
     /// 0
@@ -17,14 +20,86 @@ pub enum Code {
     Cancelled = 1,
     /// 2
     Unknown = 2,
+    /// 3
+    InvalidArgument = 3,
     /// 4
     DeadlineExceeded = 4,
+    /// 5
+    NotFound = 5,
+    /// 6
+    AlreadyExists = 6,
+    /// 7
+    PermissionDenied = 7,
     /// 8
     ResourceExhausted = 8,
+    /// 9
+    FailedPrecondition = 9,
+    /// 10
+    Aborted = 10,
+    /// 11
+    OutOfRange = 11,
+    /// 12
+    Unimplemented = 12,
     /// 13
     Internal = 13,
     /// 14
     Unavailable = 14,
+    /// 15
+    DataLoss = 15,
+    /// 16
+    Unauthenticated = 16,
+}
+
+impl Code {
+    /// Every code, by number.
+    pub const ALL: [Code; 17] = [
+        Code::Ok,
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+        Code::Unauthenticated,
+    ];
+
+    /// The code numbered `n`.
+    pub fn from_u32(n: u32) -> Option<Self> {
+        Self::ALL.get(n as usize).copied()
+    }
+
+    /// The code of a `grpc-status` value (`"14"`); `None` for anything else.
+    pub fn from_status(v: &[u8]) -> Option<Self> {
+        if v.is_empty() || v.len() > 2 || !v.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Self::from_u32(v.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    }
+
+    /// Its canonical name, as gRPC and Istio write it: `UNAVAILABLE`.
+    pub fn name(self) -> &'static str {
+        GRPC_STATUS_NAMES[self as usize]
+    }
+
+    /// The code named `name` (`UNAVAILABLE`, any case), or numbered (`14`).
+    pub fn parse(name: &str) -> Option<Self> {
+        grpc_status(name).and_then(Self::from_u32)
+    }
+}
+
+impl serde::Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// A failure the proxy itself met on a call, as the client will see it.

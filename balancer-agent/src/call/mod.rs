@@ -23,8 +23,11 @@
 //! a paused clock.
 #![forbid(unsafe_code)]
 
+pub mod breaker;
+pub mod fault;
 pub mod grpc;
 pub mod registry;
+pub mod retry;
 pub mod route;
 
 use std::{
@@ -47,8 +50,9 @@ use crate::{
     wire::message::Fields,
 };
 
-use grpc::{MessageCounter, Status};
+use grpc::{Code, MessageCounter, Status};
 use registry::{CallHandle, ConnInfo, Registry};
+use retry::{CallRetry, NoRetry, Outcome};
 use route::{Destination, Router};
 
 /// What selects the service of a connection's calls.
@@ -101,6 +105,9 @@ pub struct Calls {
     pub registry: Registry,
     /// The traffic policy in force: routes, backends, subsets.
     pub router: Arc<Router>,
+    /// Each service's circuit breaker and retry budget counters; retry, fault and overflow
+    /// metrics.
+    pub resilience: breaker::Registry,
     active: AtomicUsize,
 }
 
@@ -138,6 +145,13 @@ pub struct Admitted {
     /// Its request as kept so far (the headers, as its route changed them, and DATA once it
     /// comes).
     pub replay: Box<Replay>,
+    /// Its route's retries under way.
+    pub retry: Option<Box<CallRetry>>,
+    /// The faults drawn for it: sent on after `delay`, or answered with `abort` (after the
+    /// delay).
+    pub fault: fault::Injected,
+    /// Counted in flight to its destination service (its circuit breaker).
+    pub in_flight: Option<breaker::InFlight>,
 }
 
 /// A call the proxy answers itself, before it has an endpoint.
@@ -153,11 +167,20 @@ pub struct Refused {
     pub status: Status,
 }
 
+/// What [`Calls::guard`] adds to an admitted call.
+#[derive(Default)]
+struct Guarded {
+    retry: Option<Box<CallRetry>>,
+    fault: fault::Injected,
+    in_flight: Option<breaker::InFlight>,
+}
+
 impl Calls {
     /// The calls of a proxy over `store`.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
         let router = Router::new(&store, metrics.clone());
         Arc::new(Self {
+            resilience: breaker::Registry::new(&metrics),
             store,
             metrics,
             limits: ArcSwap::from_pointee(limits),
@@ -242,8 +265,14 @@ impl Calls {
         // The client pod is not known at accept yet: routes with a source condition take none
         // of these calls.
         let request = route::Request::new(fields, None);
-        let decision = match table.decide(&service, &request) {
-            Ok(d) => d,
+        // The route, then what it and its destination's policy add (faults, circuit
+        // breaker, retries).
+        let routed = table.decide(&service, &request).and_then(|d| {
+            let guarded = self.guard(&table, &d, &service, start)?;
+            Ok((d, guarded))
+        });
+        let (decision, guarded) = match routed {
+            Ok(routed) => routed,
             Err(status) => {
                 return Err(Refused {
                     service: Some(service),
@@ -286,6 +315,7 @@ impl Calls {
             complete: end,
             deadline,
             tried: Vec::new(),
+            attempts_from: 0,
         });
         Ok(Admitted {
             service,
@@ -295,7 +325,76 @@ impl Calls {
             start,
             registration,
             replay,
+            retry: guarded.retry,
+            fault: guarded.fault,
+            in_flight: guarded.in_flight,
         })
+    }
+
+    /// What a call's route and its destination's policy add to it: the faults drawn, the call
+    /// counted against the destination's circuit breaker, its retries; or the proxy's answer
+    /// (an abort without a delay, a limit reached).
+    fn guard(
+        &self,
+        table: &route::Table,
+        decision: &route::Decision<'_>,
+        service: &Service,
+        now: Instant,
+    ) -> Result<Guarded, Status> {
+        let mut guarded = Guarded::default();
+        let dest = &decision.destination.service;
+        let policy = table.service(dest).map(|s| &s.policy.resilience);
+        if let Some(r) = decision.route {
+            let action = &r.route.action;
+            if let Some(f) = &action.fault {
+                guarded.fault = f.draw(&r.name);
+                let faults = &self.resilience.faults;
+                for (kind, drawn) in [
+                    ("delay", guarded.fault.delay.is_some()),
+                    ("abort", guarded.fault.abort.is_some()),
+                ] {
+                    if drawn {
+                        faults
+                            .with_label_values(&[&service.name, &r.name, kind])
+                            .inc();
+                    }
+                }
+                if guarded.fault.delay.is_none()
+                    && let Some(abort) = guarded.fault.abort.take()
+                {
+                    return Err(abort);
+                }
+            }
+            if let Some(p) = action.retries.filter(|p| p.attempts > 0) {
+                let state = self.resilience.state(dest.id);
+                let budget = policy.map(|p| p.budget()).unwrap_or_default();
+                state.budget.deposit(now, &budget);
+                guarded.retry = Some(Box::new(CallRetry::new(p, state)));
+            }
+        }
+        if let Some(p) = policy.filter(|p| !p.is_empty()) {
+            let max = p.connection_pool.and_then(|c| c.max_requests);
+            guarded.in_flight = Some(self.resilience.admit(dest.id, &dest.name, max)?);
+        }
+        Ok(guarded)
+    }
+
+    /// Counts a call of `destination` as waiting for an endpoint connection, under its
+    /// service's `max_pending_requests`: the answer when it is reached. `None`: no limit.
+    pub fn pending(&self, destination: &Destination) -> Result<Option<breaker::Pending>, Status> {
+        let service = &destination.service;
+        let table = self.router.table();
+        let max = table
+            .service(service)
+            .and_then(|s| s.policy.resilience.connection_pool)
+            .and_then(|c| c.max_pending_requests);
+        match max {
+            Some(max) => self
+                .resilience
+                .pending(service.id, &service.name, max)
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// A call that ended before it had an endpoint, with gRPC status `code` (the proxy's own
@@ -338,8 +437,17 @@ impl Admitted {
         self.registration
             .routed(&self.service.name, guard.endpoint().addr);
         guard.sent();
+        let now = Instant::now();
+        let mut retry = self.retry;
+        if let Some(r) = retry.as_mut() {
+            r.attempt_sent(now);
+        }
         Box::new(Call {
             calls,
+            deadline: self.replay.deadline,
+            retry,
+            _in_flight: self.in_flight,
+            request_trailers: false,
             service: self.service,
             destination: self.destination,
             route: self.route,
@@ -426,6 +534,25 @@ pub struct Call {
     /// What it takes to send the call to another endpoint, until the response starts or the
     /// request outgrows [`REPLAY_LIMIT`].
     pub replay: Option<Box<Replay>>,
+    /// Its deadline: the client's `grpc-timeout` or its route's timeout, the sooner.
+    pub deadline: Option<Instant>,
+    /// Its route's retries under way.
+    pub retry: Option<Box<CallRetry>>,
+    /// Counted in flight to its destination service, until it ends.
+    _in_flight: Option<breaker::InFlight>,
+    /// The client ended its request with trailers (so it was not kept for a replay).
+    request_trailers: bool,
+}
+
+/// What passed of a call's time ([`Call::expiry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Nothing: the call and its attempt have time left.
+    None,
+    /// The attempt in flight's own timeout (`per_try_timeout`); the call has time left.
+    Attempt,
+    /// The call's deadline.
+    Call,
 }
 
 /// A call's request as the client sent it so far, kept for a replay.
@@ -441,18 +568,167 @@ pub struct Replay {
     pub deadline: Option<Instant>,
     /// Endpoints tried, in order.
     pub tried: Vec<SocketAddr>,
+    /// How many of `tried` came before the attempt under way (a retry): the attempt may try
+    /// [`MAX_ATTEMPTS`] endpoints of its own.
+    pub attempts_from: usize,
     /// The call's key for a `ring-hash` destination (its `hash_header`, hashed).
     pub hash: Option<u64>,
 }
 
 impl Call {
-    /// A call an endpoint refused unprocessed, sent again to the endpoint of `guard` (the
-    /// refusing endpoint's guard goes: it neither answered nor failed).
+    /// A call an endpoint refused unprocessed, or retried, sent again to the endpoint of
+    /// `guard` (the last endpoint's guard goes: its outcome is recorded already).
     pub fn resent(&mut self, mut guard: CallGuard) {
         self.registration
             .routed(&self.service.name, guard.endpoint().addr);
         guard.sent();
         self.guard = guard;
+        if let Some(r) = self.retry.as_mut() {
+            r.attempt_sent(Instant::now());
+        }
+    }
+
+    /// When the attempt in flight must end: the call's deadline, or the attempt's own
+    /// (`per_try_timeout`), the sooner. The endpoint is told the call's.
+    pub fn attempt_deadline(&self) -> Option<Instant> {
+        let attempt = self.retry.as_ref().and_then(|r| r.try_deadline);
+        match (self.deadline, attempt) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What passed of the call's time at `now`.
+    pub fn expiry(&self, now: Instant) -> Expiry {
+        if self.deadline.is_some_and(|d| d <= now) {
+            Expiry::Call
+        } else if self
+            .retry
+            .as_ref()
+            .and_then(|r| r.try_deadline)
+            .is_some_and(|d| d <= now)
+        {
+            Expiry::Attempt
+        } else {
+            Expiry::None
+        }
+    }
+
+    /// When the next attempt may leave, if the call is being retried (a backoff, or the
+    /// server's pushback).
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry.as_ref().and_then(|r| r.retry_at)
+    }
+
+    /// The endpoint answered trailers-only with `fields` (a gRPC status before any message):
+    /// whether the call is tried again (see [`Call::retry`]). Nothing of the answer reached
+    /// the client yet.
+    pub fn retry_answer(&mut self, fields: &Fields, now: Instant) -> bool {
+        if self.retry.is_none() {
+            return false;
+        }
+        match fields.get(b"grpc-status").and_then(Code::from_status) {
+            Some(code) => self.retry(Outcome::Status(code), Some(fields), now),
+            None => false,
+        }
+    }
+
+    /// The attempt in flight ended with `outcome` (`answer`: the endpoint's trailers-only
+    /// answer, if that is how): whether the call is tried again, by the rule of [`retry`].
+    /// If it is, the attempt's outcome is recorded on its endpoint, the next attempt may
+    /// leave at [`Call::retry_at`] with `grpc-previous-rpc-attempts`, and the caller hands
+    /// the call back to its client connection to be routed again. If not, why is counted
+    /// (when the policy covers the outcome) and the call ends as it is.
+    pub fn retry(&mut self, outcome: Outcome, answer: Option<&Fields>, now: Instant) -> bool {
+        let Some(r) = self.retry.as_deref() else {
+            return false;
+        };
+        if !r.policy.retry_on.covers(outcome) {
+            return false;
+        }
+        let decision = self.may_retry(answer, now);
+        let labels = [&*self.service.name, self.route.as_deref().unwrap_or("")];
+        let r = self.retry.as_deref_mut().expect("checked");
+        let at = match decision {
+            Ok(at) => at,
+            Err(why) => {
+                r.settled = true;
+                self.calls
+                    .resilience
+                    .not_retried
+                    .with_label_values(&[labels[0], labels[1], why.label()])
+                    .inc();
+                return false;
+            }
+        };
+        r.retries += 1;
+        r.retry_at = Some(at);
+        let previous = r.retries.to_string();
+        self.calls
+            .resilience
+            .retries
+            .with_label_values(&[labels[0], labels[1], outcome.label()])
+            .inc();
+        match outcome {
+            Outcome::Status(_) => self
+                .guard
+                .answered(answer.and_then(|f| f.get(b"grpc-status"))),
+            Outcome::Reset => self.guard.failed(),
+            Outcome::TryTimeout => {}
+        }
+        let replay = self.replay.as_mut().expect("checked by may_retry");
+        let mut fields = Fields::default();
+        for (n, v) in replay.fields.iter() {
+            if n != b"grpc-previous-rpc-attempts" {
+                fields.push(n, v);
+            }
+        }
+        fields.push(b"grpc-previous-rpc-attempts", previous.as_bytes());
+        replay.fields = fields;
+        replay.attempts_from = replay.tried.len();
+        true
+    }
+
+    /// The rule of [`retry`] for an attempt that ended with `outcome`, which the policy
+    /// covers: when the next attempt may leave, or why there is none.
+    fn may_retry(&mut self, answer: Option<&Fields>, now: Instant) -> Result<Instant, NoRetry> {
+        if self.responded {
+            return Err(NoRetry::ResponseStarted);
+        }
+        if self.replay.is_none() {
+            return Err(if self.request_trailers {
+                NoRetry::RequestTrailers
+            } else {
+                NoRetry::RequestTooLarge
+            });
+        }
+        let r = self.retry.as_deref_mut().expect("a policy");
+        if r.retries >= r.policy.attempts {
+            return Err(NoRetry::AttemptsExhausted);
+        }
+        let wait = match answer.and_then(|f| f.get(b"grpc-retry-pushback-ms")) {
+            Some(v) => retry::pushback(v).ok_or(NoRetry::Pushback)?,
+            None => retry::backoff(r.retries + 1),
+        };
+        let at = now + wait;
+        if self.deadline.is_some_and(|d| at >= d) {
+            return Err(NoRetry::Deadline);
+        }
+        let table = self.calls.router.table();
+        let policy = table
+            .service(&self.destination.service)
+            .map(|s| s.policy.resilience)
+            .unwrap_or_default();
+        if !r.hold_retry(policy.max_retries()) {
+            self.calls
+                .resilience
+                .overflowed(&self.destination.service.name, breaker::Limit::MaxRetries);
+            return Err(NoRetry::MaxRetries);
+        }
+        if !r.service.budget.withdraw(now, &policy.budget()) {
+            return Err(NoRetry::BudgetExhausted);
+        }
+        Ok(at)
     }
 
     /// Request DATA from the client: counted, and kept for a replay while it is small.
@@ -483,6 +759,7 @@ impl Call {
     /// none).
     pub fn request_trailers(&mut self) {
         self.replay = None;
+        self.request_trailers = true;
     }
 
     /// The endpoint refused the call unprocessed: why it cannot be sent to another one, if it
@@ -514,6 +791,7 @@ impl Call {
                 "14"
             }
         };
+        self.count_not_retried(end);
         self.calls.metrics.record_call(
             Some(&self.service),
             self.path.path(),
@@ -523,6 +801,35 @@ impl Call {
             route_labels(&self.service, &self.destination, self.route.as_deref()),
         );
         self.calls.ended();
+    }
+}
+
+impl Call {
+    /// A call ends with a failure its policy retries, and no retry was decided on it: the
+    /// response had started (an error in the trailers, a reset after the headers). Counted as
+    /// not retried for that reason. The proxy's own DEADLINE_EXCEEDED at the call's deadline
+    /// is not such a failure.
+    fn count_not_retried(&self, end: End<'_>) {
+        let Some(r) = self.retry.as_deref().filter(|r| !r.settled) else {
+            return;
+        };
+        let outcome = match end {
+            End::Status(s) => Code::from_status(s.as_bytes()).map(Outcome::Status),
+            End::Reset | End::Lost => Some(Outcome::Reset),
+            End::Cancelled => None,
+        };
+        let expired = self.deadline.is_some_and(|d| d <= Instant::now());
+        if self.responded && !expired && outcome.is_some_and(|o| r.policy.retry_on.covers(o)) {
+            self.calls
+                .resilience
+                .not_retried
+                .with_label_values(&[
+                    &self.service.name,
+                    self.route.as_deref().unwrap_or(""),
+                    NoRetry::ResponseStarted.label(),
+                ])
+                .inc();
+        }
     }
 }
 
@@ -551,6 +858,8 @@ pub struct Attempts {
     /// One failed (connect failure, or it refused the call).
     failed: bool,
     last_error: Option<AttemptError>,
+    /// Endpoints of `tried` that earlier attempts (retries) tried.
+    from: usize,
     /// The call's key for a `ring-hash` destination.
     hash: Option<u64>,
 }
@@ -574,15 +883,29 @@ impl Attempts {
         self
     }
 
-    /// The next endpoint of `destination` to try, within [`MAX_ATTEMPTS`]; counted as tried.
+    /// For a retry: the endpoints before `from` in `tried` were the earlier attempts'. This
+    /// attempt may try [`MAX_ATTEMPTS`] endpoints of its own, and goes to one the call has
+    /// not tried while there is one, else to another than the last attempt's.
+    pub fn since(mut self, from: usize) -> Self {
+        self.from = from.min(self.tried.len());
+        self
+    }
+
+    /// The next endpoint of `destination` to try, within [`MAX_ATTEMPTS`] (for this attempt);
+    /// counted as tried.
     pub fn next(&mut self, destination: &Destination) -> Option<CallGuard> {
-        if self.tried.len() >= MAX_ATTEMPTS {
+        if self.tried.len() - self.from >= MAX_ATTEMPTS {
             return None;
         }
-        let guard = destination.balancer().pick_with(PickContext {
-            avoid: &self.tried,
-            hash: self.hash,
-        })?;
+        let pick = |avoid| {
+            destination.balancer().pick_with(PickContext {
+                avoid,
+                hash: self.hash,
+            })
+        };
+        let guard = pick(&self.tried)
+            .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from - 1..]))?)
+            .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from..]))?)?;
         self.tried.push(guard.endpoint().addr);
         Some(guard)
     }

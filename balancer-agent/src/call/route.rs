@@ -222,16 +222,14 @@ impl HeaderMutations {
     }
 }
 
-/// Retries of a route's calls. A placeholder for the next part of traffic policy (issue 16):
-/// no source fills it yet, and a call is tried as [`super::Attempts`] says.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct RetryPolicy {}
+/// Retries of a route's calls ([`super::retry`]).
+pub use super::retry::{RetryBudget, RetryOn, RetryPolicy};
 
-/// Faults injected into a route's calls (delays, aborts). A placeholder for issue 16.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct FaultPolicy {}
+/// Faults injected into a route's calls: delays, aborts ([`super::fault`]).
+pub use super::fault::{FaultAbort, FaultDelay, FaultPolicy, Percent};
+
+/// A service's circuit breaker, outlier detection and retry budget ([`super::breaker`]).
+pub use super::breaker::{ConnectionPool, FailureCodes, OutlierDetection, Resilience};
 
 /// Who may call a service. A placeholder for issue 16: no source fills it yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -249,9 +247,10 @@ pub struct RouteAction {
     /// The call's deadline from its start, if sooner than the client's `grpc-timeout`;
     /// `None` (or `0s` in a source): none of the route's own.
     pub timeout: Option<Duration>,
-    /// Retries (issue 16).
+    /// Retries of its calls; `None`: none (endpoints that refused a call unprocessed or could
+    /// not be reached are still tried elsewhere).
     pub retries: Option<RetryPolicy>,
-    /// Faults (issue 16).
+    /// Faults injected into its calls.
     pub fault: Option<FaultPolicy>,
 }
 
@@ -343,6 +342,9 @@ pub struct ServicePolicy {
     pub load_balancer: Option<Policy>,
     /// Who may call it (issue 16).
     pub authorization: Option<AuthorizationPolicy>,
+    /// Its circuit breaker, outlier detection and retry budget (Istio `DestinationRule`
+    /// `connectionPool`, `outlierDetection`); what is not set keeps the node-wide defaults.
+    pub resilience: Resilience,
 }
 
 impl ServicePolicy {
@@ -353,6 +355,7 @@ impl ServicePolicy {
             routes,
             load_balancer: None,
             authorization: None,
+            resilience: Resilience::default(),
         }
     }
 }
@@ -395,6 +398,7 @@ impl PolicySet {
         for r in routes {
             let mut policy = ServicePolicy::new(r.service.clone(), Vec::new());
             policy.load_balancer = r.load_balancer.as_deref().and_then(Policy::parse);
+            policy.resilience = super::breaker::from_config(r);
             for (i, rule) in r.rules.iter().enumerate() {
                 let name = if rule.name.is_empty() {
                     format!("rules[{i}]")
@@ -496,8 +500,8 @@ fn file_route(
                 remove: h.remove.clone(),
             },
             timeout: (rule.timeout_ms > 0).then(|| Duration::from_millis(rule.timeout_ms)),
-            retries: None,
-            fault: None,
+            retries: rule.retries.as_ref().map(super::retry::from_config),
+            fault: rule.fault.as_ref().map(super::fault::from_config),
         },
     })
 }

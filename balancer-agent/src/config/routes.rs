@@ -8,7 +8,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::Policy;
+use super::{
+    Policy,
+    resilience::{
+        self, ConnectionPoolConfig, FaultConfig, OutlierConfig, RetriesConfig, RetryBudgetConfig,
+    },
+};
 
 /// The traffic policy of one service (the one whose calls its rules take).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -25,6 +30,15 @@ pub struct RoutesConfig {
     pub subsets: Vec<SubsetConfig>,
     /// Tried in order; the first that matches takes the call. None matches: all endpoints.
     pub rules: Vec<RuleConfig>,
+    /// Its circuit breaker and connection pool settings ([`super::resilience`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolConfig>,
+    /// Its outlier detection, instead of `pool.outlier_detection`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierConfig>,
+    /// What retries may add to its calls. Default: 20% + 10/s over 10 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetConfig>,
 }
 
 /// A subset of a service's endpoints.
@@ -55,6 +69,12 @@ pub struct RuleConfig {
     pub request_headers: HeaderMutationsConfig,
     /// The call's deadline (`timeout_ms`), if sooner than the client's; 0: none. Default 0.
     pub timeout_ms: u64,
+    /// Retries of its calls ([`super::resilience`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetriesConfig>,
+    /// Faults injected into its calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultConfig>,
 }
 
 /// Conditions that all must hold.
@@ -240,6 +260,13 @@ pub(super) fn problems(routes: &[RoutesConfig], p: &mut Vec<String>) {
             ));
         }
         policy(&format!("{at}.load_balancer"), &r.load_balancer, p);
+        resilience::service_problems(
+            &at,
+            r.connection_pool.as_ref(),
+            r.outlier_detection.as_ref(),
+            r.retry_budget.as_ref(),
+            p,
+        );
         let mut names = HashSet::new();
         for (j, s) in r.subsets.iter().enumerate() {
             let at = format!("{at}.subsets[{j}]");
@@ -315,6 +342,13 @@ pub(super) fn problems(routes: &[RoutesConfig], p: &mut Vec<String>) {
                     u32::MAX
                 ));
             }
+            resilience::rule_problems(
+                &at,
+                rule.retries.as_ref(),
+                rule.fault.as_ref(),
+                rule.timeout_ms,
+                p,
+            );
             let h = &rule.request_headers;
             for (name, value) in h.set.iter().chain(&h.add) {
                 if let Err(e) = mutable_header(name).and_then(|()| header_value(value)) {

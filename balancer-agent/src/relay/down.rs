@@ -37,8 +37,8 @@ use super::{
 use crate::{
     balance::CallGuard,
     call::{
-        self, Admitted, AttemptError, Attempts, Call, Calls, End, Replay, Target, grpc::Status,
-        registry::ConnInfo, route::Destination,
+        self, Admitted, AttemptError, Attempts, Call, Calls, End, Expiry, Replay, Target,
+        grpc::Status, registry::ConnInfo, retry::Outcome, route::Destination,
     },
     config::Limits,
     wire::{
@@ -107,13 +107,23 @@ struct Waiting {
     /// Ends its routing (the client reset the stream).
     abort: AbortHandle,
     held: Held,
+    /// Counted against its service's `max_pending_requests` while it waits.
+    _pending: Option<call::breaker::Pending>,
 }
 
 enum Routing {
     /// A new call, admitted.
     New(Admitted),
-    /// A call an endpoint refused unprocessed, sent to another one.
+    /// A call an endpoint refused unprocessed, or that its route retries, sent to another
+    /// one.
     Replay(Box<Call>),
+}
+
+/// What a call waits for before it is routed: a fault's delay (then, maybe, the fault's
+/// abort instead of the call), or a retry's backoff.
+struct Delay {
+    until: Instant,
+    abort: Option<Status>,
 }
 
 impl Routing {
@@ -134,6 +144,21 @@ impl Routing {
             Self::New(a) => &a.destination,
             Self::Replay(call) => &call.destination,
         }
+    }
+
+    /// What it must wait for first, if anything (the call layer drew a fault's delay, or
+    /// set a retry's backoff).
+    fn delay(&mut self, now: Instant) -> Option<Delay> {
+        let until = match self {
+            Self::New(a) => a.fault.delay.map(|d| a.start + d),
+            Self::Replay(call) => call.retry_at(),
+        }
+        .filter(|t| *t > now)?;
+        let abort = match self {
+            Self::New(a) => a.fault.abort.take(),
+            Self::Replay(_) => None,
+        };
+        Some(Delay { until, abort })
     }
 
     /// It ends before it was sent: cancelled by the client (`None`), or answered with
@@ -679,7 +704,7 @@ impl Down {
         st.received_end(sid, &mut self.credits);
         // A request with trailers is not replayed (gRPC clients send none).
         if let Some(r) = st.replays.iter_mut().find(|r| r.sid == sid) {
-            r.call.replay = None;
+            r.call.request_trailers();
         }
         drop(st);
         if let Some(None) = link
@@ -692,7 +717,7 @@ impl Down {
         if let Some(Some(link)) = link {
             let mut up = link.conn.lock();
             if let Some(c) = up.streams.get_mut(&link.sid).and_then(|s| s.call.as_mut()) {
-                c.replay = None;
+                c.request_trailers();
             }
             up.send_trailers(link.sid, &self.fields, &mut self.credits);
         }
@@ -716,16 +741,23 @@ impl Down {
     }
 
     /// Routes the call of client stream `sid`: at once when a pooled connection can take it
-    /// (the usual case), else once its endpoint's new connection is ready, while the client's
-    /// other calls go on.
+    /// (the usual case), else once its endpoint's new connection is ready (or its delay is
+    /// over: a fault's, a retry's backoff), while the client's other calls go on.
     fn route(&mut self, sid: u32, mut call: Routing, last_error: Option<AttemptError>) {
         let service = call.destination().clone();
+        let delay = call.delay(Instant::now());
         let r = call.replay();
         let deadline = r.deadline;
-        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error).keyed(r.hash);
+        let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error)
+            .keyed(r.hash)
+            .since(r.attempts_from);
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
-        let first = attempts.next(&service);
+        let first = if delay.is_none() {
+            attempts.next(&service)
+        } else {
+            None
+        };
         if let Some(guard) = &first
             && let Some(conn) = self.pools.lease_pooled(guard.endpoint())
         {
@@ -734,8 +766,9 @@ impl Down {
             return self.routed_with(call, Held::default(), Routed { sid, tried, result });
         }
         let pools = self.pools.clone();
+        let delayed = delay.is_some();
         let mut routing: RouteFuture =
-            Box::pin(route(pools, sid, service, attempts, first, deadline));
+            Box::pin(route(pools, sid, service, attempts, first, deadline, delay));
         // Polled once here, without a waker: a pooled connection is leased without waiting.
         // Pending, it is polled again by the connection's task, which registers its own.
         let waker = &mut Context::from_waker(Waker::noop());
@@ -743,9 +776,28 @@ impl Down {
             Poll::Ready(routed) => return self.routed_with(call, Held::default(), routed),
             Poll::Pending => AbortHandle::new_pair(),
         };
+        // A call waiting for a connection counts against its service's circuit breaker.
+        let pending = if delayed {
+            None
+        } else {
+            match self.calls.pending(call.destination()) {
+                Ok(p) => p,
+                Err(status) => {
+                    self.answer(sid, &status);
+                    call.end(&self.calls, Some(&status));
+                    return;
+                }
+            }
+        };
         self.routing.push(Abortable::new(routing, registration));
         let held = Held::default();
-        self.waiting.insert(sid, Waiting { call, abort, held });
+        let w = Waiting {
+            call,
+            abort,
+            held,
+            _pending: pending,
+        };
+        self.waiting.insert(sid, w);
     }
 
     /// A waiting call was routed (unless the client reset it meanwhile).
@@ -803,7 +855,11 @@ impl Down {
             .replay
             .take()
             .expect("a call is attached with its request");
-        let deadline = r.deadline;
+        // The call's deadline, or its attempt's own (a retry policy's per-try timeout), when
+        // the proxy ends the attempt; the endpoint is told the call's (as Envoy does: an
+        // endpoint that ended the attempt itself would answer a status the policy may not
+        // retry, CANCELLED from tonic).
+        let deadline = call.attempt_deadline();
         let up_sid;
         {
             let mut up = upconn.lock();
@@ -878,9 +934,9 @@ impl Down {
         }
     }
 
-    /// Sends a call an endpoint refused unprocessed to another endpoint, with the request
-    /// kept so far, unless the call layer says it cannot be (request too large, deadline
-    /// passed); dropped if the client went away meanwhile.
+    /// Sends a call an endpoint refused unprocessed, or that the call layer retries, to
+    /// another endpoint, with the request kept so far, unless the call layer says it cannot
+    /// be (request too large, deadline passed); dropped if the client went away meanwhile.
     fn replay(&mut self, Replayed { sid, call }: Replayed) {
         if !self.conn.lock().streams.contains_key(&sid) {
             call.finish(End::Cancelled);
@@ -889,13 +945,14 @@ impl Down {
         if let Some(status) = call.replay_refusal(Instant::now()) {
             return self.fail_call(sid, call, &status);
         }
-        let refused = call.guard.endpoint().addr;
-        debug!(endpoint = %refused, "stream refused unprocessed; replaying the call");
-        self.route(
-            sid,
-            Routing::Replay(call),
-            Some(AttemptError::Refused(refused)),
-        );
+        let last = call.guard.endpoint().addr;
+        // A retry (the call layer set when it may leave) did not fail for want of an endpoint.
+        let refused = call
+            .retry_at()
+            .is_none()
+            .then_some(AttemptError::Refused(last));
+        debug!(endpoint = %last, retry = refused.is_none(), "replaying the call on another endpoint");
+        self.route(sid, Routing::Replay(call), refused);
     }
 
     /// Ends client stream `sid` with the proxy's own status and records its call.
@@ -922,14 +979,46 @@ impl Down {
             else {
                 continue;
             };
+            // What passed: the call's deadline, its attempt's own (a per-try timeout), or
+            // nothing (the entry of an earlier attempt).
+            let expiry = link
+                .conn
+                .lock()
+                .streams
+                .get(&link.sid)
+                .and_then(|s| s.call.as_ref())
+                .map(|c| c.expiry(now));
+            if expiry == Some(Expiry::None) {
+                continue;
+            }
             let taken = link.conn.lock().reset(link.sid, Reason::CANCEL);
             // Request DATA that waited there for the endpoint's window is owed to the client.
             if let Some(c) = taken.as_ref().and_then(Stream::uncredited) {
                 self.credits.push(c);
             }
-            let call = taken.and_then(|s| s.call);
+            let mut call = taken.and_then(|s| s.call);
+            if expiry == Some(Expiry::Attempt)
+                && let Some(c) = call.as_mut()
+                && c.retry(Outcome::TryTimeout, None, now)
+            {
+                // Tried again: the client's stream waits for the next attempt.
+                if let Some(s) = self.conn.lock().streams.get_mut(&sid) {
+                    s.link = None;
+                }
+                apply(&mut self.credits);
+                let call = call.take().expect("checked");
+                self.replay(Replayed { sid, call });
+                continue;
+            }
             let service = call.as_ref().map_or("", |c| &*c.service.name);
-            let status = call::deadline_status(service, "on a call to");
+            let status = if expiry == Some(Expiry::Attempt) {
+                Status::deadline(format!(
+                    "per-try timeout (retries.per_try_timeout) exceeded in the proxy on a call \
+                     to service {service}, and the call is not tried again"
+                ))
+            } else {
+                call::deadline_status(service, "on a call to")
+            };
             fail_stream(&mut self.conn.lock(), sid, &status, &mut self.credits);
             if let Some(call) = call {
                 call.finish(End::Status("4"));
@@ -1002,7 +1091,8 @@ impl Down {
 }
 
 /// Routes the call of client stream `sid` (see [`pick`]), starting with endpoint `first` if
-/// one was picked already.
+/// one was picked already, after its `delay` if it has one (then, for a fault's abort, the
+/// abort is the outcome).
 async fn route(
     pools: up::Leases,
     sid: u32,
@@ -1010,8 +1100,25 @@ async fn route(
     mut attempts: Attempts,
     first: Option<CallGuard>,
     deadline: Option<Instant>,
+    delay: Option<Delay>,
 ) -> Routed {
-    let result = pick(&pools, &service, &mut attempts, first, deadline).await;
+    let result = match delay {
+        Some(Delay { until, .. }) if deadline.is_some_and(|d| d <= until) => {
+            tokio::time::sleep_until(deadline.expect("checked")).await;
+            Err(call::deadline_status(
+                &service.service.name,
+                "on the way to",
+            ))
+        }
+        Some(Delay { until, abort }) => {
+            tokio::time::sleep_until(until).await;
+            match abort {
+                Some(status) => Err(status),
+                None => pick(&pools, &service, &mut attempts, first, deadline).await,
+            }
+        }
+        None => pick(&pools, &service, &mut attempts, first, deadline).await,
+    };
     let tried = attempts.tried;
     Routed { sid, tried, result }
 }
@@ -1036,7 +1143,10 @@ async fn pick(
             None => Ok(pools.lease(&ep).await),
         };
         let Ok(leased) = leased else {
-            return Err(call::deadline_status(&service.service.name, "on the way to"));
+            return Err(call::deadline_status(
+                &service.service.name,
+                "on the way to",
+            ));
         };
         match leased {
             Ok(c) => return Ok((guard, c)),

@@ -43,7 +43,7 @@ use super::{
 };
 use crate::{
     balance::Endpoint,
-    call::{AttemptError, End, grpc::Status},
+    call::{AttemptError, End, grpc::Status, retry::Outcome},
     config::PoolConfig,
     netns::Source,
     wire::{
@@ -727,6 +727,20 @@ impl Up {
             return Ok(());
         };
         let link = s.link.clone();
+        // A trailers-only answer (a gRPC status before any message) reaches the client only
+        // once the call layer decided not to try the call again.
+        if end
+            && let Some(c) = s.call.as_mut()
+            && !c.responded
+            && c.retry_answer(&self.fields, Instant::now())
+        {
+            let call = s.call.take().expect("checked");
+            st.received_end(sid, &mut self.credits);
+            drop(st);
+            apply(&mut self.credits);
+            hand_back(link, call);
+            return Ok(());
+        }
         let mut first = false;
         let mut call = None;
         if let Some(c) = s.call.as_mut() {
@@ -769,9 +783,11 @@ impl Up {
     /// if the endpoint refused it unprocessed.
     fn reset(&mut self, sid: u32, reason: Reason) {
         let removed = self.conn.lock().remove(sid);
-        let Some(s) = removed else { return };
+        let Some(mut s) = removed else { return };
         if reason == Reason::REFUSED_STREAM {
             self.refused(s, "endpoint refused the stream (REFUSED_STREAM)");
+        } else if retried(&mut s) {
+            apply(&mut self.credits);
         } else {
             unlink(s, reason, End::Reset);
         }
@@ -844,7 +860,10 @@ impl Up {
             st.streams.drain().map(|(_, s)| s).collect()
         };
         let status = Status::unavailable(why);
-        for s in streams {
+        for mut s in streams {
+            if retried(&mut s) {
+                continue;
+            }
             let owed = s.uncredited();
             if let Some(l) = s.link {
                 let mut down = l.conn.lock();
@@ -859,6 +878,43 @@ impl Up {
         }
         apply(&mut self.credits);
     }
+}
+
+/// An endpoint's stream ended before its response (a reset, its connection lost): if the call
+/// layer tries the call again, the call goes back to its client's connection and the window
+/// of what waited here goes back to the client. Returns whether it did.
+fn retried(s: &mut Stream) -> bool {
+    let now = Instant::now();
+    let Some(c) = s.call.as_mut() else {
+        return false;
+    };
+    if c.responded || !c.retry(Outcome::Reset, None, now) {
+        return false;
+    }
+    let call = s.call.take().expect("checked");
+    if let (Some(owed), Some(l)) = (s.uncredited(), &s.link) {
+        l.conn.lock().credit(owed.sid, owed.n);
+    }
+    hand_back(s.link.take(), call);
+    true
+}
+
+/// Hands a call the call layer tries again back to its client's connection (`link`), to be
+/// routed there; if the client went away or its stream is answered already, the call ends as
+/// cancelled.
+fn hand_back(link: Option<super::conn::Link>, call: Box<crate::call::Call>) {
+    if let Some(l) = link {
+        let mut down = l.conn.lock();
+        if !down.closed
+            && let Some(d) = down.streams.get_mut(&l.sid).filter(|d| !d.send_done)
+        {
+            d.link = None;
+            down.replays.push(Replayed { sid: l.sid, call });
+            down.wake();
+            return;
+        }
+    }
+    call.finish(End::Cancelled);
 }
 
 #[cfg(test)]

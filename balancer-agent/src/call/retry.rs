@@ -1,0 +1,575 @@
+//! Retries of a call on another endpoint, as a route's policy asks ([`RetryPolicy`]): which
+//! failures are retried ([`RetryOn`], spelled as Istio's `retryOn`), how many times, each
+//! attempt under its own timeout; a retry budget per service ([`RetryBudget`]) so that retries
+//! never multiply an outage; the server's `grpc-retry-pushback-ms` honoured and
+//! `grpc-previous-rpc-attempts` sent, as gRPC's own retry design (gRFC A6) does.
+//!
+//! When a call may be tried again (the rule `Call::retry` applies, in this order):
+//!
+//! 1. its route has a policy and the attempt failed with one of its conditions;
+//! 2. nothing of the response reached the client: a trailers-only answer (a gRPC error before
+//!    any message) is retried, an error after response headers is not (`response_started`);
+//! 3. the request is still held in full: the call keeps its request for a replay up to
+//!    [`super::REPLAY_LIMIT`] (`request_too_large`), and a request with trailers is not kept
+//!    (`request_trailers`);
+//! 4. attempts are left (`attempts_exhausted`);
+//! 5. the server did not refuse it: a negative or malformed `grpc-retry-pushback-ms` means do
+//!    not retry (`pushback`); a valid one is the wait before the next attempt, instead of the
+//!    backoff (25 ms doubling up to 250 ms, jittered, Envoy's defaults, which Istio keeps);
+//! 6. the next attempt would start before the call's deadline (`deadline`);
+//! 7. the service's circuit breaker allows another retry in flight (`max_retries`);
+//! 8. the service's retry budget has room (`budget_exhausted`).
+//!
+//! A call that fails one of 2-8 ends as it is, and is counted in
+//! `balancer_calls_not_retried_total{service,route,reason}` under the reason in parentheses.
+//! Each attempt goes to another endpoint while one is left that the call has not tried.
+//! Refused streams (REFUSED_STREAM, GOAWAY) and endpoints that could not be reached are tried
+//! elsewhere whatever the policy, as before: nothing of the call left the proxy.
+#![forbid(unsafe_code)]
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Serialize, Serializer};
+use tokio::time::Instant;
+
+use super::grpc::Code;
+use crate::config::resilience::RETRY_CONDITIONS;
+
+/// What an attempt ended with, as far as retries care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered with this gRPC status.
+    Status(Code),
+    /// The endpoint reset the stream, or its connection was lost, before the response.
+    Reset,
+    /// The attempt's own timeout (`per_try_timeout`) passed.
+    TryTimeout,
+}
+
+impl Outcome {
+    /// The condition's name, as a metric label (`unavailable`, `reset`, `per_try_timeout`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Status(c) => match c {
+                Code::Cancelled => "cancelled",
+                Code::DeadlineExceeded => "deadline-exceeded",
+                Code::Internal => "internal",
+                Code::ResourceExhausted => "resource-exhausted",
+                Code::Unavailable => "unavailable",
+                Code::Unknown => "unknown",
+                _ => "status",
+            },
+            Self::Reset => "reset",
+            Self::TryTimeout => "per_try_timeout",
+        }
+    }
+}
+
+/// The failures a route retries: a set of Istio `retryOn` conditions.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RetryOn(u16);
+
+impl RetryOn {
+    const CANCELLED: u16 = 1 << 0;
+    const DEADLINE_EXCEEDED: u16 = 1 << 1;
+    const INTERNAL: u16 = 1 << 2;
+    const RESOURCE_EXHAUSTED: u16 = 1 << 3;
+    const UNAVAILABLE: u16 = 1 << 4;
+    const UNKNOWN: u16 = 1 << 5;
+    // 1 << 6 and 1 << 7: `connect-failure`, `refused-stream`, retried whatever the policy.
+    const RESET: u16 = 1 << 8;
+    const FIVE_XX: u16 = 1 << 9;
+    const GATEWAY_ERROR: u16 = 1 << 10;
+
+    /// Every condition by its name in `retryOn`
+    /// ([`crate::config::resilience::RETRY_CONDITIONS`], bit `i` for name `i`). The gRPC ones
+    /// are Envoy's `x-envoy-retry-grpc-on`; the others its `x-envoy-retry-on` as far as a
+    /// gRPC call can meet them: `reset` (the endpoint reset the stream or its connection was
+    /// lost before the response), `5xx` and `gateway-error` (for a gRPC call, whose HTTP
+    /// status is 200: a reset or a per-try timeout, as Envoy counts them), `connect-failure`
+    /// and `refused-stream` (always tried elsewhere anyway: nothing of the call left the
+    /// proxy).
+    pub const ALL: [&'static str; 11] = RETRY_CONDITIONS;
+
+    /// Envoy's `retryOn` values that concern HTTP statuses or headers a gRPC call never
+    /// produces: accepted in an Istio object, with no effect.
+    pub const HTTP_ONLY: [&'static str; 5] = [
+        "retriable-4xx",
+        "retriable-status-codes",
+        "retriable-headers",
+        "envoy-ratelimited",
+        "http3-post-connect-failure",
+    ];
+
+    /// What Istio retries when a route's `retries` sets no `retryOn`.
+    pub const ISTIO_DEFAULT: &'static str = "connect-failure,refused-stream,unavailable,cancelled";
+
+    /// Parses a comma-separated `retryOn` (spaces allowed). `Err` names each unknown
+    /// condition; HTTP-only conditions and HTTP status numbers are ignored when `lenient` (an
+    /// Istio object may carry them for its HTTP routes), unknown otherwise.
+    pub fn parse(s: &str, lenient: bool) -> Result<Self, String> {
+        let mut set = 0;
+        let mut unknown = Vec::new();
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match Self::ALL.iter().position(|n| n.eq_ignore_ascii_case(word)) {
+                Some(i) => set |= 1 << i,
+                None if lenient
+                    && (Self::HTTP_ONLY.contains(&word) || word.parse::<u16>().is_ok()) => {}
+                None => unknown.push(word),
+            }
+        }
+        if unknown.is_empty() {
+            Ok(Self(set))
+        } else {
+            Err(format!(
+                "unknown retry condition(s) {unknown:?}; known: {}",
+                Self::ALL.join(", ")
+            ))
+        }
+    }
+
+    /// No condition at all.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// An attempt that ended with `outcome` is retried.
+    pub fn covers(self, outcome: Outcome) -> bool {
+        let bit = match outcome {
+            Outcome::Status(Code::Cancelled) => Self::CANCELLED,
+            Outcome::Status(Code::DeadlineExceeded) => Self::DEADLINE_EXCEEDED,
+            Outcome::Status(Code::Internal) => Self::INTERNAL,
+            Outcome::Status(Code::ResourceExhausted) => Self::RESOURCE_EXHAUSTED,
+            Outcome::Status(Code::Unavailable) => Self::UNAVAILABLE,
+            Outcome::Status(Code::Unknown) => Self::UNKNOWN,
+            Outcome::Status(_) => 0,
+            Outcome::Reset => Self::RESET | Self::FIVE_XX | Self::GATEWAY_ERROR,
+            Outcome::TryTimeout => {
+                Self::FIVE_XX | Self::GATEWAY_ERROR | Self::RESET | Self::DEADLINE_EXCEEDED
+            }
+        };
+        self.0 & bit != 0
+    }
+}
+
+impl fmt::Display for RetryOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = Self::ALL
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl fmt::Debug for RetryOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RetryOn({self})")
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Retries of a route's calls (Istio `retries`, the file's `retries`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts after the first, at most (Istio `attempts`). 0: none.
+    pub attempts: u32,
+    /// Each attempt's own timeout, within the call's (Istio `perTryTimeout`); `None`: only the
+    /// call's.
+    #[serde(serialize_with = "millis_opt")]
+    pub per_try_timeout: Option<Duration>,
+    /// The failures retried (Istio `retryOn`).
+    pub retry_on: RetryOn,
+}
+
+fn millis_opt<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+        None => s.serialize_none(),
+    }
+}
+
+impl fmt::Display for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} attempt(s) on {}", self.attempts, self.retry_on)?;
+        if let Some(t) = self.per_try_timeout {
+            write!(f, ", {} ms per try", t.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
+/// The first backoff between attempts (Envoy's `base_interval`, which Istio keeps).
+pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// The longest backoff (Envoy: ten times the base).
+pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// The wait before retry number `n` (1 for the first): drawn at random up to
+/// `BACKOFF_BASE × 2^(n-1)`, at most [`BACKOFF_MAX`] (Envoy's fully jittered exponential
+/// backoff).
+pub fn backoff(n: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(fastrand::u64(0..=ms))
+}
+
+/// What `grpc-retry-pushback-ms` says (gRFC A6): wait this long before the next attempt, or
+/// (a negative or malformed value) do not retry.
+pub fn pushback(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?;
+    let ms: i64 = text.trim().parse().ok()?;
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// Why a call whose failure its policy retries was not retried: the `reason` label of
+/// `balancer_calls_not_retried_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRetry {
+    /// Response headers had reached the client.
+    ResponseStarted,
+    /// The request outgrew the buffer kept for a replay.
+    RequestTooLarge,
+    /// The request ended with trailers (not kept for a replay).
+    RequestTrailers,
+    /// Every attempt the policy allows was made.
+    AttemptsExhausted,
+    /// The server said not to retry (a negative or malformed `grpc-retry-pushback-ms`).
+    Pushback,
+    /// The next attempt would start after the call's deadline.
+    Deadline,
+    /// The service's circuit breaker has its maximum of retries in flight.
+    MaxRetries,
+    /// The service's retry budget is spent.
+    BudgetExhausted,
+}
+
+impl NoRetry {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ResponseStarted => "response_started",
+            Self::RequestTooLarge => "request_too_large",
+            Self::RequestTrailers => "request_trailers",
+            Self::AttemptsExhausted => "attempts_exhausted",
+            Self::Pushback => "pushback",
+            Self::Deadline => "deadline",
+            Self::MaxRetries => "max_retries",
+            Self::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
+/// A service's retry budget: retries within a window of `ttl` may add up to `ratio` of the
+/// calls admitted in it (to routes with retries), plus `min_per_second` for each second of
+/// the window, as linkerd's budgets do. Beyond it a call fails as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryBudget {
+    /// The share of calls that may be retried, in thousandths (200: 20%).
+    pub ratio_permille: u32,
+    /// Retries allowed per second whatever the calls (a floor for quiet services).
+    pub min_per_second: u32,
+    /// The window calls and retries are counted over.
+    #[serde(serialize_with = "millis")]
+    pub ttl: Duration,
+}
+
+fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+impl Default for RetryBudget {
+    /// linkerd's defaults: 20% of calls, 10 per second, over 10 s.
+    fn default() -> Self {
+        Self {
+            ratio_permille: 200,
+            min_per_second: 10,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl fmt::Display for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}% of calls + {}/s over {} s",
+            self.ratio_permille / 10,
+            self.ratio_permille % 10,
+            self.min_per_second,
+            self.ttl.as_secs_f64()
+        )
+    }
+}
+
+/// Buckets a budget's window is counted in.
+const BUCKETS: usize = 10;
+
+/// Calls and retries counted over a sliding window, for a [`RetryBudget`].
+#[derive(Debug)]
+pub struct BudgetWindow {
+    inner: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    /// (calls, retries) per bucket.
+    counts: [(u64, u64); BUCKETS],
+    /// Bucket of `counts[current]`, counted from `epoch` in bucket widths.
+    current: usize,
+    tick: u64,
+    epoch: Instant,
+}
+
+impl Default for BudgetWindow {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Buckets {
+                counts: [(0, 0); BUCKETS],
+                current: 0,
+                tick: 0,
+                epoch: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Buckets {
+    /// Moves the window to `now` (buckets of `width`): the buckets that left it are emptied.
+    fn advance(&mut self, now: Instant, width: Duration) {
+        let width = width.as_nanos().max(1);
+        let tick = (now.saturating_duration_since(self.epoch).as_nanos() / width) as u64;
+        let steps = tick.saturating_sub(self.tick).min(BUCKETS as u64) as usize;
+        for _ in 0..steps {
+            self.current = (self.current + 1) % BUCKETS;
+            self.counts[self.current] = (0, 0);
+        }
+        self.tick = tick.max(self.tick);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.counts
+            .iter()
+            .fold((0, 0), |(c, r), (bc, br)| (c + bc, r + br))
+    }
+}
+
+impl BudgetWindow {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call was admitted to a route with retries: it adds to what may be retried.
+    pub fn deposit(&self, now: Instant, budget: &RetryBudget) {
+        let mut b = self.lock();
+        b.advance(now, budget.ttl / BUCKETS as u32);
+        let i = b.current;
+        b.counts[i].0 += 1;
+    }
+
+    /// Takes one retry from the budget, if it has room.
+    pub fn withdraw(&self, now: Instant, budget: &RetryBudget) -> bool {
+        let mut b = self.lock();
+        b.advance(now, budget.ttl / BUCKETS as u32);
+        let (calls, retries) = b.totals();
+        let allowed = calls * u64::from(budget.ratio_permille) / 1000
+            + u64::from(budget.min_per_second) * budget.ttl.as_secs().max(1);
+        if retries >= allowed {
+            return false;
+        }
+        let i = b.current;
+        b.counts[i].1 += 1;
+        true
+    }
+
+    /// Calls and retries in the window now.
+    pub fn totals(&self, now: Instant, budget: &RetryBudget) -> (u64, u64) {
+        let mut b = self.lock();
+        b.advance(now, budget.ttl / BUCKETS as u32);
+        b.totals()
+    }
+}
+
+/// A call's retries under way: its policy, what it made of it so far, and its service's
+/// counters (budget, retries in flight).
+#[derive(Debug)]
+pub struct CallRetry {
+    /// The route's policy.
+    pub policy: RetryPolicy,
+    /// The service's budget, its window and its breaker's retries in flight.
+    pub service: Arc<super::breaker::ServiceState>,
+    /// Retries made.
+    pub retries: u32,
+    /// When the attempt in flight times out (`per_try_timeout`).
+    pub try_deadline: Option<Instant>,
+    /// When the next attempt may leave (backoff, or the server's pushback).
+    pub retry_at: Option<Instant>,
+    /// A failure was counted as not retried (or retried): nothing more to count at its end.
+    pub settled: bool,
+    /// The call holds one of its service's retries in flight.
+    holds_retry: bool,
+}
+
+impl CallRetry {
+    /// A call with `policy`, to a service whose counters are `service`.
+    pub fn new(policy: RetryPolicy, service: Arc<super::breaker::ServiceState>) -> Self {
+        Self {
+            policy,
+            service,
+            retries: 0,
+            try_deadline: None,
+            retry_at: None,
+            settled: false,
+            holds_retry: false,
+        }
+    }
+
+    /// An attempt leaves now: its own timeout starts.
+    pub fn attempt_sent(&mut self, now: Instant) {
+        self.try_deadline = self.policy.per_try_timeout.map(|t| now + t);
+        self.retry_at = None;
+    }
+
+    /// Holds one of the service's retries in flight if fewer than `max` are (`None`: no
+    /// limit). A call holds at most one, until it ends.
+    pub fn hold_retry(&mut self, max: Option<u32>) -> bool {
+        if self.holds_retry {
+            return true;
+        }
+        if !self.service.acquire_retry(max) {
+            return false;
+        }
+        self.holds_retry = true;
+        true
+    }
+}
+
+impl Drop for CallRetry {
+    fn drop(&mut self) {
+        if self.holds_retry {
+            self.service.release_retry();
+        }
+    }
+}
+
+/// A rule's `retries` from the file (checked by `config`): `retry_on` defaults to
+/// `unavailable`; an unknown condition (an unchecked section) retries nothing more.
+pub fn from_config(r: &crate::config::resilience::RetriesConfig) -> RetryPolicy {
+    let on = r.retry_on.as_deref().unwrap_or("unavailable");
+    RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout: (r.per_try_timeout_ms > 0)
+            .then(|| Duration::from_millis(r.per_try_timeout_ms)),
+        retry_on: RetryOn::parse(on, true).unwrap_or_default(),
+    }
+}
+
+/// A service's `retry_budget` from the file.
+pub fn budget_from_config(b: &crate::config::resilience::RetryBudgetConfig) -> RetryBudget {
+    RetryBudget {
+        ratio_permille: (b.percent.clamp(0.0, 100.0) * 10.0).round() as u32,
+        min_per_second: b.min_retries_per_second,
+        ttl: Duration::from_millis(b.ttl_ms.max(1000)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_on_parses_istios_spelling_and_names_unknown_conditions() {
+        let r = RetryOn::parse(
+            "cancelled, deadline-exceeded,internal,resource-exhausted",
+            false,
+        )
+        .unwrap();
+        for (code, covered) in [
+            (Code::Cancelled, true),
+            (Code::DeadlineExceeded, true),
+            (Code::Internal, true),
+            (Code::ResourceExhausted, true),
+            (Code::Unavailable, false),
+            (Code::Ok, false),
+            (Code::InvalidArgument, false),
+        ] {
+            assert_eq!(r.covers(Outcome::Status(code)), covered, "{code:?}");
+        }
+        assert!(!r.covers(Outcome::Reset));
+        assert!(
+            r.covers(Outcome::TryTimeout),
+            "deadline-exceeded covers a per-try timeout"
+        );
+        assert_eq!(
+            r.to_string(),
+            "cancelled,deadline-exceeded,internal,resource-exhausted"
+        );
+        let reset = RetryOn::parse("reset", false).unwrap();
+        assert!(reset.covers(Outcome::Reset) && reset.covers(Outcome::TryTimeout));
+        assert!(!reset.covers(Outcome::Status(Code::Unavailable)));
+        let e = RetryOn::parse("unavailable,bogus,503", false).unwrap_err();
+        assert!(e.contains("\"bogus\"") && e.contains("\"503\""), "{e}");
+        // An Istio object may carry HTTP-only conditions: ignored there.
+        let lenient = RetryOn::parse("5xx,retriable-4xx,503,unavailable", true).unwrap();
+        assert!(lenient.covers(Outcome::Status(Code::Unavailable)));
+        assert!(lenient.covers(Outcome::Reset));
+        assert!(RetryOn::parse("", false).unwrap().is_empty());
+        assert_eq!(Outcome::Status(Code::Unavailable).label(), "unavailable");
+        assert_eq!(Outcome::TryTimeout.label(), "per_try_timeout");
+    }
+
+    #[test]
+    fn pushback_is_a_wait_or_a_refusal() {
+        assert_eq!(pushback(b"300"), Some(Duration::from_millis(300)));
+        assert_eq!(pushback(b"0"), Some(Duration::ZERO));
+        for bad in [&b"-1"[..], b"", b"soon", b"1.5", b"\xff"] {
+            assert_eq!(pushback(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_bounded() {
+        for n in 1..20 {
+            for _ in 0..50 {
+                let b = backoff(n);
+                let ceiling = BACKOFF_BASE.saturating_mul(1 << (n - 1).min(16));
+                assert!(b <= ceiling.min(BACKOFF_MAX), "{n}: {b:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_allows_its_ratio_plus_its_floor_over_its_window() {
+        let budget = RetryBudget {
+            ratio_permille: 100,
+            min_per_second: 1,
+            ttl: Duration::from_secs(10),
+        };
+        let w = BudgetWindow::default();
+        let now = Instant::now();
+        for _ in 0..1000 {
+            w.deposit(now, &budget);
+        }
+        // 10% of 1000, plus 1/s over 10 s.
+        let granted = (0..500).filter(|_| w.withdraw(now, &budget)).count();
+        assert_eq!(granted, 110);
+        // The window slides: after it, the calls and retries of then are forgotten.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let later = Instant::now();
+        assert_eq!(w.totals(later, &budget), (0, 0));
+        let granted = (0..500).filter(|_| w.withdraw(later, &budget)).count();
+        assert_eq!(granted, 10, "only the floor without calls");
+    }
+}
