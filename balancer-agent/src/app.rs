@@ -22,7 +22,7 @@ use tokio::{
     net::{TcpListener, TcpSocket},
     sync::watch,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, Admin, Readiness},
@@ -124,7 +124,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Bind everything before reporting ready, so a port clash fails the start. The listeners
     // share their address with another agent's (SO_REUSEPORT): during a handover the new agent
     // binds beside the old one, which keeps serving until the new one is ready.
-    enable_listener_migration(&opts.tcp_migrate_req);
+    enable_listener_migration(&opts.tcp_migrate_req, config.datapath.enabled);
     let listeners: Vec<(TcpListener, proxy::Listener)> = data_plane.block_on(async {
         let mut v = Vec::new();
         for l in &config.listeners {
@@ -326,17 +326,23 @@ fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The setting belongs to the network namespace, the node's for the DaemonSet (hostNetwork);
 /// it changes nothing for a listener without a group. Without it (a read-only /proc/sys), a
 /// listener is emptied of what is queued before it closes (`proxy::Proxy::serve`), which
-/// leaves only the microseconds between the last accept and the close.
-fn enable_listener_migration(path: &Path) {
+/// leaves only the microseconds between the last accept and the close. Not being able to set
+/// it is worth a warning only on a node (`datapath`: handovers happen there); a standalone
+/// proxy, often run unprivileged, says it at debug level.
+fn enable_listener_migration(path: &Path, node: bool) {
     const WITHOUT: &str = "a connection that reaches a listener as this agent closes it, at the \
         end of a handover, is reset instead of moving to the agent that took over";
+    let unset = |what: &str, e: &std::io::Error| {
+        if node {
+            warn!(path = %path.display(), error = %e, "{what}: {WITHOUT}");
+        } else {
+            debug!(path = %path.display(), error = %e, "{what}: {WITHOUT}");
+        }
+    };
     match std::fs::read_to_string(path) {
         Ok(v) if v.trim() == "1" => return,
         Ok(_) => {}
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "net.ipv4.tcp_migrate_req unknown: {WITHOUT}");
-            return;
-        }
+        Err(e) => return unset("net.ipv4.tcp_migrate_req unknown", &e),
     }
     match std::fs::write(path, "1") {
         Ok(()) => info!(
@@ -344,9 +350,7 @@ fn enable_listener_migration(path: &Path) {
             "net.ipv4.tcp_migrate_req set to 1: connections queued in a closing listener move \
              to another agent's"
         ),
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot set net.ipv4.tcp_migrate_req: {WITHOUT}")
-        }
+        Err(e) => unset("cannot set net.ipv4.tcp_migrate_req", &e),
     }
 }
 

@@ -3,7 +3,10 @@
 //! - A new agent starts beside the running one (the order `deploy/` rolls the DaemonSet in:
 //!   the new pod ready first, then SIGTERM to the old one) while a pod's gRPC clients call
 //!   continuously on long-lived connections: no call fails, no client connection ends up on the
-//!   kube-proxy path, and the clients stay balanced per call through the new agent.
+//!   kube-proxy path, and the clients stay balanced per call through the new agent. Clients:
+//!   tonic over hyper-util's pooled client and gRPC C-core (Python grpcio), which both send a
+//!   call a connection going away never sent on a new one; and tonic's Channel, which fails
+//!   such calls (hyper cancels them): only those may fail.
 //! - The drain's two steps at the frame level (RFC 9113 §6.8): a first GOAWAY with 2^31-1, a
 //!   PING, a second GOAWAY with the last stream once the PING is answered; every stream up to
 //!   it is served, none is refused.
@@ -93,7 +96,8 @@ impl Load {
     /// Starts it in `pod` against `target`: `connections` clients with 4 calls of 20 ms each
     /// always in flight, plus one client calling sequentially, over `transport` (`pooled`:
     /// tonic over hyper-util's pool, which sends a request a connection going away never sent
-    /// again, as gRPC's own clients do; `channel`: tonic's Channel, which fails it).
+    /// again, as gRPC's own clients do; `channel`: tonic's Channel, which fails it; `grpcio`:
+    /// Python grpcio, gRPC C-core, tests/python/load_client.py).
     async fn start(
         s: &Scenario,
         pod: &str,
@@ -101,19 +105,26 @@ impl Load {
         connections: usize,
         transport: &str,
     ) -> Self {
-        let bin = env!("CARGO_BIN_EXE_balancer-pod-load");
         let (target, connections) = (target.to_string(), connections.to_string());
-        let args = [
+        let mut args = vec![
             "--target",
             &target,
             "--connections",
             &connections,
             "--in-flight",
             "4",
-            "--transport",
-            transport,
         ];
-        let mut cmd = tokio::process::Command::from(s.node.pod(pod).command(bin, &args));
+        let program = if transport == "grpcio" {
+            args.insert(
+                0,
+                concat!(env!("CARGO_MANIFEST_DIR"), "/python/load_client.py"),
+            );
+            "python3"
+        } else {
+            args.extend(["--transport", transport]);
+            env!("CARGO_BIN_EXE_balancer-pod-load")
+        };
+        let mut cmd = tokio::process::Command::from(s.node.pod(pod).command(program, &args));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
@@ -234,19 +245,31 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
     let mut old = start_agent(&s, "agent-old", |a| s.agent_config(vip, a, "auto")).await;
 
     // 4 connections with 4 calls of 20 ms each in flight, and one calling sequentially; and
-    // the same with tonic's Channel, which fails a call on every GOAWAY (see Load::start).
+    // the same with tonic's Channel, which fails a call on every GOAWAY (see Load::start);
+    // and gRPC C-core (Python grpcio): 2 connections with 4 calls in flight, 1 sequential.
     let mut load = Load::start(&s, "client", vip, 4, "pooled").await;
     let mut channels = Load::start(&s, "client", vip, 4, "channel").await;
+    let mut grpcio = Load::start(&s, "client", vip, 2, "grpcio").await;
     load.wait_calls("calls through the old agent", 300).await;
     channels
         .wait_calls("calls through the old agent", 300)
         .await;
+    grpcio
+        .wait_calls("grpcio calls through the old agent", 100)
+        .await;
     let client_ip = s.node.pod("client").ip;
-    assert_eq!(connections_from(&old, client_ip), 10, "5 connections each");
+    assert_eq!(
+        connections_from(&old, client_ip),
+        13,
+        "5 + 5 + 3 connections"
+    );
 
     // The rollout: the new agent starts beside the old one and becomes ready...
     let new = start_agent(&s, "agent-new", |a| s.agent_config(vip, a, "auto")).await;
     load.wait_calls("calls while both agents run", 300).await;
+    grpcio
+        .wait_calls("grpcio calls while both agents run", 100)
+        .await;
     channels
         .wait_calls("calls while both agents run", 300)
         .await;
@@ -261,14 +284,19 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
     assert!(status.success(), "the old agent exited with {status}");
 
     // Every client connection came back to the new agent.
-    wait_until("the 10 connections on the new agent", BOUND, || {
-        connections_from(&new, client_ip) == 10
+    wait_until("the 13 connections on the new agent", BOUND, || {
+        connections_from(&new, client_ip) == 13
     })
     .await;
     load.mark().await;
+    grpcio.mark().await;
     load.wait_calls("calls through the new agent", 600).await;
+    grpcio
+        .wait_calls("grpcio calls through the new agent", 200)
+        .await;
     let phases = load.finish().await;
     let channel_phases = channels.finish().await;
+    let grpcio_phases = grpcio.finish().await;
 
     let total: u64 = phases.iter().map(|p| p["ok"].as_u64().unwrap()).sum();
     let failed: u64 = phases.iter().map(|p| p["failed"].as_u64().unwrap()).sum();
@@ -279,6 +307,21 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
         sequential(&phases[1])
     );
     assert_eq!(failed, 0, "calls failed across the handover: {phases:?}");
+    let grpcio_ok: u64 = grpcio_phases
+        .iter()
+        .map(|p| p["ok"].as_u64().unwrap())
+        .sum();
+    let grpcio_failed: u64 = grpcio_phases
+        .iter()
+        .map(|p| p["failed"].as_u64().unwrap())
+        .sum();
+    println!("grpcio: {grpcio_ok} calls, {grpcio_failed} failed");
+    assert_eq!(grpcio_failed, 0, "grpcio calls failed: {grpcio_phases:?}");
+    assert_eq!(
+        sequential(&grpcio_phases[1]).len(),
+        3,
+        "grpcio's sequential channel still balanced per call: {grpcio_phases:?}"
+    );
     // tonic's Channel: hyper fails the calls given to a connection after its GOAWAY while a
     // call was open on it (at most the 4 x 4 + 1 that can be waiting), without sending them:
     // it cancels them, or h2 refuses to open their stream after the GOAWAY. Every other call
