@@ -202,12 +202,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         tokio::spawn(crate::health::run(store.clone()));
                         if let Some((kopts, kconfig)) = kube {
                             let (store, metrics) = (store.clone(), metrics.clone());
+                            let router = calls.router.clone();
                             tokio::spawn(async move {
                                 let synced = move || readiness.resolve(discovery::kube::NOT_SYNCED);
                                 let r = discovery::kube::run(
                                     kconfig,
                                     kopts,
                                     store,
+                                    router,
                                     metrics,
                                     synced,
                                     opted_in_tx,

@@ -22,7 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -41,7 +41,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
-/// The resources served.
+/// The resources served: the four the agent always watches, and the custom resources of Istio
+/// and the Gateway API, served only once installed ([`ApiServer::install`]) as a cluster with
+/// their CRDs serves them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// `v1` namespaces (cluster-scoped).
@@ -52,62 +54,165 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` pods.
     Pod,
+    /// Istio's `networking.istio.io` virtualservices (`v1`, `v1beta1`, `v1alpha3`).
+    VirtualService,
+    /// Istio's `networking.istio.io` destinationrules (`v1`, `v1beta1`, `v1alpha3`).
+    DestinationRule,
+    /// The Gateway API's `gateway.networking.k8s.io` grpcroutes (`v1`, `v1alpha2`).
+    GrpcRoute,
 }
 
+/// What the API server says of a kind: the columns of its discovery documents.
+struct KindInfo {
+    kind: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    /// `""` for the core group.
+    group: &'static str,
+    /// Served versions, the preferred (storage) one first.
+    versions: &'static [&'static str],
+    namespaced: bool,
+    /// Served without installing anything (not a custom resource).
+    builtin: bool,
+}
+
+const ISTIO_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+
 impl Kind {
+    /// Every kind the fixture knows.
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::GrpcRoute,
+    ];
+
+    fn info(self) -> KindInfo {
+        let (kind, plural, singular, group, versions, namespaced, builtin) = match self {
+            Kind::Namespace => (
+                "Namespace",
+                "namespaces",
+                "namespace",
+                "",
+                &["v1"][..],
+                false,
+                true,
+            ),
+            Kind::Service => (
+                "Service",
+                "services",
+                "service",
+                "",
+                &["v1"][..],
+                true,
+                true,
+            ),
+            Kind::EndpointSlice => (
+                "EndpointSlice",
+                "endpointslices",
+                "endpointslice",
+                "discovery.k8s.io",
+                &["v1"][..],
+                true,
+                true,
+            ),
+            Kind::Pod => ("Pod", "pods", "pod", "", &["v1"][..], true, true),
+            Kind::VirtualService => (
+                "VirtualService",
+                "virtualservices",
+                "virtualservice",
+                "networking.istio.io",
+                ISTIO_VERSIONS,
+                true,
+                false,
+            ),
+            Kind::DestinationRule => (
+                "DestinationRule",
+                "destinationrules",
+                "destinationrule",
+                "networking.istio.io",
+                ISTIO_VERSIONS,
+                true,
+                false,
+            ),
+            Kind::GrpcRoute => (
+                "GRPCRoute",
+                "grpcroutes",
+                "grpcroute",
+                "gateway.networking.k8s.io",
+                &["v1", "v1alpha2"][..],
+                true,
+                false,
+            ),
+        };
+        KindInfo {
+            kind,
+            plural,
+            singular,
+            group,
+            versions,
+            namespaced,
+            builtin,
+        }
+    }
+
     fn kind(self) -> &'static str {
-        match self {
-            Kind::Namespace => "Namespace",
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-            Kind::Pod => "Pod",
+        self.info().kind
+    }
+
+    /// `group/version` (or `version` in the core group) of one of its served versions.
+    fn api_version_of(self, version: &str) -> String {
+        match self.info().group {
+            "" => version.to_string(),
+            g => format!("{g}/{version}"),
         }
     }
 
-    fn api_version(self) -> &'static str {
-        match self {
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
-            _ => "v1",
-        }
+    /// The preferred `apiVersion`.
+    fn api_version(self) -> String {
+        self.api_version_of(self.info().versions[0])
     }
 
+    /// The kind of an object, from its `kind` and the group of its `apiVersion`.
     fn of(obj: &Value) -> Option<Self> {
-        Some(match obj["kind"].as_str()? {
-            "Namespace" => Kind::Namespace,
-            "Service" => Kind::Service,
-            "EndpointSlice" => Kind::EndpointSlice,
-            "Pod" => Kind::Pod,
-            _ => return None,
+        let kind = obj["kind"].as_str()?;
+        let group = obj["apiVersion"]
+            .as_str()
+            .and_then(|v| v.rsplit_once('/'))
+            .map(|(g, _)| g);
+        Kind::ALL.into_iter().find(|k| {
+            let i = k.info();
+            i.kind == kind && (group.is_none() || group == Some(i.group))
         })
     }
 
-    /// (kind, namespace) from a request path.
-    fn route(path: &str) -> Option<(Self, Option<String>)> {
+    /// (kind, namespace, version) from a request path.
+    fn route(path: &str) -> Option<(Self, Option<String>, &'static str)> {
         let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let plural = |s: &str| match s {
-            "namespaces" => Some(Kind::Namespace),
-            "services" => Some(Kind::Service),
-            "pods" => Some(Kind::Pod),
-            _ => None,
+        let (group, version, rest) = match seg.as_slice() {
+            ["api", v, rest @ ..] => ("", *v, rest),
+            ["apis", g, v, rest @ ..] => (*g, *v, rest),
+            _ => return None,
         };
-        match seg.as_slice() {
-            ["api", "v1", r] => Some((plural(r)?, None)),
-            ["api", "v1", "namespaces", ns, r] if *r != "namespaces" => {
-                Some((plural(r)?, Some(ns.to_string())))
-            }
-            ["apis", "discovery.k8s.io", "v1", "endpointslices"] => {
-                Some((Kind::EndpointSlice, None))
-            }
-            [
-                "apis",
-                "discovery.k8s.io",
-                "v1",
-                "namespaces",
-                ns,
-                "endpointslices",
-            ] => Some((Kind::EndpointSlice, Some(ns.to_string()))),
-            _ => None,
-        }
+        let (namespace, plural) = match rest {
+            [r] => (None, *r),
+            ["namespaces", ns, r] if *r != "namespaces" => (Some(ns.to_string()), *r),
+            _ => return None,
+        };
+        let kind = Kind::ALL.into_iter().find(|k| {
+            let i = k.info();
+            i.group == group && i.plural == plural && (i.namespaced || namespace.is_none())
+        })?;
+        let version = kind
+            .info()
+            .versions
+            .iter()
+            .find(|v| **v == version)
+            .copied()?;
+        Some((kind, namespace, version))
     }
 }
 
@@ -132,6 +237,14 @@ struct State {
     pages: HashMap<u64, (u64, Vec<Value>)>,
     next_page: u64,
     uid: u64,
+    /// Custom resource kinds whose CRDs are installed.
+    installed: BTreeSet<Kind>,
+}
+
+impl State {
+    fn serves(&self, kind: Kind) -> bool {
+        kind.info().builtin || self.installed.contains(&kind)
+    }
 }
 
 #[derive(Debug)]
@@ -285,8 +398,38 @@ impl ApiServer {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Installs the CRDs of custom resource kinds: from now on they are listed in discovery
+    /// (`/apis`, `/apis/GROUP`, `/apis/GROUP/VERSION`) and served; until then their paths
+    /// answer 404, as on a cluster without them.
+    pub fn install(&self, kinds: &[Kind]) {
+        let mut s = self.lock();
+        for k in kinds {
+            assert!(!k.info().builtin, "{k:?} is always served");
+            s.installed.insert(*k);
+        }
+    }
+
+    /// Removes the CRD of a custom resource kind, as `kubectl delete crd` does: every object of
+    /// the kind is deleted (watchers see `DELETED`), its watches end, and its paths answer 404.
+    pub fn uninstall(&self, kind: Kind) {
+        let keys: Vec<Key> = self
+            .lock()
+            .objects
+            .keys()
+            .filter(|(k, _, _)| *k == kind)
+            .cloned()
+            .collect();
+        for (k, ns, name) in keys {
+            self.delete(k, &ns, &name);
+        }
+        self.lock().installed.remove(&kind);
+        self.shared.changed.send_modify(|_| {});
+    }
+
     /// Creates or replaces an object (its `kind` says which resource); returns its new
-    /// resourceVersion.
+    /// resourceVersion. A custom resource keeps the `apiVersion` it was written with when that
+    /// version is served (the fixture stores every version alike, as CRDs without conversion
+    /// webhooks do) and needs its kind installed.
     pub fn apply(&self, obj: Value) -> u64 {
         self.apply_all([obj])
     }
@@ -296,6 +439,10 @@ impl ApiServer {
         let mut s = self.lock();
         for mut obj in objs {
             let kind = Kind::of(&obj).expect("an object with a known kind");
+            assert!(
+                s.serves(kind),
+                "{kind:?}: its CRD is not installed (ApiServer::install)"
+            );
             let key = key_of(kind, &obj);
             s.rv += 1;
             let rv = s.rv;
@@ -312,7 +459,24 @@ impl ApiServer {
                 };
                 obj["metadata"]["uid"] = uid;
             }
-            obj["apiVersion"] = json!(kind.api_version());
+            let written = obj["apiVersion"].as_str().unwrap_or_default();
+            let served = kind
+                .info()
+                .versions
+                .iter()
+                .any(|v| kind.api_version_of(v) == written);
+            if kind.info().builtin || !served {
+                obj["apiVersion"] = json!(kind.api_version());
+            }
+            let created = match &old {
+                Some(o) => o["metadata"]["creationTimestamp"].clone(),
+                None => obj["metadata"]["creationTimestamp"].clone(),
+            };
+            obj["metadata"]["creationTimestamp"] = if created.is_string() {
+                created
+            } else {
+                json!(rfc3339(std::time::SystemTime::now()))
+            };
             s.objects.insert(key, obj.clone());
             push(
                 &mut s,
@@ -376,6 +540,30 @@ impl ApiServer {
         .expect("writing the kubeconfig");
         path
     }
+}
+
+/// A time as the API server writes `creationTimestamp`: RFC 3339 in UTC, whole seconds.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn push(s: &mut State, c: Change) {
@@ -498,9 +686,43 @@ struct Query {
     namespace: Option<String>,
     labels: Selector,
     fields: Selector,
+    /// The version asked for: objects are served in it.
+    version: &'static str,
+    /// `Accept: ...;as=PartialObjectMetadata...`: metadata only, as `meta.k8s.io/v1`
+    /// `PartialObjectMetadata` (kube-rs' `metadata_watcher`).
+    meta_only: bool,
 }
 
 impl Query {
+    /// The `kind` and `apiVersion` of what this query serves.
+    fn served_type(&self) -> (String, String) {
+        if self.meta_only {
+            ("PartialObjectMetadata".into(), "meta.k8s.io/v1".into())
+        } else {
+            (
+                self.kind.kind().into(),
+                self.kind.api_version_of(self.version),
+            )
+        }
+    }
+
+    /// A stored object as this query serves it (at `rv` when given), with its `kind` and
+    /// `apiVersion`.
+    fn serve(&self, obj: &Value, rv: Option<u64>) -> Value {
+        let mut o = if self.meta_only {
+            json!({"metadata": obj["metadata"]})
+        } else {
+            obj.clone()
+        };
+        let (kind, api_version) = self.served_type();
+        o["kind"] = json!(kind);
+        o["apiVersion"] = json!(api_version);
+        if let Some(rv) = rv {
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        }
+        o
+    }
+
     fn matches(&self, obj: &Value) -> bool {
         let m = &obj["metadata"];
         if let Some(ns) = &self.namespace
@@ -534,13 +756,35 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-fixture"}),
         );
     }
-    let Some((kind, namespace)) = Kind::route(path) else {
-        return fail(
+    if let Some(doc) = discovery(
+        &shared.state.lock().unwrap_or_else(|p| p.into_inner()),
+        path,
+    ) {
+        return full(StatusCode::OK, &doc);
+    }
+    let not_found = || {
+        fail(
             404,
             "NotFound",
-            &format!("the server could not find {path}"),
-        );
+            "the server could not find the requested resource",
+        )
     };
+    let Some((kind, namespace, version)) = Kind::route(path) else {
+        return not_found();
+    };
+    if !shared
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .serves(kind)
+    {
+        return not_found();
+    }
+    let meta_only = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     let params: HashMap<String, String> = req
         .uri()
         .query()
@@ -576,6 +820,8 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
         namespace,
         labels,
         fields,
+        version,
+        meta_only,
     };
     if matches!(p("watch"), "true" | "1") {
         if p("sendInitialEvents") == "true" {
@@ -591,12 +837,76 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
     }
 }
 
-fn strip(mut obj: Value) -> Value {
-    if let Some(m) = obj.as_object_mut() {
+/// The discovery document at `path`, if it is one the server serves: `/api`, `/api/v1`,
+/// `/apis`, `/apis/GROUP` and `/apis/GROUP/VERSION`, listing the built-in kinds the fixture
+/// serves and the installed custom resources.
+fn discovery(s: &State, path: &str) -> Option<Value> {
+    let served: Vec<KindInfo> = Kind::ALL
+        .into_iter()
+        .filter(|k| s.serves(*k))
+        .map(Kind::info)
+        .collect();
+    let groups: BTreeMap<&str, &[&str]> = served
+        .iter()
+        .filter(|i| !i.group.is_empty())
+        .map(|i| (i.group, i.versions))
+        .collect();
+    let group_doc = |g: &str, versions: &[&str]| {
+        let vs: Vec<Value> = versions
+            .iter()
+            .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+            .collect();
+        json!({"name": g, "versions": vs, "preferredVersion": vs[0]})
+    };
+    let resources = |group: &str, version: &str| {
+        let rs: Vec<Value> = served
+            .iter()
+            .filter(|i| i.group == group && i.versions.contains(&version))
+            .map(|i| {
+                json!({"name": i.plural, "singularName": i.singular, "namespaced": i.namespaced,
+                       "kind": i.kind, "verbs": ["get", "list", "watch"]})
+            })
+            .collect();
+        let gv = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        (!rs.is_empty()).then(|| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                   "resources": rs})
+        })
+    };
+    let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match seg.as_slice() {
+        ["api"] => Some(json!({"kind": "APIVersions", "versions": ["v1"],
+                               "serverAddressByClientCIDRs": []})),
+        ["api", v] => resources("", v),
+        ["apis"] => Some(json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": groups.iter().map(|(g, vs)| group_doc(g, vs)).collect::<Vec<_>>()})),
+        ["apis", g] => groups.get(g).map(|vs| {
+            let mut doc = group_doc(g, vs);
+            doc["kind"] = json!("APIGroup");
+            doc["apiVersion"] = json!("v1");
+            doc
+        }),
+        ["apis", g, v] => resources(g, v),
+        _ => None,
+    }
+}
+
+/// An item of a list: typed lists of built-in kinds carry no `kind`/`apiVersion` per item;
+/// lists of custom resources and metadata lists do.
+fn list_item(q: &Query, obj: &Value) -> Value {
+    let mut o = q.serve(obj, None);
+    if q.kind.info().builtin
+        && !q.meta_only
+        && let Some(m) = o.as_object_mut()
+    {
         m.remove("kind");
         m.remove("apiVersion");
     }
-    obj
+    o
 }
 
 fn list(shared: &Shared, q: Query, limit: usize, cont: &str) -> Response<Body> {
@@ -607,7 +917,7 @@ fn list(shared: &Shared, q: Query, limit: usize, cont: &str) -> Response<Body> {
             .range((q.kind, String::new(), String::new())..)
             .take_while(|((k, _, _), _)| *k == q.kind)
             .filter(|(_, o)| q.matches(o))
-            .map(|(_, o)| strip(o.clone()))
+            .map(|(_, o)| list_item(&q, o))
             .collect();
         s.next_page += 1;
         let id = s.next_page;
@@ -642,11 +952,12 @@ fn list(shared: &Shared, q: Query, limit: usize, cont: &str) -> Response<Body> {
     } else {
         s.pages.remove(&id);
     }
+    let (kind, api_version) = q.served_type();
     full(
         StatusCode::OK,
         &json!({
-            "kind": format!("{}List", q.kind.kind()),
-            "apiVersion": q.kind.api_version(),
+            "kind": format!("{kind}List"),
+            "apiVersion": api_version,
             "metadata": meta,
             "items": items[offset.min(end)..end],
         }),
@@ -658,13 +969,7 @@ fn event_of(q: &Query, c: &Change) -> Option<Value> {
     if c.kind != q.kind {
         return None;
     }
-    let with_kind = |o: &Value, rv: u64| {
-        let mut o = o.clone();
-        o["kind"] = json!(c.kind.kind());
-        o["apiVersion"] = json!(c.kind.api_version());
-        o["metadata"]["resourceVersion"] = json!(rv.to_string());
-        o
-    };
+    let with_kind = |o: &Value, rv: u64| q.serve(o, Some(rv));
     let was = c.old.as_ref().filter(|o| q.matches(o));
     let is = c.new.as_ref().filter(|o| q.matches(o));
     match (was, is) {
@@ -696,7 +1001,7 @@ fn watch(shared: &Arc<Shared>, q: Query, params: &HashMap<String, String>) -> Re
             // "Any" version: the current objects as ADDED, then changes.
             for o in s.objects.values().filter(|o| Kind::of_stored(o, q.kind)) {
                 if q.matches(o) {
-                    initial.push(json!({"type": "ADDED", "object": o}));
+                    initial.push(json!({"type": "ADDED", "object": q.serve(o, None)}));
                 }
             }
             s.rv
@@ -755,9 +1060,11 @@ fn watch(shared: &Arc<Shared>, q: Query, params: &HashMap<String, String>) -> Re
         tick.tick().await;
         loop {
             changed.borrow_and_update();
-            let events: Vec<Value> = {
+            let (events, gone): (Vec<Value>, bool) = {
                 let s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                if pos < s.oldest {
+                // A CRD removed: its watches end after the deletions of its objects.
+                let gone = !s.serves(q.kind);
+                let events = if pos < s.oldest {
                     vec![json!({"type": "ERROR", "object": status(
                         410, "Expired", &format!("too old resource version: {pos} ({})", s.oldest))})]
                 } else {
@@ -769,7 +1076,8 @@ fn watch(shared: &Arc<Shared>, q: Query, params: &HashMap<String, String>) -> Re
                         .collect();
                     pos = pos.max(s.rv);
                     evs
-                }
+                };
+                (events, gone)
             };
             let expired = events.first().is_some_and(|e| e["type"] == "ERROR");
             for e in &events {
@@ -777,7 +1085,7 @@ fn watch(shared: &Arc<Shared>, q: Query, params: &HashMap<String, String>) -> Re
                     return;
                 }
             }
-            if expired {
+            if expired || gone {
                 return;
             }
             tokio::select! {
@@ -787,8 +1095,9 @@ fn watch(shared: &Arc<Shared>, q: Query, params: &HashMap<String, String>) -> Re
                     return;
                 }
                 _ = tick.tick(), if bookmarks => {
-                    let bm = json!({"type": "BOOKMARK", "object": {"kind": q.kind.kind(),
-                        "apiVersion": q.kind.api_version(),
+                    let (kind, api_version) = q.served_type();
+                    let bm = json!({"type": "BOOKMARK", "object": {"kind": kind,
+                        "apiVersion": api_version,
                         "metadata": {"resourceVersion": pos.to_string()}}});
                     if tx.send(line(&bm)).await.is_err() {
                         return;

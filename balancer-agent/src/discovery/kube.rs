@@ -1,10 +1,15 @@
 //! The Kubernetes API as a discovery source.
 //!
-//! Four kube-rs watchers (exactly [`super::WATCHED_RESOURCES`]): Services and EndpointSlices of
-//! every namespace become the store's services ([`Source::Kubernetes`]); Namespaces labelled
-//! `balancer.dev/enabled=true` and the Pods of this node (field selector `spec.nodeName`) become
-//! the set of opted-in pod cgroups, published on a `watch` channel that the wiring applies to
-//! the datapath (discovery never touches the kernel itself).
+//! kube-rs watchers over [`super::WATCHED_RESOURCES`]: Services and EndpointSlices of every
+//! namespace become the store's services ([`Source::Kubernetes`]), their endpoints labelled with
+//! their pods' labels (a metadata-only watch of every pod: `PartialObjectMetadata`, labels kept,
+//! one shared copy per distinct label set); Namespaces labelled `balancer.dev/enabled=true` and
+//! the Pods of this node (field selector `spec.nodeName`) become the set of opted-in pod
+//! cgroups, published on a `watch` channel that the wiring applies to the datapath (discovery
+//! never touches the kernel itself). The traffic policy kinds the cluster serves
+//! (`VirtualService`, `DestinationRule`, `GRPCRoute`: [`policy::discover`], looked at again
+//! every [`policy::RECHECK`] and when one's watch answers 404) are watched as dynamic objects
+//! and become the Kubernetes source's policy in the router ([`Router::set`]).
 //!
 //! One task owns the model. Watchers only decode and forward; the model task drains every event
 //! already queued, applies them, and publishes one store update per batch: a single event
@@ -38,23 +43,33 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client,
+    core::{DynamicObject, PartialObjectMeta},
     runtime::watcher::{self, Event},
 };
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{debug, error, info, warn};
 
-use super::pods::{self, ENABLED_LABEL, OptedIn, OptedInPod, PodInfo};
+use super::{
+    gateway::GrpcRoute,
+    istio::{DestinationRule, VirtualService},
+    pods::{self, ENABLED_LABEL, OptedIn, OptedInPod, PodInfo},
+    policy::{self, Decoded, PolicyKind, ServiceRef, Translator},
+};
 use crate::{
+    call::route::{PolicySet, Router},
     config::{Balancing, HealthCheck, Policy, TrafficDistribution},
     metrics::Metrics,
-    state::{EndpointSpec, ServiceSpec, Source, Store, Update},
+    state::{EndpointSpec, Labels, ServiceSpec, Source, Store, Update},
 };
 
 /// The readiness reason the agent holds until every watcher has listed once (see `synced` in
@@ -447,6 +462,13 @@ enum Msg {
     Slice(Change<Slice>),
     Namespace(Change<()>),
     Pod(Change<PodInfo>),
+    /// A pod's labels (every pod of the cluster, metadata only).
+    PodLabels(Change<Labels>),
+    VirtualService(Change<Decoded<VirtualService>>),
+    DestinationRule(Change<Decoded<DestinationRule>>),
+    GrpcRoute(Change<Decoded<GrpcRoute>>),
+    /// The policy kinds watched from now on (after [`policy::discover`]).
+    PolicyKinds(BTreeSet<PolicyKind>),
 }
 
 impl Msg {
@@ -456,6 +478,7 @@ impl Msg {
             self,
             Msg::Service(Change::Apply(..) | Change::Delete(_) | Change::InitDone)
                 | Msg::Slice(Change::Apply(..) | Change::Delete(_) | Change::InitDone)
+                | Msg::PodLabels(Change::Apply(..) | Change::Delete(_) | Change::InitDone)
         )
     }
 }
@@ -528,12 +551,59 @@ struct Model {
     slices_of: HashMap<String, BTreeSet<String>>,
     namespaces: Cache<()>,
     pods: Cache<PodInfo>,
+    /// Every pod's labels, by `namespace/name`.
+    pod_labels: Cache<Labels>,
+    /// One shared copy of each distinct label set (the pods of a Deployment share theirs).
+    label_sets: HashSet<Labels>,
+    /// `namespace/pod` to the keys of the slices that list it.
+    slices_of_pod: HashMap<String, BTreeSet<String>>,
     /// `namespace/service` to the store names it published.
     published: HashMap<String, Vec<String>>,
     /// Services published at least once (both caches synced).
     started: bool,
     dirty: BTreeSet<String>,
     pods_dirty: bool,
+    policy: PolicyModel,
+}
+
+/// The cluster's traffic policy objects and what the router was last told.
+struct PolicyModel {
+    /// The kinds watched; `None` until the first discovery of the cluster's APIs.
+    kinds: Option<BTreeSet<PolicyKind>>,
+    virtual_services: Cache<Decoded<VirtualService>>,
+    destination_rules: Cache<Decoded<DestinationRule>>,
+    grpc_routes: Cache<Decoded<GrpcRoute>>,
+    /// Services with their gRPC ports, as policy resolves hosts and backends.
+    services: HashMap<ServiceRef, Vec<(String, u16)>>,
+    translator: Translator,
+    dirty: bool,
+    published: Option<PolicySet>,
+}
+
+impl PolicyModel {
+    fn new() -> Self {
+        Self {
+            kinds: None,
+            virtual_services: Cache::new(),
+            destination_rules: Cache::new(),
+            grpc_routes: Cache::new(),
+            services: HashMap::new(),
+            translator: Translator::default(),
+            dirty: true,
+            published: None,
+        }
+    }
+
+    /// Every kind watched has listed once.
+    fn synced(&self) -> bool {
+        self.kinds.as_ref().is_some_and(|kinds| {
+            kinds.iter().all(|k| match k {
+                PolicyKind::VirtualService => self.virtual_services.synced,
+                PolicyKind::DestinationRule => self.destination_rules.synced,
+                PolicyKind::GrpcRoute => self.grpc_routes.synced,
+            })
+        })
+    }
 }
 
 impl Model {
@@ -545,10 +615,14 @@ impl Model {
             slices_of: HashMap::new(),
             namespaces: Cache::new(),
             pods: Cache::new(),
+            pod_labels: Cache::new(),
+            label_sets: HashSet::new(),
+            slices_of_pod: HashMap::new(),
             published: HashMap::new(),
             started: false,
             dirty: BTreeSet::new(),
             pods_dirty: false,
+            policy: PolicyModel::new(),
         }
     }
 
@@ -556,21 +630,43 @@ impl Model {
         match msg {
             Msg::Service(c) => {
                 for (k, _) in self.services.apply(c) {
+                    let ports = self.services.objects.get(&k).map(|s| s.ports.clone());
+                    let (ns, name) = k.split_once('/').unwrap_or_default();
+                    let svc = ServiceRef::new(ns, name);
+                    let have = self.policy.services.get(&svc);
+                    if have != ports.as_ref() {
+                        self.policy.dirty = true;
+                        match ports {
+                            Some(p) => self.policy.services.insert(svc, p),
+                            None => self.policy.services.remove(&svc),
+                        };
+                    }
                     self.dirty.insert(k);
                 }
             }
             Msg::Slice(c) => {
                 for (k, old) in self.slices.apply(c) {
-                    if let Some(old) = old
-                        && let Some(set) = self.slices_of.get_mut(&old.service)
-                    {
-                        set.remove(&k);
-                        if set.is_empty() {
-                            self.slices_of.remove(&old.service);
+                    if let Some(old) = old {
+                        for pod in slice_pods(&old) {
+                            if let Some(set) = self.slices_of_pod.get_mut(&pod) {
+                                set.remove(&k);
+                                if set.is_empty() {
+                                    self.slices_of_pod.remove(&pod);
+                                }
+                            }
                         }
-                        self.dirty.insert(old.service);
+                        if let Some(set) = self.slices_of.get_mut(&old.service) {
+                            set.remove(&k);
+                            if set.is_empty() {
+                                self.slices_of.remove(&old.service);
+                            }
+                            self.dirty.insert(old.service);
+                        }
                     }
                     if let Some(new) = self.slices.objects.get(&k) {
+                        for pod in slice_pods(new) {
+                            self.slices_of_pod.entry(pod).or_default().insert(k.clone());
+                        }
                         self.slices_of
                             .entry(new.service.clone())
                             .or_default()
@@ -578,6 +674,38 @@ impl Model {
                         self.dirty.insert(new.service.clone());
                     }
                 }
+            }
+            Msg::PodLabels(c) => {
+                let c = match c {
+                    Change::Apply(k, l) => Change::Apply(k, self.intern(l)),
+                    Change::InitApply(k, l) => Change::InitApply(k, self.intern(l)),
+                    other => other,
+                };
+                let relisted = matches!(c, Change::InitDone);
+                for (pod, _) in self.pod_labels.apply(c) {
+                    for slice in self.slices_of_pod.get(&pod).into_iter().flatten() {
+                        if let Some(s) = self.slices.objects.get(slice) {
+                            self.dirty.insert(s.service.clone());
+                        }
+                    }
+                }
+                if relisted || self.label_sets.len() > 2 * self.pod_labels.objects.len() + 64 {
+                    // Label sets no pod has any more (the cache and this set hold the others).
+                    self.label_sets.retain(|l| Arc::strong_count(l) > 1);
+                }
+            }
+            Msg::VirtualService(c) => {
+                self.policy.dirty |= policy_changed(&mut self.policy.virtual_services, c);
+            }
+            Msg::DestinationRule(c) => {
+                self.policy.dirty |= policy_changed(&mut self.policy.destination_rules, c);
+            }
+            Msg::GrpcRoute(c) => {
+                self.policy.dirty |= policy_changed(&mut self.policy.grpc_routes, c);
+            }
+            Msg::PolicyKinds(kinds) => {
+                self.policy.kinds = Some(kinds);
+                self.policy.dirty = true;
             }
             Msg::Namespace(c) => {
                 self.pods_dirty |= !self.namespaces.apply(c).is_empty()
@@ -633,7 +761,16 @@ impl Model {
                                 zone: e.zone.clone(),
                                 node: e.node.clone(),
                                 name: e.pod.clone(),
-                                labels: Default::default(),
+                                labels: e
+                                    .pod
+                                    .as_ref()
+                                    .and_then(|p| {
+                                        self.pod_labels
+                                            .objects
+                                            .get(&format!("{}/{p}", svc.namespace))
+                                    })
+                                    .cloned()
+                                    .unwrap_or_default(),
                             };
                             // The same address in two slices (a migration): ready wins.
                             match endpoints.get(&spec.addr) {
@@ -666,7 +803,7 @@ impl Model {
 
     /// The store updates for what changed since the last call.
     fn updates(&mut self) -> Vec<Update> {
-        if !(self.services.synced && self.slices.synced) {
+        if !(self.services.synced && self.slices.synced && self.pod_labels.synced) {
             return Vec::new();
         }
         if !self.started {
@@ -703,8 +840,54 @@ impl Model {
     fn caches_synced(&self, with_pods: bool) -> bool {
         self.services.synced
             && self.slices.synced
+            && self.pod_labels.synced
+            && self.policy.synced()
             && (!with_pods || (self.namespaces.synced && self.pods.synced))
     }
+
+    /// The shared copy of a label set.
+    fn intern(&mut self, labels: Labels) -> Labels {
+        if let Some(l) = self.label_sets.get(&labels) {
+            return l.clone();
+        }
+        self.label_sets.insert(labels.clone());
+        labels
+    }
+
+    /// The policy to put in force, when it changed (and everything it reads has listed).
+    fn policy_update(&mut self) -> Option<PolicySet> {
+        let p = &mut self.policy;
+        if !(p.dirty && p.synced() && self.services.synced) {
+            return None;
+        }
+        p.dirty = false;
+        let set = p.translator.translate(&policy::Inputs {
+            services: &p.services,
+            domain: &self.domain,
+            virtual_services: &p.virtual_services.objects,
+            destination_rules: &p.destination_rules.objects,
+            grpc_routes: &p.grpc_routes.objects,
+        });
+        if p.published.as_ref() == Some(&set) {
+            return None;
+        }
+        p.published = Some(set.clone());
+        Some(set)
+    }
+}
+
+/// The `namespace/pod` keys of the pods a slice lists.
+fn slice_pods(s: &Slice) -> impl Iterator<Item = String> + '_ {
+    let ns = s.service.split_once('/').map_or("", |(ns, _)| ns);
+    s.endpoints
+        .iter()
+        .filter_map(move |e| Some(format!("{ns}/{}", e.pod.as_ref()?)))
+}
+
+/// Applies a change to a policy cache; whether the policy must be computed again.
+fn policy_changed<T: PartialEq>(cache: &mut Cache<T>, change: Change<T>) -> bool {
+    let done = matches!(change, Change::InitDone);
+    !cache.apply(change).is_empty() || done
 }
 
 /// Looks up opted-in pods' cgroups, remembering what it found.
@@ -753,13 +936,15 @@ impl Cgroups {
     }
 }
 
-/// Runs the Kubernetes source until the process ends: feeds `store`, publishes opted-in pods
-/// on `opted_in`, and calls `synced` once every watcher has listed (the agent then drops
-/// [`NOT_SYNCED`] from its readiness).
+/// Runs the Kubernetes source until the process ends: feeds `store`, puts the cluster's
+/// traffic policy in force in `router`, publishes opted-in pods on `opted_in`, and calls
+/// `synced` once every watcher has listed (the agent then drops [`NOT_SYNCED`] from its
+/// readiness).
 pub async fn run(
     config: kube::Config,
     opts: Options,
     store: Arc<Store>,
+    router: Arc<Router>,
     metrics: Arc<Metrics>,
     synced: impl FnOnce() + Send,
     opted_in: watch::Sender<Arc<OptedIn>>,
@@ -768,8 +953,8 @@ pub async fn run(
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Msg)>();
     let wc = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
     tokio::spawn(watch_kind(
-        Api::<Service>::all(client.clone()),
-        wc.clone(),
+        "services".into(),
+        typed(Api::<Service>::all(client.clone()), wc.clone()),
         tx.clone(),
         |s| {
             (
@@ -778,10 +963,14 @@ pub async fn run(
             )
         },
         Msg::Service,
+        Optional::No,
     ));
     tokio::spawn(watch_kind(
-        Api::<EndpointSlice>::all(client.clone()),
-        wc.clone().labels(SERVICE_NAME_LABEL),
+        "endpointslices".into(),
+        typed(
+            Api::<EndpointSlice>::all(client.clone()),
+            wc.clone().labels(SERVICE_NAME_LABEL),
+        ),
         tx.clone(),
         |s| {
             (
@@ -790,25 +979,52 @@ pub async fn run(
             )
         },
         Msg::Slice,
+        Optional::No,
     ));
+    // Every pod's labels, metadata only: what subsets select endpoints by.
+    tokio::spawn(watch_kind(
+        "pods (metadata)".into(),
+        typed(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            wc.clone(),
+        ),
+        tx.clone(),
+        |p: &PartialObjectMeta<Pod>| {
+            (
+                key(p.metadata.namespace.as_ref(), p.metadata.name.as_ref()),
+                Arc::new(p.metadata.labels.clone().unwrap_or_default()),
+            )
+        },
+        Msg::PodLabels,
+        Optional::No,
+    ));
+    tokio::spawn(watch_policy_kinds(client.clone(), wc.clone(), tx.clone()));
     let with_pods = match &opts.node_name {
         Some(node) => {
             tokio::spawn(watch_kind(
-                Api::<Namespace>::all(client.clone()),
-                wc.clone().labels(&format!("{ENABLED_LABEL}=true")),
+                "namespaces".into(),
+                typed(
+                    Api::<Namespace>::all(client.clone()),
+                    wc.clone().labels(&format!("{ENABLED_LABEL}=true")),
+                ),
                 tx.clone(),
                 |n| (n.metadata.name.clone().unwrap_or_default(), ()),
                 Msg::Namespace,
+                Optional::No,
             ));
             tokio::spawn(watch_kind(
-                Api::<Pod>::all(client.clone()),
-                wc.clone().fields(&format!("spec.nodeName={node}")),
+                "pods".into(),
+                typed(
+                    Api::<Pod>::all(client.clone()),
+                    wc.clone().fields(&format!("spec.nodeName={node}")),
+                ),
                 tx.clone(),
                 |p| {
                     let info = PodInfo::from_pod(p);
                     (format!("{}/{}", info.namespace, info.name), info)
                 },
                 Msg::Pod,
+                Optional::No,
             ));
             true
         }
@@ -817,7 +1033,6 @@ pub async fn run(
             false
         }
     };
-    drop(tx);
     let mut model = Model::new(opts.cluster_domain.clone());
     let mut cgroups = Cgroups {
         root: opts.cgroup_root.clone(),
@@ -854,6 +1069,10 @@ pub async fn run(
         let updates = model.updates();
         if !updates.is_empty() {
             store.apply_from(Source::Kubernetes, updates);
+        }
+        // After the store: the routes name services and subsets it now has.
+        if let Some(set) = model.policy_update() {
+            router.set(Source::Kubernetes, set);
         }
         if model.started {
             for at in lag_from {
@@ -892,26 +1111,217 @@ pub async fn run(
     }
 }
 
-/// Runs one watcher forever, forwarding decoded events; restarts it with a fresh list when it
-/// keeps failing or its resourceVersion is ahead of the server's.
-async fn watch_kind<K, T>(
-    api: Api<K>,
+/// Watches the policy kinds the cluster serves ([`policy::discover`], at start, every
+/// [`policy::RECHECK`] and when a watch of one ends), starting a watcher for each kind
+/// installed and stopping it when the kind goes (its objects leave the model). Says which
+/// kinds it watches when that changes; tells the model with [`Msg::PolicyKinds`].
+async fn watch_policy_kinds(
+    client: Client,
     config: watcher::Config,
+    tx: mpsc::UnboundedSender<(Instant, Msg)>,
+) {
+    let (ended_tx, mut ended) = mpsc::unbounded_channel::<PolicyKind>();
+    let mut running: BTreeMap<PolicyKind, (String, JoinHandle<()>)> = BTreeMap::new();
+    // Kinds whose watch the server refused (403): tried again at the next recheck only.
+    let mut refused: BTreeSet<PolicyKind> = BTreeSet::new();
+    let mut backoff = Backoff::new();
+    let mut told: Option<BTreeSet<PolicyKind>> = None;
+    let mut failing = false;
+    loop {
+        let found = match policy::discover(&client).await {
+            Ok(found) => {
+                backoff.reset();
+                if std::mem::take(&mut failing) {
+                    info!("discovery of the cluster's APIs recovered");
+                }
+                Some(found)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    warn!(error = %e, "discovery of the cluster's APIs failed; the policy kinds watched stay as they are");
+                }
+                None
+            }
+        };
+        if let Some(found) = &found {
+            for (kind, (version, handle)) in std::mem::take(&mut running) {
+                if found.get(&kind) == Some(&version) && !handle.is_finished() {
+                    running.insert(kind, (version, handle));
+                    continue;
+                }
+                handle.abort();
+                // Gone: its objects leave the model. Served in another version: the new
+                // watcher's list replaces them whole, nothing is cleared meanwhile.
+                if !found.contains_key(&kind) {
+                    clear_policy_kind(&tx, kind);
+                }
+            }
+            for (kind, version) in found {
+                if running.contains_key(kind) || refused.contains(kind) {
+                    continue;
+                }
+                let handle = tokio::spawn(watch_policy_kind(
+                    client.clone(),
+                    config.clone(),
+                    tx.clone(),
+                    *kind,
+                    version.clone(),
+                    ended_tx.clone(),
+                ));
+                running.insert(*kind, (version.clone(), handle));
+            }
+        }
+        let watching: BTreeSet<PolicyKind> = running.keys().copied().collect();
+        if found.is_some() && told.as_ref() != Some(&watching) {
+            let describe = |kinds: &mut dyn Iterator<Item = PolicyKind>| {
+                kinds
+                    .map(|k| match running.get(&k) {
+                        Some((v, _)) => format!("{k} {v}"),
+                        None => k.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            info!(
+                watching = %describe(&mut watching.iter().copied()),
+                not_served = %describe(&mut PolicyKind::ALL.into_iter().filter(|k| !watching.contains(k))),
+                "traffic policy kinds"
+            );
+            if tx
+                .send((Instant::now(), Msg::PolicyKinds(watching.clone())))
+                .is_err()
+            {
+                return;
+            }
+            told = Some(watching);
+        }
+        refused.clear();
+        let wait = if told.is_none() {
+            // Not known yet: the agent waits for them to be ready; try again soon.
+            backoff.next_delay()
+        } else {
+            policy::RECHECK
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            Some(kind) = ended.recv() => {
+                // Refused or gone: the model stops waiting for it now; a recheck follows.
+                if let Some((_, handle)) = running.remove(&kind) {
+                    handle.abort();
+                }
+                refused.insert(kind);
+                clear_policy_kind(&tx, kind);
+            }
+        }
+    }
+}
+
+/// Empties the model's objects of a kind no longer watched.
+fn clear_policy_kind(tx: &mpsc::UnboundedSender<(Instant, Msg)>, kind: PolicyKind) {
+    let msgs = match kind {
+        PolicyKind::VirtualService => [Change::Init, Change::InitDone].map(Msg::VirtualService),
+        PolicyKind::DestinationRule => [Change::Init, Change::InitDone].map(Msg::DestinationRule),
+        PolicyKind::GrpcRoute => [Change::Init, Change::InitDone].map(Msg::GrpcRoute),
+    };
+    for m in msgs {
+        let _ = tx.send((Instant::now(), m));
+    }
+}
+
+/// Watches one policy kind in `version` until the server stops serving it (or refuses it);
+/// then says so on `ended`.
+async fn watch_policy_kind(
+    client: Client,
+    config: watcher::Config,
+    tx: mpsc::UnboundedSender<(Instant, Msg)>,
+    kind: PolicyKind,
+    version: String,
+    ended: mpsc::UnboundedSender<PolicyKind>,
+) {
+    let api = Api::<DynamicObject>::all_with(client, &kind.api_resource(&version));
+    let start = move || watcher::watcher(api.clone(), config.clone()).boxed();
+    let name = format!("{kind}");
+    fn decoded<T: serde::de::DeserializeOwned>(o: &DynamicObject) -> (String, Decoded<T>) {
+        (
+            key(o.metadata.namespace.as_ref(), o.metadata.name.as_ref()),
+            Decoded::of(o),
+        )
+    }
+    match kind {
+        PolicyKind::VirtualService => {
+            watch_kind(name, start, tx, decoded, Msg::VirtualService, Optional::Yes).await
+        }
+        PolicyKind::DestinationRule => {
+            watch_kind(
+                name,
+                start,
+                tx,
+                decoded,
+                Msg::DestinationRule,
+                Optional::Yes,
+            )
+            .await
+        }
+        PolicyKind::GrpcRoute => {
+            watch_kind(name, start, tx, decoded, Msg::GrpcRoute, Optional::Yes).await
+        }
+    }
+    let _ = ended.send(kind);
+}
+
+/// A watcher of a typed kind: what [`watch_kind`] starts (again).
+fn typed<K>(api: Api<K>, config: watcher::Config) -> impl Fn() -> WatchStream<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    move || watcher::watcher(api.clone(), config.clone()).boxed()
+}
+
+type WatchStream<K> = futures_util::stream::BoxStream<'static, watcher::Result<Event<K>>>;
+
+/// How a watch of a kind the cluster may not serve ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Optional {
+    /// A kind the agent always needs: retried forever.
+    No,
+    /// A policy kind: a 404 (not installed, or removed) or 403 (not granted) ends the watch.
+    Yes,
+}
+
+/// Whether the server refused a watch because the resource is not served (404) or not
+/// granted (403).
+fn not_served(e: &watcher::Error) -> Option<u16> {
+    let status = api_status(e)?;
+    [403, 404].contains(&status.code).then_some(status.code)
+}
+
+/// The API server's `Status` in a watcher's error, if it answered with one.
+fn api_status(e: &watcher::Error) -> Option<&kube::core::Status> {
+    match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::InitialListFailed(kube::Error::Api(s)) => Some(s.as_ref()),
+        watcher::Error::WatchError(s) => Some(s.as_ref()),
+        _ => None,
+    }
+}
+
+/// Runs one watcher, forwarding decoded events; restarts it with a fresh list when it keeps
+/// failing or its resourceVersion is ahead of the server's. It runs forever, except for an
+/// optional kind the server does not serve or does not let the agent read.
+async fn watch_kind<K, T, S>(
+    kind: String,
+    start: impl Fn() -> S,
     tx: mpsc::UnboundedSender<(Instant, Msg)>,
     decode: fn(&K) -> (String, T),
     wrap: fn(Change<T>) -> Msg,
+    optional: Optional,
 ) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
+    S: Stream<Item = watcher::Result<Event<K>>>,
 {
-    let kind = K::plural(&()).to_string();
     let mut backoff = Backoff::new();
     loop {
-        let mut stream = pin!(watcher::watcher(api.clone(), config.clone()));
+        let mut stream = pin!(start());
         let mut failing_since: Option<Instant> = None;
         while let Some(event) = stream.next().await {
             let at = Instant::now();
@@ -928,6 +1338,17 @@ async fn watch_kind<K, T>(
                 }
                 Ok(Event::InitDone) => Change::InitDone,
                 Err(e) => {
+                    if optional == Optional::Yes
+                        && let Some(code) = not_served(&e)
+                    {
+                        match code {
+                            404 => info!(resource = %kind, "not served any more: not watched"),
+                            _ => {
+                                error!(resource = %kind, error = %e, "not granted to the agent (the ClusterRole lacks get/list/watch on it): not watched")
+                            }
+                        }
+                        return;
+                    }
                     let since = *failing_since.get_or_insert(at);
                     if since == at {
                         warn!(resource = %kind, error = %e, "watch failed; retrying, keeping the last known objects");
@@ -957,12 +1378,8 @@ async fn watch_kind<K, T>(
 /// Whether the server said our resourceVersion is ahead of its own (its store went back in
 /// time): kube-rs would retry that version forever.
 fn too_large_resource_version(e: &watcher::Error) -> bool {
-    let status = match e {
-        watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s))
-        | watcher::Error::InitialListFailed(kube::Error::Api(s)) => s.as_ref(),
-        watcher::Error::WatchError(s) => s.as_ref(),
-        _ => return false,
+    let Some(status) = api_status(e) else {
+        return false;
     };
     status.code == 504
         || status.message.contains("resource version")
@@ -976,12 +1393,13 @@ mod tests {
 
     #[test]
     fn the_watched_resources_are_the_declared_ones() {
-        let watched = [
+        let mut watched = vec![
             (Service::GROUP, Service::URL_PATH_SEGMENT),
             (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
             (Namespace::GROUP, Namespace::URL_PATH_SEGMENT),
             (Pod::GROUP, Pod::URL_PATH_SEGMENT),
         ];
+        watched.extend(PolicyKind::ALL.map(|k| (k.group(), k.plural())));
         assert_eq!(&watched[..], super::super::WATCHED_RESOURCES);
     }
 
@@ -1025,8 +1443,10 @@ mod tests {
         let mut m = Model::new("cluster.local".into());
         m.handle(Msg::Service(Change::Init));
         m.handle(Msg::Slice(Change::Init));
+        m.handle(Msg::PodLabels(Change::Init));
         m.handle(Msg::Service(Change::InitDone));
         m.handle(Msg::Slice(Change::InitDone));
+        m.handle(Msg::PodLabels(Change::InitDone));
         assert!(matches!(&m.updates()[..], [Update::Reset(v)] if v.is_empty()));
         m
     }

@@ -1,0 +1,767 @@
+//! Istio's `VirtualService` and `DestinationRule` (`networking.istio.io` `v1`, `v1beta1` and
+//! `v1alpha3`: one schema), as users apply them, translated into the call layer's policy model
+//! (`call::route`).
+//!
+//! The structs hold the fields the agent uses, and keep a few it does not use yet (retries,
+//! faults, connection pools, outlier detection: the next part of traffic policy); every field is
+//! optional and unknown fields are ignored, so no object is refused for what it adds. What the
+//! agent cannot do and would change where a call goes or what it carries (a redirect, a direct
+//! response, a rewrite, a delegate, response header changes) refuses the object with a reason
+//! (`translate_http`), rather than being silently skipped.
+//!
+//! Hosts are resolved by [`super::policy::Ctx`]; which `VirtualService` wins a host and how
+//! `DestinationRule`s merge is [`super::policy`]'s business.
+#![forbid(unsafe_code)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+
+use super::policy::{Ctx, ServiceRef, parse_duration, restrict_to_namespaces};
+use crate::{
+    call::route::{
+        Backend, HeaderMatch, HeaderMutations, Route, RouteAction, RouteMatch, RouteSource,
+        SourceMatch, StringMatch,
+    },
+    config::Policy,
+};
+
+/// The `gateways` value that names the sidecars (here: the agent).
+pub const MESH_GATEWAY: &str = "mesh";
+
+/// `spec` of a `VirtualService`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct VirtualService {
+    /// The hosts it routes (short names resolve against its namespace).
+    pub hosts: Vec<String>,
+    /// Where it applies: empty or with `mesh`, the sidecars (the agent); else gateways only.
+    pub gateways: Vec<String>,
+    /// HTTP routes, in order (gRPC is HTTP/2).
+    pub http: Vec<HttpRoute>,
+    /// Namespaces that see it: empty or `*` for all, `.` for its own.
+    pub export_to: Vec<String>,
+}
+
+impl VirtualService {
+    /// Whether it applies to the sidecars (the agent), not only to gateways.
+    pub fn for_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == MESH_GATEWAY)
+    }
+}
+
+/// One `http[]` route.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRoute {
+    /// Its name, for logs and `inspect`.
+    pub name: Option<String>,
+    /// It takes a request when any of these holds; none: every request.
+    #[serde(rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    /// Weighted destinations.
+    pub route: Vec<HttpRouteDestination>,
+    /// The request's timeout (`10s`, `1.5s`, `500ms`; `0s`: none).
+    pub timeout: Option<String>,
+    /// Retries: kept for the next part of traffic policy, not applied yet.
+    pub retries: Option<HttpRetry>,
+    /// Header changes.
+    pub headers: Option<Headers>,
+    /// Fault injection: kept for the next part of traffic policy, not applied yet.
+    pub fault: Option<serde_json::Value>,
+    /// Mirroring (shadow traffic): accepted and not applied; it never changes a call's answer.
+    pub mirror: Option<serde_json::Value>,
+    /// More mirrors (accepted, not applied).
+    pub mirrors: Option<serde_json::Value>,
+    /// A redirect: refused (the agent forwards calls, it does not answer redirects).
+    pub redirect: Option<serde_json::Value>,
+    /// A direct response: refused.
+    pub direct_response: Option<serde_json::Value>,
+    /// A delegate `VirtualService`: refused (only for gateways in Istio).
+    pub delegate: Option<serde_json::Value>,
+    /// A path or authority rewrite: refused.
+    pub rewrite: Option<serde_json::Value>,
+}
+
+/// An `http[].match[]` entry: every condition set must hold.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpMatch {
+    /// The `:path`: `/package.Service/Method` for gRPC.
+    pub uri: Option<IstioStringMatch>,
+    /// `http` only for the agent's calls.
+    pub scheme: Option<IstioStringMatch>,
+    /// `POST` for every gRPC call.
+    pub method: Option<IstioStringMatch>,
+    /// Refused: not supported yet.
+    pub authority: Option<IstioStringMatch>,
+    /// Request headers by name; `{}`: the header is present.
+    pub headers: BTreeMap<String, IstioStringMatch>,
+    /// Headers that must not match (absent, with `{}`).
+    pub without_headers: BTreeMap<String, IstioStringMatch>,
+    /// The port of the host addressed.
+    pub port: Option<u16>,
+    /// The calling pod's labels.
+    pub source_labels: BTreeMap<String, String>,
+    /// The calling pod's namespace.
+    pub source_namespace: Option<String>,
+    /// Where the match applies (as the `VirtualService`'s `gateways`).
+    pub gateways: Vec<String>,
+    /// Query parameters: a gRPC path has none, refused.
+    pub query_params: BTreeMap<String, IstioStringMatch>,
+    /// `uri` compared without case.
+    pub ignore_uri_case: bool,
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex` (RE2); none: any value (presence).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct IstioStringMatch {
+    /// The whole value.
+    pub exact: Option<String>,
+    /// Its start.
+    pub prefix: Option<String>,
+    /// A regular expression over the whole value.
+    pub regex: Option<String>,
+}
+
+/// One weighted destination of a route.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    /// Where.
+    pub destination: Destination,
+    /// Its share; with one destination, all of it.
+    pub weight: Option<i64>,
+    /// Header changes for the calls it takes.
+    pub headers: Option<Headers>,
+}
+
+/// A service (and subset, port) calls go to.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Destination {
+    /// A service's host (short names resolve against the object's namespace).
+    pub host: String,
+    /// A subset a `DestinationRule` of that host defines.
+    pub subset: Option<String>,
+    /// The service port.
+    pub port: Option<PortSelector>,
+}
+
+/// `port: {number: N}`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PortSelector {
+    /// The port.
+    pub number: Option<u16>,
+}
+
+/// Header changes of requests and responses.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Headers {
+    /// Before the request is sent on.
+    pub request: Option<HeaderOperations>,
+    /// Before the response is returned: refused, not supported yet.
+    pub response: Option<HeaderOperations>,
+}
+
+/// `set`, `add`, `remove`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HeaderOperations {
+    /// Replaced or added.
+    pub set: BTreeMap<String, String>,
+    /// Added beside any value there.
+    pub add: BTreeMap<String, String>,
+    /// Removed.
+    pub remove: Vec<String>,
+}
+
+impl HeaderOperations {
+    fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// `retries` (kept as written for the next part of traffic policy).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRetry {
+    /// Attempts beyond the first.
+    pub attempts: Option<i64>,
+    /// Each try's timeout.
+    pub per_try_timeout: Option<String>,
+    /// Which failures are retried (`cancelled,deadline-exceeded,...`).
+    pub retry_on: Option<String>,
+    /// Retry in other localities.
+    pub retry_remote_localities: Option<bool>,
+}
+
+/// `spec` of a `DestinationRule`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct DestinationRule {
+    /// The host it applies to (short names resolve against its namespace).
+    pub host: String,
+    /// For all its endpoints.
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named subsets of its endpoints, by label.
+    pub subsets: Vec<IstioSubset>,
+    /// Namespaces that see it.
+    pub export_to: Vec<String>,
+    /// The client workloads it applies to (not applied: the agent serves every pod).
+    pub workload_selector: Option<serde_json::Value>,
+}
+
+/// `trafficPolicy`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// How endpoints are chosen.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection limits (kept for the next part of traffic policy).
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Ejection of failing endpoints (kept for the next part of traffic policy).
+    pub outlier_detection: Option<OutlierDetection>,
+    /// TLS to the endpoints (kept, not applied).
+    pub tls: Option<serde_json::Value>,
+    /// Per service port.
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// A `portLevelSettings[]` entry.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The service port.
+    pub port: Option<PortSelector>,
+    /// How endpoints are chosen on it.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection limits (kept).
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Outlier detection (kept).
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// `loadBalancer`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST` (`LEAST_CONN`), `RANDOM`, `PASSTHROUGH`, `UNSPECIFIED`.
+    pub simple: Option<String>,
+    /// Consistent hashing (not applied: the balancer keeps its policy).
+    pub consistent_hash: Option<serde_json::Value>,
+    /// Locality weights (not applied).
+    pub locality_lb_setting: Option<serde_json::Value>,
+}
+
+impl LoadBalancerSettings {
+    /// The agent's balancing policy for `simple`: `ROUND_ROBIN` round-robin; `LEAST_REQUEST`
+    /// and its old name `LEAST_CONN` least-request; `RANDOM` the power of two random choices
+    /// (p2c-ewma: random, and better); anything else (`UNSPECIFIED`, `PASSTHROUGH`, none)
+    /// keeps the service's own.
+    pub fn policy(&self) -> Option<Policy> {
+        match self.simple.as_deref()? {
+            "ROUND_ROBIN" => Some(Policy::RoundRobin),
+            "LEAST_REQUEST" | "LEAST_CONN" => Some(Policy::LeastRequest),
+            "RANDOM" => Some(Policy::P2cEwma),
+            _ => None,
+        }
+    }
+}
+
+/// `connectionPool` (kept as written for the next part of traffic policy).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ConnectionPoolSettings {
+    /// TCP settings.
+    pub tcp: Option<TcpSettings>,
+    /// HTTP settings.
+    pub http: Option<HttpSettings>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TcpSettings {
+    /// Connections per endpoint.
+    pub max_connections: Option<i64>,
+    /// Connect timeout.
+    pub connect_timeout: Option<String>,
+    /// Longest life of a connection.
+    pub max_connection_duration: Option<String>,
+    /// Idle timeout.
+    pub idle_timeout: Option<String>,
+}
+
+/// `connectionPool.http`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpSettings {
+    /// Pending HTTP/1 requests.
+    pub http1_max_pending_requests: Option<i64>,
+    /// Concurrent requests to an endpoint.
+    pub http2_max_requests: Option<i64>,
+    /// Requests per connection before it is retired.
+    pub max_requests_per_connection: Option<i64>,
+    /// Concurrent retries.
+    pub max_retries: Option<i64>,
+    /// Idle timeout.
+    pub idle_timeout: Option<String>,
+    /// Streams per connection.
+    pub max_concurrent_streams: Option<i64>,
+}
+
+/// `outlierDetection` (kept as written for the next part of traffic policy).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Deprecated name of `consecutive5xxErrors`.
+    pub consecutive_errors: Option<i64>,
+    /// Consecutive 5xx (gRPC: UNAVAILABLE and such) before an ejection.
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// Consecutive gateway errors before an ejection.
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Consecutive local failures (connect) before an ejection.
+    pub consecutive_local_origin_failures: Option<i64>,
+    /// Between ejection sweeps.
+    pub interval: Option<String>,
+    /// How long an ejection lasts at first.
+    pub base_ejection_time: Option<String>,
+    /// At most this share of endpoints ejected.
+    pub max_ejection_percent: Option<i64>,
+    /// Ejection stops below this share of healthy endpoints.
+    pub min_health_percent: Option<i64>,
+}
+
+/// A `subsets[]` entry.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct IstioSubset {
+    /// Its name (`v1`).
+    pub name: String,
+    /// The endpoints with these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its own traffic policy.
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+impl DestinationRule {
+    /// The problems that make it unusable on its own: an unnamed or twice-named subset.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.subsets.iter().enumerate() {
+            if s.name.is_empty() {
+                return Err(format!("subsets[{i}].name is empty"));
+            }
+            if !seen.insert(s.name.as_str()) {
+                return Err(format!("subsets[{i}].name: {:?} is defined twice", s.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The balancing policy it sets for calls on `port` (port-level settings first).
+    pub fn policy_for_port(&self, port: u16) -> Option<Policy> {
+        self.traffic_policy.as_ref()?.policy_for_port(port)
+    }
+}
+
+impl TrafficPolicy {
+    /// The balancing policy for calls on `port` (port-level settings first).
+    pub fn policy_for_port(&self, port: u16) -> Option<Policy> {
+        self.port_level_settings
+            .iter()
+            .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(port))
+            .and_then(|p| p.load_balancer.as_ref())
+            .or(self.load_balancer.as_ref())
+            .and_then(LoadBalancerSettings::policy)
+    }
+}
+
+impl IstioStringMatch {
+    /// As the policy model has it; `None`: any value. `ignore_case` (`ignoreUriCase`) turns an
+    /// exact or prefix match into a case-insensitive regular expression.
+    fn to_model(&self, place: &str, ignore_case: bool) -> Result<Option<StringMatch>, String> {
+        let set = [&self.exact, &self.prefix, &self.regex]
+            .iter()
+            .filter(|v| v.is_some())
+            .count();
+        if set > 1 {
+            return Err(format!("{place}: one of exact, prefix, regex"));
+        }
+        let regex = |p: &str| {
+            StringMatch::regex(p).map_err(|e| format!("{place}.regex: {p:?} is not valid: {e}"))
+        };
+        Ok(Some(match (&self.exact, &self.prefix, &self.regex) {
+            (Some(e), _, _) if ignore_case => regex(&format!("(?i){}", regex::escape(e)))?,
+            (_, Some(p), _) if ignore_case => regex(&format!("(?i){}.*", regex::escape(p)))?,
+            (Some(e), _, _) => StringMatch::Exact(e.clone()),
+            (_, Some(p), _) => StringMatch::Prefix(p.clone()),
+            (_, _, Some(r)) => regex(r)?,
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Whether every value `v` matches (a match that cannot fail for the agent's calls).
+    fn accepts(&self, v: &str) -> bool {
+        self.exact.as_deref().is_none_or(|e| e == v)
+            && self.prefix.as_deref().is_none_or(|p| v.starts_with(p))
+            && self.regex.is_none()
+    }
+}
+
+/// The route matches of one `http[].match[]` entry for calls on `port`: `None` when it cannot
+/// hold for them (another port, gateways only).
+fn translate_match(m: &HttpMatch, place: &str, port: u16) -> Result<Option<RouteMatch>, String> {
+    if m.port.is_some_and(|p| p != port)
+        || (!m.gateways.is_empty() && !m.gateways.iter().any(|g| g == MESH_GATEWAY))
+    {
+        return Ok(None);
+    }
+    if m.authority.is_some() {
+        return Err(format!("{place}.authority: not supported"));
+    }
+    if !m.query_params.is_empty() {
+        return Err(format!(
+            "{place}.queryParams: not supported (a gRPC path has no query)"
+        ));
+    }
+    // Every gRPC call is a POST over http: these hold for all of them or for none.
+    if m.method.as_ref().is_some_and(|s| !s.accepts("POST"))
+        || m.scheme.as_ref().is_some_and(|s| !s.accepts("http"))
+    {
+        return Err(format!(
+            "{place}: a method other than POST or a scheme other than http matches no gRPC call"
+        ));
+    }
+    let path = match &m.uri {
+        Some(u) => u.to_model(&format!("{place}.uri"), m.ignore_uri_case)?,
+        None => None,
+    };
+    let mut headers = Vec::new();
+    for (maps, invert, field) in [
+        (&m.headers, false, "headers"),
+        (&m.without_headers, true, "withoutHeaders"),
+    ] {
+        for (name, v) in maps {
+            let name = name.to_ascii_lowercase();
+            // Istio ignores these keys among headers.
+            if ["uri", "scheme", "method", "authority"].contains(&name.as_str()) {
+                continue;
+            }
+            headers.push(HeaderMatch {
+                value: v.to_model(&format!("{place}.{field}.{name}"), false)?,
+                name,
+                invert,
+            });
+        }
+    }
+    let source =
+        (m.source_namespace.is_some() || !m.source_labels.is_empty()).then(|| SourceMatch {
+            namespace: m.source_namespace.clone(),
+            labels: m.source_labels.clone(),
+        });
+    Ok(Some(RouteMatch {
+        path,
+        service: None,
+        method: None,
+        headers,
+        source,
+    }))
+}
+
+fn mutations(ops: &HeaderOperations, into: &mut HeaderMutations) {
+    let lower = |(k, v): (&String, &String)| (k.to_ascii_lowercase(), v.clone());
+    into.set.extend(ops.set.iter().map(lower));
+    into.add.extend(ops.add.iter().map(lower));
+    into.remove
+        .extend(ops.remove.iter().map(|h| h.to_ascii_lowercase()));
+}
+
+/// `headers` of a route or destination into `into`; response changes are refused.
+fn request_headers(
+    h: &Option<Headers>,
+    place: &str,
+    into: &mut HeaderMutations,
+) -> Result<(), String> {
+    let Some(h) = h else { return Ok(()) };
+    if h.response.as_ref().is_some_and(|r| !r.is_empty()) {
+        return Err(format!("{place}.headers.response: not supported yet"));
+    }
+    if let Some(r) = &h.request {
+        mutations(r, into);
+    }
+    Ok(())
+}
+
+/// The routes of a `VirtualService` for the calls to `service` on `port`, in its order.
+/// `Err` names the first problem and its place (`http[1].route[0].destination.subset: ...`):
+/// the object is refused for this service.
+pub fn translate(
+    vs: &VirtualService,
+    source: &RouteSource,
+    namespace: &str,
+    service: &ServiceRef,
+    port: u16,
+    ctx: &Ctx<'_>,
+) -> Result<Vec<Route>, String> {
+    let object = match source {
+        RouteSource::VirtualService { name, .. } => name.as_str(),
+        _ => "",
+    };
+    let export: Option<Vec<String>> = export_namespaces(&vs.export_to, namespace);
+    let mut routes = Vec::new();
+    for (i, http) in vs.http.iter().enumerate() {
+        let place = format!("http[{i}]");
+        let Some(route) = translate_http(http, &place, namespace, service, port, ctx)? else {
+            continue;
+        };
+        let matches = match &export {
+            Some(namespaces) => {
+                let m = restrict_to_namespaces(route.0, namespaces);
+                if m.is_empty() {
+                    continue;
+                }
+                m
+            }
+            None => route.0,
+        };
+        routes.push(Route {
+            name: format!(
+                "{object}/{}",
+                http.name.clone().unwrap_or_else(|| place.clone())
+            ),
+            source: source.clone(),
+            matches,
+            action: route.1,
+        });
+    }
+    Ok(routes)
+}
+
+/// The namespaces `exportTo` limits an object to (`.`: its own); `None`: every namespace.
+fn export_namespaces(export_to: &[String], own: &str) -> Option<Vec<String>> {
+    if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
+        return None;
+    }
+    Some(
+        export_to
+            .iter()
+            .filter(|e| *e != "~")
+            .map(|e| if e == "." { own.to_string() } else { e.clone() })
+            .collect(),
+    )
+}
+
+/// One `http[]` route for calls on `port`: `None` when none of its matches applies to them.
+fn translate_http(
+    http: &HttpRoute,
+    place: &str,
+    namespace: &str,
+    service: &ServiceRef,
+    port: u16,
+    ctx: &Ctx<'_>,
+) -> Result<Option<(Vec<RouteMatch>, RouteAction)>, String> {
+    for (field, set) in [
+        ("redirect", http.redirect.is_some()),
+        ("directResponse", http.direct_response.is_some()),
+        ("delegate", http.delegate.is_some()),
+        ("rewrite", http.rewrite.is_some()),
+    ] {
+        if set {
+            return Err(format!("{place}.{field}: not supported"));
+        }
+    }
+    let mut matches = Vec::new();
+    for (j, m) in http.matches.iter().enumerate() {
+        if let Some(m) = translate_match(m, &format!("{place}.match[{j}]"), port)? {
+            matches.push(m);
+        }
+    }
+    if !http.matches.is_empty() && matches.is_empty() {
+        return Ok(None);
+    }
+    if http.route.is_empty() {
+        return Err(format!("{place}.route: no destination"));
+    }
+    let mut action = RouteAction {
+        timeout: match http.timeout.as_deref() {
+            Some(t) => Some(parse_duration(t).map_err(|e| format!("{place}.timeout: {e}"))?)
+                .filter(|d| *d > Duration::ZERO),
+            None => None,
+        },
+        ..Default::default()
+    };
+    request_headers(&http.headers, place, &mut action.request_headers)?;
+    let single = http.route.len() == 1;
+    for (k, d) in http.route.iter().enumerate() {
+        let dplace = format!("{place}.route[{k}]");
+        if d.headers.is_some() && !single {
+            return Err(format!(
+                "{dplace}.headers: header changes per destination need a single destination"
+            ));
+        }
+        request_headers(&d.headers, &dplace, &mut action.request_headers)?;
+        let weight = match (single, d.weight) {
+            (true, _) => 100,
+            (false, w) => u32::try_from(w.unwrap_or(0))
+                .map_err(|_| format!("{dplace}.weight: {} is negative", w.unwrap_or(0)))?,
+        };
+        let dest = &d.destination;
+        let target = ctx.resolve_host(&dest.host, namespace).ok_or_else(|| {
+            format!(
+                "{dplace}.destination.host: {:?} names no Service of the cluster",
+                dest.host
+            )
+        })?;
+        let routed = (service, port);
+        let dport = ctx
+            .backend_port(&target, dest.port.as_ref().and_then(|p| p.number), routed)
+            .map_err(|e| format!("{dplace}.destination.port: {e}"))?;
+        let subset = match &dest.subset {
+            Some(name) => Some(
+                ctx.subset(&target, name, dport)
+                    .map_err(|e| format!("{dplace}.destination.subset: {e}"))?,
+            ),
+            None => None,
+        };
+        action.backends.push(Backend {
+            service: target.store_name(dport),
+            subset,
+            weight,
+        });
+    }
+    if action.backends.iter().all(|b| b.weight == 0) {
+        return Err(format!("{place}.route: the weights add up to 0"));
+    }
+    Ok(Some((matches, action)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sm(json: serde_json::Value) -> IstioStringMatch {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn string_matches() {
+        let m = sm(serde_json::json!({"prefix": "/a.B/"}))
+            .to_model("x", false)
+            .unwrap();
+        assert_eq!(m, Some(StringMatch::Prefix("/a.B/".into())));
+        let m = sm(serde_json::json!({"exact": "/a.B/M"}))
+            .to_model("x", true)
+            .unwrap()
+            .unwrap();
+        assert!(m.matches(b"/A.b/m") && !m.matches(b"/a.B/Mx"));
+        let m = sm(serde_json::json!({"prefix": "/a.B/"}))
+            .to_model("x", true)
+            .unwrap()
+            .unwrap();
+        assert!(m.matches(b"/A.b/Anything"));
+        assert_eq!(
+            sm(serde_json::json!({})).to_model("x", false).unwrap(),
+            None
+        );
+        let e = sm(serde_json::json!({"regex": "("}))
+            .to_model("match[0].uri", false)
+            .unwrap_err();
+        assert!(
+            e.starts_with("match[0].uri.regex: \"(\" is not valid"),
+            "{e}"
+        );
+        assert!(
+            sm(serde_json::json!({"exact": "a", "prefix": "b"}))
+                .to_model("x", false)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn matches_on_another_port_or_gateway_do_not_apply() {
+        let m: HttpMatch = serde_json::from_value(serde_json::json!({"port": 80})).unwrap();
+        assert_eq!(translate_match(&m, "m", 50051).unwrap(), None);
+        let m: HttpMatch =
+            serde_json::from_value(serde_json::json!({"gateways": ["ingress"]})).unwrap();
+        assert_eq!(translate_match(&m, "m", 50051).unwrap(), None);
+        let m: HttpMatch = serde_json::from_value(serde_json::json!({
+            "method": {"exact": "POST"}, "scheme": {"exact": "http"},
+            "headers": {"X-Env": {"exact": "prod"}, "x-any": {}, "uri": {"exact": "ignored"}},
+            "withoutHeaders": {"x-debug": {}},
+            "sourceNamespace": "apps", "sourceLabels": {"app": "a"}
+        }))
+        .unwrap();
+        let rm = translate_match(&m, "m", 50051).unwrap().unwrap();
+        assert_eq!(rm.headers.len(), 3, "{rm:?}");
+        assert!(rm.headers.iter().any(|h| h.name == "x-env"
+            && h.value == Some(StringMatch::Exact("prod".into()))
+            && !h.invert));
+        assert!(
+            rm.headers
+                .iter()
+                .any(|h| h.name == "x-any" && h.value.is_none() && !h.invert)
+        );
+        assert!(
+            rm.headers
+                .iter()
+                .any(|h| h.name == "x-debug" && h.value.is_none() && h.invert)
+        );
+        let src = rm.source.unwrap();
+        assert_eq!(src.namespace.as_deref(), Some("apps"));
+        assert_eq!(src.labels["app"], "a");
+        let m: HttpMatch =
+            serde_json::from_value(serde_json::json!({"method": {"exact": "GET"}})).unwrap();
+        assert!(translate_match(&m, "m", 1).is_err());
+        let m: HttpMatch =
+            serde_json::from_value(serde_json::json!({"queryParams": {"a": {"exact": "b"}}}))
+                .unwrap();
+        assert!(translate_match(&m, "m", 1).is_err());
+    }
+
+    #[test]
+    fn load_balancer_modes_and_port_level_settings() {
+        let dr: DestinationRule = serde_json::from_value(serde_json::json!({
+            "host": "g",
+            "trafficPolicy": {
+                "loadBalancer": {"simple": "LEAST_CONN"},
+                "connectionPool": {"http": {"http2MaxRequests": 1000, "maxRequestsPerConnection": 100}},
+                "outlierDetection": {"consecutiveErrors": 5, "interval": "30s",
+                                     "baseEjectionTime": "30s", "maxEjectionPercent": 100},
+                "portLevelSettings": [{"port": {"number": 9000},
+                                       "loadBalancer": {"simple": "ROUND_ROBIN"}}]
+            },
+            "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+            "someFutureField": {"kept": "ignored"}
+        }))
+        .unwrap();
+        assert_eq!(dr.policy_for_port(50051), Some(Policy::LeastRequest));
+        assert_eq!(dr.policy_for_port(9000), Some(Policy::RoundRobin));
+        let tp = dr.traffic_policy.as_ref().unwrap();
+        assert_eq!(
+            tp.connection_pool
+                .as_ref()
+                .unwrap()
+                .http
+                .as_ref()
+                .unwrap()
+                .http2_max_requests,
+            Some(1000)
+        );
+        assert_eq!(
+            tp.outlier_detection.as_ref().unwrap().consecutive_errors,
+            Some(5)
+        );
+        assert!(dr.validate().is_ok());
+        let twice: DestinationRule = serde_json::from_value(serde_json::json!({
+            "host": "g", "subsets": [{"name": "v1"}, {"name": "v1"}]
+        }))
+        .unwrap();
+        assert!(twice.validate().unwrap_err().contains("defined twice"));
+    }
+}

@@ -1,0 +1,639 @@
+//! Traffic policy from the cluster, end to end: the real `balancer-agent` (its real kube-rs
+//! client) against the in-process API server (`balancer_tests::apiserver`) serving Istio's
+//! `VirtualService`/`DestinationRule` and the Gateway API's `GRPCRoute` as a cluster with their
+//! CRDs does (discovery documents, list and watch, 404 when not installed), with real tonic
+//! backends that say which pod served each call.
+//!
+//! The Istio objects are the articles' (`../shared/seeds/002` and `004`) applied as written:
+//! `kubectl apply` into the `default` namespace, nothing added. Seed 002 lost its indentation in
+//! the article's text; it is restored here, nothing else changed.
+//!
+//! Pods are backends on distinct loopback addresses (127.0.0.2, ...) and one port, each with a
+//! Pod object carrying its labels, and EndpointSlices whose endpoints point at them, as the
+//! endpoint slice controller writes them.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::Stdio,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use balancer_tests::{
+    agent::{Agent, TempDir, agent_bin, metric},
+    apiserver::{
+        ApiServer, Kind,
+        objects::{Ep, endpoint_slice, pod, service},
+    },
+    free_port, greeter,
+    pb::{HelloReply, HelloRequest, greeter_server::GreeterServer},
+    wait_until,
+};
+use serde_json::Value;
+use tonic::{
+    Request, Status,
+    codegen::{Service, http},
+    server::NamedService,
+    transport::Channel,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+const NODE: &str = "node-1";
+
+/// Seed 002's VirtualService and DestinationRule (greeter-a calls greeter-b's `v1` subset).
+const SEED_002: &str =
+    include_str!("../../balancer-agent/src/discovery/testdata/seed-002-greeter-b.yaml");
+
+/// Seed 004's "Practical Example: Complete gRPC Traffic Management", verbatim.
+const SEED_004: &str =
+    include_str!("../../balancer-agent/src/discovery/testdata/seed-004-payment-service.yaml");
+
+/// Seed 004's routing written as a GAMMA GRPCRoute over Services `payment-v1` and `payment-v2`.
+const SPLIT_GRPCROUTE: &str =
+    include_str!("../../balancer-agent/src/discovery/testdata/payment-grpcroute.yaml");
+
+/// A greeter that also answers any method of `payment.PaymentService` (as `SayHello`), so
+/// calls to the articles' methods reach a real backend that says who served them.
+#[derive(Clone)]
+struct PaymentService(GreeterServer<greeter::Backend>);
+
+impl NamedService for PaymentService {
+    const NAME: &'static str = "payment.PaymentService";
+}
+
+impl<B> Service<http::Request<B>> for PaymentService
+where
+    GreeterServer<greeter::Backend>: Service<http::Request<B>>,
+{
+    type Response = <GreeterServer<greeter::Backend> as Service<http::Request<B>>>::Response;
+    type Error = <GreeterServer<greeter::Backend> as Service<http::Request<B>>>::Error;
+    type Future = <GreeterServer<greeter::Backend> as Service<http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        *req.uri_mut() = http::Uri::from_static("/helloworld.Greeter/SayHello");
+        self.0.call(req)
+    }
+}
+
+/// A pod: its backend and its labels.
+struct PodBackend {
+    name: String,
+    addr: SocketAddr,
+    labels: Vec<(&'static str, &'static str)>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// The test's cluster: the API server with the policy CRDs (or not), and pods.
+struct Cluster {
+    api: ApiServer,
+    next_ip: u8,
+    port: u16,
+}
+
+impl Cluster {
+    async fn new(with_crds: bool) -> Self {
+        let api = ApiServer::start().await;
+        if with_crds {
+            api.install(&[Kind::VirtualService, Kind::DestinationRule, Kind::GrpcRoute]);
+        }
+        Self {
+            api,
+            next_ip: 2,
+            port: free_port(),
+        }
+    }
+
+    /// Pods named `name-<i>` with `labels`, backends of a Service `service` (ClusterIP
+    /// `cluster_ip`, port `grpc` 50051), listed by one EndpointSlice.
+    async fn service(
+        &mut self,
+        name: &str,
+        cluster_ip: &str,
+        pods: &[(&str, &[(&'static str, &'static str)])],
+    ) -> Vec<PodBackend> {
+        let mut out = Vec::new();
+        for (pod_name, labels) in pods {
+            let ip = format!("127.0.0.{}", self.next_ip);
+            self.next_ip += 1;
+            let addr: SocketAddr = format!("{ip}:{}", self.port).parse().unwrap();
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .expect("binding a pod's address");
+            let stats = std::sync::Arc::new(greeter::Stats::default());
+            let greeter = greeter::service(pod_name, stats);
+            let payments = PaymentService(greeter.clone());
+            let task = tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let _ = tonic::transport::Server::builder()
+                    .add_service(greeter)
+                    .add_service(payments)
+                    .serve_with_incoming(incoming)
+                    .await;
+            });
+            let uid = format!("00000000-0000-4000-8000-{:012x}", self.next_ip);
+            self.api
+                .apply(pod("default", pod_name, &uid, NODE, labels, false));
+            out.push(PodBackend {
+                name: pod_name.to_string(),
+                addr,
+                labels: labels.to_vec(),
+                _task: task,
+            });
+        }
+        let eps: Vec<Ep> = out
+            .iter()
+            .map(|p| Ep::ready(&p.addr.ip().to_string(), &p.name))
+            .collect();
+        self.api.apply_all([
+            service("default", name, cluster_ip, &[("grpc", 50051, None)]),
+            endpoint_slice(
+                "default",
+                &format!("{name}-abcde"),
+                name,
+                &[("grpc", self.port)],
+                &eps,
+            ),
+        ]);
+        out
+    }
+
+    /// `kubectl apply -f` of a YAML stream into the `default` namespace.
+    fn kubectl_apply(&self, yaml: &str) {
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("YAML");
+            if v.is_null() {
+                continue;
+            }
+            let mut obj: Value = serde_json::to_value(v).expect("JSON");
+            if obj["metadata"]["namespace"].is_null() {
+                obj["metadata"]["namespace"] = "default".into();
+            }
+            self.api.apply(obj);
+        }
+    }
+}
+
+struct Env {
+    cluster: Cluster,
+    agent: Agent,
+    listen: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+/// The agent against the cluster, ready (every cache synced), logging JSON at INFO into a file.
+async fn start(cluster: Cluster) -> Env {
+    let dir = TempDir::new("balancer-policy");
+    std::fs::create_dir_all(dir.0.join("cgroup")).unwrap();
+    let kubeconfig = cluster.api.kubeconfig(&dir.0);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.0.join("agent.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let config = format!(
+        "listeners:\n  - address: {listen}\nadmin:\n  address: {admin}\ndatapath:\n  cgroup_root: {}\n",
+        dir.0.join("cgroup").display()
+    );
+    let agent = Agent::start_with(&config, admin, |c| {
+        c.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--node-name", NODE])
+            .env("BALANCER_LOG", "info")
+            .env("BALANCER_LOG_FORMAT", "json")
+            .stderr(Stdio::from(log_file));
+    })
+    .await;
+    Env {
+        cluster,
+        agent,
+        listen,
+        log,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    /// A client connection to the proxy naming `authority`, as the application dials it.
+    async fn channel(&self, authority: &str) -> Channel {
+        Channel::from_shared(format!("http://{}", self.listen))
+            .unwrap()
+            .origin(format!("http://{authority}").parse().unwrap())
+            .connect()
+            .await
+            .expect("connecting to the proxy")
+    }
+
+    /// `/api/routes`.
+    fn routes(&self) -> Value {
+        self.agent.json("/api/routes")
+    }
+
+    /// The route names in force for `service`, in order.
+    fn route_names(&self, service: &str) -> Vec<String> {
+        self.routes()["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["service"] == service)
+            .flat_map(|s| s["routes"].as_array().cloned().unwrap_or_default())
+            .map(|r| r["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn ready_endpoints(&self, service: &str) -> usize {
+        self.agent
+            .json(&format!("/api/endpoints?service={service}"))
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|e| e["health"] == "ready").count())
+    }
+
+    /// The agent's log lines whose message is `message`.
+    fn log_lines(&self, message: &str) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["fields"]["message"] == message)
+            .collect()
+    }
+}
+
+/// One unary call of `path` with `headers`; the pod that served it.
+async fn call(
+    ch: &Channel,
+    path: &'static str,
+    headers: &[(&'static str, &str)],
+) -> Result<String, Status> {
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut req = Request::new(HelloRequest {
+        name: "policy".into(),
+        ..Default::default()
+    });
+    for (k, v) in headers {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    let reply: tonic::Response<HelloReply> = grpc
+        .unary(
+            req,
+            http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await?;
+    Ok(reply.into_inner().backend)
+}
+
+/// `n` calls; how many each pod served. Every call must succeed.
+async fn tally(
+    ch: &Channel,
+    n: usize,
+    path: &'static str,
+    headers: &[(&'static str, &str)],
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for i in 0..n {
+        let pod = call(ch, path, headers)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} of {path} {headers:?} failed: {e:?}"));
+        *out.entry(pod).or_default() += 1;
+    }
+    out
+}
+
+/// The calls of `t` served by pods with label `version=v`.
+fn served_by(t: &BTreeMap<String, usize>, pods: &[PodBackend], version: &str) -> usize {
+    pods.iter()
+        .filter(|p| p.labels.contains(&("version", version)))
+        .map(|p| t.get(&p.name).copied().unwrap_or(0))
+        .sum()
+}
+
+const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
+const PROCESS: &str = "/payment.PaymentService/ProcessPayment";
+const REFUND: &str = "/payment.PaymentService/Refund";
+
+async fn greeter_b(cluster: &mut Cluster) -> Vec<PodBackend> {
+    cluster
+        .service(
+            "greeter-b",
+            "10.96.0.20",
+            &[
+                ("greeter-b-v1-a", &[("app", "greeter-b"), ("version", "v1")]),
+                ("greeter-b-v1-b", &[("app", "greeter-b"), ("version", "v1")]),
+                ("greeter-b-v2-a", &[("app", "greeter-b"), ("version", "v2")]),
+            ],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn seed_002_subset_v1_takes_every_call() {
+    let mut cluster = Cluster::new(true).await;
+    let pods = greeter_b(&mut cluster).await;
+    let env = start(cluster).await;
+    wait_until("greeter-b's 3 endpoints", WAIT, || {
+        env.ready_endpoints("greeter-b.default:50051") == 3
+    })
+    .await;
+    // greeter-a dials `greeter-b:50051`, as in the article.
+    let ch = env.channel("greeter-b:50051").await;
+    let before = tally(&ch, 60, SAY_HELLO, &[]).await;
+    assert!(
+        served_by(&before, &pods, "v2") > 0,
+        "without policy every pod serves: {before:?}"
+    );
+
+    env.cluster.kubectl_apply(SEED_002);
+    wait_until("the VirtualService's route in force", WAIT, || {
+        env.route_names("greeter-b.default:50051") == ["greeter-b/http[0]"]
+    })
+    .await;
+    let after = tally(&ch, 200, SAY_HELLO, &[]).await;
+    assert_eq!(served_by(&after, &pods, "v1"), 200, "{after:?}");
+    assert_eq!(after.len(), 2, "both v1 pods serve: {after:?}");
+    assert!(
+        env.routes()["rejected"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
+}
+
+async fn payment_pods(cluster: &mut Cluster) -> Vec<PodBackend> {
+    cluster
+        .service(
+            "payment-service",
+            "10.96.0.30",
+            &[
+                ("payment-v1-a", &[("app", "payment"), ("version", "v1")]),
+                ("payment-v1-b", &[("app", "payment"), ("version", "v1")]),
+                ("payment-v2-a", &[("app", "payment"), ("version", "v2")]),
+                ("payment-v2-b", &[("app", "payment"), ("version", "v2")]),
+            ],
+        )
+        .await
+}
+
+/// The 80/20 split over 2,000 calls, within 5 points.
+fn assert_split(t: &BTreeMap<String, usize>, v1: usize, v2: usize) {
+    assert_eq!(v1 + v2, 2000, "{t:?}");
+    let share = v1 as f64 / 2000.0;
+    eprintln!(
+        "split over 2,000 calls: v1 {v1}, v2 {v2} ({:.1}% / {:.1}%)",
+        share * 100.0,
+        100.0 - share * 100.0
+    );
+    assert!(
+        (0.75..=0.85).contains(&share),
+        "v1 took {:.1}% of 2,000 calls (80% ± 5 wanted): {t:?}",
+        share * 100.0
+    );
+}
+
+#[tokio::test]
+async fn seed_004_method_and_header_matches_and_the_80_20_split() {
+    let mut cluster = Cluster::new(true).await;
+    let pods = payment_pods(&mut cluster).await;
+    let env = start(cluster).await;
+    wait_until("payment-service's 4 endpoints", WAIT, || {
+        env.ready_endpoints("payment-service.default:50051") == 4
+    })
+    .await;
+    env.cluster.kubectl_apply(SEED_004);
+    wait_until("the three routes in force", WAIT, || {
+        env.route_names("payment-service.default:50051").len() == 3
+    })
+    .await;
+    let routes = env.routes();
+    let svc = &routes["services"][0];
+    assert_eq!(svc["load_balancer"], "least-request", "{routes}");
+    let ch = env.channel("payment-service:50051").await;
+
+    let prod = tally(&ch, 100, PROCESS, &[("x-environment", "production")]).await;
+    assert_eq!(served_by(&prod, &pods, "v1"), 100, "{prod:?}");
+    let testing = tally(&ch, 100, REFUND, &[("x-environment", "testing")]).await;
+    assert_eq!(served_by(&testing, &pods, "v2"), 100, "{testing:?}");
+    let testing = tally(&ch, 50, PROCESS, &[("x-environment", "testing")]).await;
+    assert_eq!(served_by(&testing, &pods, "v2"), 50, "{testing:?}");
+
+    // Everything else: 80/20, production calls of another method included.
+    let rest = tally(&ch, 2000, REFUND, &[("x-environment", "production")]).await;
+    assert_split(
+        &rest,
+        served_by(&rest, &pods, "v1"),
+        served_by(&rest, &pods, "v2"),
+    );
+}
+
+#[tokio::test]
+async fn the_same_split_as_a_grpc_route_gives_the_same_result() {
+    let mut cluster = Cluster::new(true).await;
+    cluster
+        .service(
+            "payment-service",
+            "10.96.0.30",
+            &[("payment-a", &[("app", "payment")])],
+        )
+        .await;
+    let v1 = cluster
+        .service(
+            "payment-v1",
+            "10.96.0.31",
+            &[
+                ("payment-v1-a", &[("app", "payment"), ("version", "v1")]),
+                ("payment-v1-b", &[("app", "payment"), ("version", "v1")]),
+            ],
+        )
+        .await;
+    let v2 = cluster
+        .service(
+            "payment-v2",
+            "10.96.0.32",
+            &[
+                ("payment-v2-a", &[("app", "payment"), ("version", "v2")]),
+                ("payment-v2-b", &[("app", "payment"), ("version", "v2")]),
+            ],
+        )
+        .await;
+    let pods: Vec<PodBackend> = v1.into_iter().chain(v2).collect();
+    let env = start(cluster).await;
+    env.cluster.kubectl_apply(SPLIT_GRPCROUTE);
+    wait_until("the GRPCRoute's rules in force", WAIT, || {
+        env.route_names("payment-service.default:50051").len() == 3
+    })
+    .await;
+    let ch = env
+        .channel("payment-service.default.svc.cluster.local:50051")
+        .await;
+    let prod = tally(&ch, 100, PROCESS, &[("x-environment", "production")]).await;
+    assert_eq!(served_by(&prod, &pods, "v1"), 100, "{prod:?}");
+    let testing = tally(&ch, 100, REFUND, &[("x-environment", "testing")]).await;
+    assert_eq!(served_by(&testing, &pods, "v2"), 100, "{testing:?}");
+    let rest = tally(&ch, 2000, REFUND, &[("x-environment", "production")]).await;
+    assert_split(
+        &rest,
+        served_by(&rest, &pods, "v1"),
+        served_by(&rest, &pods, "v2"),
+    );
+    assert!(
+        !rest.contains_key("payment-a"),
+        "the parent's own pod takes none: {rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_subset_is_refused_and_the_last_good_policy_keeps_serving() {
+    let mut cluster = Cluster::new(true).await;
+    let pods = greeter_b(&mut cluster).await;
+    let env = start(cluster).await;
+    env.cluster.kubectl_apply(SEED_002);
+    wait_until("seed 002 in force", WAIT, || {
+        env.route_names("greeter-b.default:50051") == ["greeter-b/http[0]"]
+    })
+    .await;
+    let ch = env.channel("greeter-b:50051").await;
+    assert_eq!(
+        served_by(&tally(&ch, 30, SAY_HELLO, &[]).await, &pods, "v1"),
+        30
+    );
+
+    // The VirtualService now names a subset no DestinationRule defines.
+    let broken = SEED_002
+        .split("\n---\n")
+        .next()
+        .unwrap()
+        .replace("subset: v1", "subset: v3");
+    env.cluster.kubectl_apply(&broken);
+    let refused = |env: &Env| -> Option<Value> {
+        env.routes()["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["kind"] == "VirtualService" && r["name"] == "default/greeter-b")
+            .cloned()
+    };
+    wait_until("the VirtualService refused", WAIT, || {
+        refused(&env).is_some()
+    })
+    .await;
+    let r = refused(&env).unwrap();
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason
+            .contains("subset: \"v3\" is not defined by any DestinationRule of default/greeter-b")
+            && reason.contains("last good routes stay in force"),
+        "{r}"
+    );
+    // The last good policy serves: v1 only, every call.
+    let after = tally(&ch, 200, SAY_HELLO, &[]).await;
+    assert_eq!(served_by(&after, &pods, "v1"), 200, "{after:?}");
+    // The refusal in `inspect routes`, as a metric and in the log.
+    let out = std::process::Command::new(agent_bin())
+        .args(["inspect", "--admin", &env.agent.admin.to_string(), "routes"])
+        .output()
+        .expect("inspect routes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("REFUSED") && text.contains("\"v3\" is not defined"),
+        "{text}"
+    );
+    assert!(
+        text.contains("greeter-b/http[0]"),
+        "the last good route is shown: {text}"
+    );
+    let m = metric(
+        &env.agent.metrics(),
+        "balancer_policy_rejected",
+        &["kind=\"VirtualService\"", "name=\"default/greeter-b\""],
+    );
+    assert_eq!(m, 1.0);
+    wait_until("the refusal logged", WAIT, || {
+        !env.log_lines("traffic policy refused").is_empty()
+    })
+    .await;
+
+    // Fixed: in force again, nothing refused.
+    env.cluster.kubectl_apply(SEED_002);
+    wait_until("no refusal", WAIT, || refused(&env).is_none()).await;
+}
+
+#[tokio::test]
+async fn without_the_crds_the_agent_runs_and_says_what_it_watches() {
+    let mut cluster = Cluster::new(false).await;
+    let pods = greeter_b(&mut cluster).await;
+    let env = start(cluster).await;
+    wait_until("greeter-b's endpoints", WAIT, || {
+        env.ready_endpoints("greeter-b.default:50051") == 3
+    })
+    .await;
+    let ch = env.channel("greeter-b:50051").await;
+    let t = tally(&ch, 60, SAY_HELLO, &[]).await;
+    assert_eq!(t.values().sum::<usize>(), 60);
+    assert!(served_by(&t, &pods, "v2") > 0, "every pod serves: {t:?}");
+    let said = env.log_lines("traffic policy kinds");
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert_eq!(said[0]["fields"]["watching"], "");
+    assert_eq!(
+        said[0]["fields"]["not_served"],
+        "virtualservices.networking.istio.io, destinationrules.networking.istio.io, \
+         grpcroutes.gateway.networking.k8s.io"
+    );
+    assert!(
+        env.log_lines("watch failed; retrying, keeping the last known objects")
+            .is_empty()
+    );
+    assert!(
+        env.routes()["services"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
+
+    // Istio installed later: found at the next look (every 30 s), and its objects followed.
+    env.cluster
+        .api
+        .install(&[Kind::VirtualService, Kind::DestinationRule]);
+    env.cluster.kubectl_apply(SEED_002);
+    wait_until(
+        "the new kinds watched and seed 002 in force",
+        Duration::from_secs(45),
+        || env.route_names("greeter-b.default:50051") == ["greeter-b/http[0]"],
+    )
+    .await;
+    let said = env.log_lines("traffic policy kinds");
+    assert_eq!(
+        said.last().unwrap()["fields"]["watching"],
+        "virtualservices.networking.istio.io v1, destinationrules.networking.istio.io v1"
+    );
+    assert_eq!(
+        served_by(&tally(&ch, 60, SAY_HELLO, &[]).await, &pods, "v1"),
+        60
+    );
+
+    // Istio removed: its objects go with it, calls go to every pod again, no error loop.
+    env.cluster.api.uninstall(Kind::VirtualService);
+    env.cluster.api.uninstall(Kind::DestinationRule);
+    wait_until("the policy gone", WAIT, || {
+        env.routes()["services"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    })
+    .await;
+    let t = tally(&ch, 60, SAY_HELLO, &[]).await;
+    assert!(
+        served_by(&t, &pods, "v2") > 0,
+        "every pod serves again: {t:?}"
+    );
+    let requests = env.cluster.api.requests();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        env.cluster.api.requests() - requests < 10,
+        "no request loop against the removed kinds"
+    );
+}
