@@ -153,6 +153,18 @@ fn bench(no_criterion: bool) -> anyhow::Result<()> {
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
         .arg("--out")
         .arg(root().join("target/bench/results.json")))?;
+    // Traffic policy: the same ten routes in each proxy's own language (agent, nginx, haproxy).
+    run(Command::new(target.join("balancer-bench"))
+        .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
+        .args([
+            "--routes",
+            "--concurrency",
+            "1,100",
+            "--rounds",
+            "2",
+            "--out",
+        ])
+        .arg(root().join("target/bench/routes.json")))?;
     // The datapath: pod -> VIP -> eBPF -> agent, shortcut on and off (root only).
     run(Command::new(target.join("balancer-bench-datapath"))
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
@@ -166,6 +178,7 @@ fn bench(no_criterion: bool) -> anyhow::Result<()> {
     if !no_criterion {
         // Only the criterion harness: the library's unit tests need no release build here.
         run(cargo().args(["bench", "-p", "balancer-agent", "--bench", "per_call"]))?;
+        run(cargo().args(["bench", "-p", "balancer-agent", "--bench", "routes"]))?;
     }
     Ok(())
 }

@@ -55,17 +55,24 @@ enum CallError {
     Call(String),
 }
 
-async fn call(send: &SendRequest<Bytes>, uri: &Uri, body: &Bytes) -> Result<(), CallError> {
+async fn call(
+    send: &SendRequest<Bytes>,
+    uri: &Uri,
+    headers: &[(&'static str, &'static str)],
+    body: &Bytes,
+) -> Result<(), CallError> {
     let mut send = send
         .clone()
         .ready()
         .await
         .map_err(|e| CallError::Connection(e.to_string()))?;
-    let req = Request::post(uri.clone())
+    let mut req = Request::post(uri.clone())
         .header(CONTENT_TYPE, "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("a valid request");
+        .header("te", "trailers");
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let req = req.body(()).expect("a valid request");
     let (response, mut stream) = send
         .send_request(req, false)
         .map_err(|e| CallError::Connection(e.to_string()))?;
@@ -113,10 +120,12 @@ pub struct Samples {
 }
 
 /// Keeps `concurrency` calls in flight until `until`, over one connection to each address
-/// (calls spread round robin over the connections by their worker index).
+/// (calls spread round robin over the connections by their worker index), each call with
+/// `headers` too.
 pub async fn run(
     addrs: &[SocketAddr],
     authority: &str,
+    headers: &'static [(&'static str, &'static str)],
     concurrency: usize,
     until: Instant,
 ) -> anyhow::Result<Samples> {
@@ -135,7 +144,7 @@ pub async fn run(
             let mut s = Samples::default();
             while Instant::now() < until {
                 let start = Instant::now();
-                match call(&send, &uri, &body).await {
+                match call(&send, &uri, headers, &body).await {
                     Ok(()) => {
                         let end = Instant::now();
                         s.calls.push((end, end - start));

@@ -25,6 +25,7 @@
 pub mod loadgen;
 pub mod peers;
 pub mod procfs;
+pub mod routes;
 
 use std::{
     net::SocketAddr,
@@ -57,6 +58,9 @@ pub struct Options {
     pub rounds: usize,
     /// Which of [`TARGETS`] to run.
     pub targets: Vec<String>,
+    /// The proxies route every call through ten routes ([`routes`]); `direct` calls the
+    /// backends as ever.
+    pub routes: bool,
     /// Proxy CPUs and workers.
     pub placement: Placement,
     /// `taskset -c` list for this process (load generator and backends); empty: no pinning.
@@ -145,13 +149,17 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
     let wants = |t: &str| opts.targets.iter().any(|x| x == t);
     let mut proxies: Vec<Proxy> = Vec::new();
     if wants("agent") {
-        proxies.push(peers::start_agent(&opts.placement, &backends)?);
+        proxies.push(peers::start_agent(&opts.placement, &backends, opts.routes)?);
     }
     if wants("nginx") {
-        proxies.push(peers::start_nginx(&opts.placement, &backends)?);
+        proxies.push(peers::start_nginx(&opts.placement, &backends, opts.routes)?);
     }
     if wants("haproxy") {
-        proxies.push(peers::start_haproxy(&opts.placement, &backends)?);
+        proxies.push(peers::start_haproxy(
+            &opts.placement,
+            &backends,
+            opts.routes,
+        )?);
     }
     for p in &proxies {
         eprintln!("  {} on {} (pids {:?})", p.name, p.addr, p.pids);
@@ -206,6 +214,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
             "noise": noise,
             "nginx": version("nginx", &["-v"]),
             "haproxy": version("haproxy", &["-v"]),
+            "scenario": if opts.routes { "routes: 3 method routes, 6 header routes, then an 80/20 split (tests/src/bench/routes.rs)" } else { "one upstream of four backends" },
         },
         "results": results,
         "ratios": report.ratios,
@@ -263,7 +272,8 @@ async fn run_one(
         )
     });
     let authority = "greeter.bench";
-    let samples = loadgen::run(addrs, authority, concurrency, window_end).await?;
+    let headers = if opts.routes { routes::HEADERS } else { &[] };
+    let samples = loadgen::run(addrs, authority, headers, concurrency, window_end).await?;
     let (t0, t1, cpu, sched, writes, rss_max) = sampler.await?;
     let mut lat: Vec<Duration> = samples
         .calls

@@ -169,21 +169,31 @@ fn finish(
     })
 }
 
-/// balancer-agent, standalone (a static file, no datapath), P2C over peak-EWMA. Its data-plane
-/// runtime gets `placement.workers` workers (`--workers`).
-pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
+/// balancer-agent, standalone (a static file, no datapath), P2C over peak-EWMA; with `routes`,
+/// the ten routes of [`super::routes`]. Its data-plane runtime gets `placement.workers` workers
+/// (`--workers`).
+pub fn start_agent(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    routes: bool,
+) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-agent");
     let port = free_port();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let endpoints: String = backends
-        .iter()
-        .map(|b| format!("      - address: {b}\n"))
-        .collect();
+    let (endpoints, routes) = if routes {
+        super::routes::agent(backends)
+    } else {
+        let endpoints = backends
+            .iter()
+            .map(|b| format!("      - address: {b}\n"))
+            .collect();
+        (endpoints, String::new())
+    };
     let config = format!(
         "listeners:\n  - address: {addr}\n    default_service: greeter\n\
          admin:\n  address: {admin}\n\
-         services:\n  - name: greeter\n    authorities: [greeter.bench]\n    policy: p2c-ewma\n    endpoints:\n{endpoints}"
+         services:\n  - name: greeter\n    authorities: [greeter.bench]\n    policy: p2c-ewma\n    endpoints:\n{endpoints}{routes}"
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, config)?;
@@ -206,22 +216,50 @@ pub fn start_agent(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Re
 /// nginx with `grpc_pass` to an upstream of the four backends (round robin), HTTP/2 on the
 /// listener, in the foreground with its own prefix: `daemon off; master_process on;
 /// worker_processes <workers>`. Upstream connections are kept alive and reused (nginx carries
-/// one call per upstream connection at a time, so it opens up to one per concurrent call).
-pub fn start_nginx(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
-    start_nginx_at(placement, backends, ([127, 0, 0, 1], free_port()).into())
+/// one call per upstream connection at a time, so it opens up to one per concurrent call). With
+/// `routes`, the ten routes of [`super::routes`].
+pub fn start_nginx(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    routes: bool,
+) -> anyhow::Result<Proxy> {
+    nginx_at(
+        placement,
+        backends,
+        ([127, 0, 0, 1], free_port()).into(),
+        routes,
+    )
 }
 
-/// [`start_nginx`] listening on `addr`.
+/// [`start_nginx`] listening on `addr`, without routes.
 pub fn start_nginx_at(
     placement: &Placement,
     backends: &[SocketAddr],
     addr: SocketAddr,
 ) -> anyhow::Result<Proxy> {
+    nginx_at(placement, backends, addr, false)
+}
+
+fn nginx_at(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    addr: SocketAddr,
+    routes: bool,
+) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-nginx");
-    let servers: String = backends
-        .iter()
-        .map(|b| format!("        server {b};\n"))
-        .collect();
+    let keepalive = "        keepalive 2048;\n        keepalive_requests 100000000;\n        keepalive_timeout 300s;\n";
+    let (upstreams, locations) = if routes {
+        super::routes::nginx(backends, keepalive)
+    } else {
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("        server {b};\n"))
+            .collect();
+        (
+            format!("    upstream greeter {{\n{servers}{keepalive}    }}\n"),
+            "        location / {\n            grpc_pass grpc://greeter;\n        }\n".into(),
+        )
+    };
     let d = dir.0.display();
     let config = format!(
         r#"daemon off;
@@ -240,20 +278,12 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream greeter {{
-{servers}        keepalive 2048;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }}
-    server {{
+{upstreams}    server {{
         listen {addr} http2;
         http2_max_concurrent_streams 2000;
         keepalive_requests 100000000;
         keepalive_timeout 300s;
-        location / {{
-            grpc_pass grpc://greeter;
-        }}
-    }}
+{locations}    }}
 }}
 "#,
         workers = placement.workers,
@@ -272,23 +302,47 @@ http {{
 }
 
 /// HAProxy in HTTP mode, HTTP/2 on the bind line and towards every server, round robin, in the
-/// foreground (`-db`), `nbthread <workers>`.
-pub fn start_haproxy(placement: &Placement, backends: &[SocketAddr]) -> anyhow::Result<Proxy> {
-    start_haproxy_at(placement, backends, ([127, 0, 0, 1], free_port()).into())
+/// foreground (`-db`), `nbthread <workers>`. With `routes`, the ten routes of
+/// [`super::routes`] as ACLs.
+pub fn start_haproxy(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    routes: bool,
+) -> anyhow::Result<Proxy> {
+    haproxy_at(
+        placement,
+        backends,
+        ([127, 0, 0, 1], free_port()).into(),
+        routes,
+    )
 }
 
-/// [`start_haproxy`] listening on `addr`.
+/// [`start_haproxy`] listening on `addr`, without routes.
 pub fn start_haproxy_at(
     placement: &Placement,
     backends: &[SocketAddr],
     addr: SocketAddr,
 ) -> anyhow::Result<Proxy> {
+    haproxy_at(placement, backends, addr, false)
+}
+
+fn haproxy_at(
+    placement: &Placement,
+    backends: &[SocketAddr],
+    addr: SocketAddr,
+    routes: bool,
+) -> anyhow::Result<Proxy> {
     let dir = TempDir::new("balancer-bench-haproxy");
-    let servers: String = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("    server b{} {b} proto h2\n", i + 1))
-        .collect();
+    let rest = if routes {
+        super::routes::haproxy(backends)
+    } else {
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("    server b{} {b} proto h2\n", i + 1))
+            .collect();
+        format!("    default_backend greeter\n\nbackend greeter\n    balance roundrobin\n{servers}")
+    };
     let config = format!(
         r#"global
     nbthread {workers}
@@ -303,11 +357,7 @@ defaults
 
 frontend grpc
     bind {addr} proto h2
-    default_backend greeter
-
-backend greeter
-    balance roundrobin
-{servers}"#,
+{rest}"#,
         workers = placement.workers,
     );
     let path = dir.0.join("haproxy.cfg");

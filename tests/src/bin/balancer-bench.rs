@@ -46,6 +46,10 @@ struct Args {
     /// Worker threads (agent, haproxy) or processes (nginx) of every proxy.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Every proxy routes each call through ten routes (3 on the method, 6 on a header, then an
+    /// 80/20 split by subset), each in its own configuration language.
+    #[arg(long)]
+    routes: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         concurrency: a.concurrency,
         rounds: a.rounds,
         targets: a.targets,
+        routes: a.routes,
         placement: bench::peers::Placement {
             proxy_cpus,
             workers: a.workers,
