@@ -1269,4 +1269,60 @@ mod tests {
         assert!(s.matches(labels));
         assert!(Selector::parse("a in (b)").is_err());
     }
+
+    #[test]
+    fn custom_resources_are_discovered_and_served_only_once_installed() {
+        let mut s = State::default();
+        assert_eq!(
+            Kind::route("/apis/networking.istio.io/v1alpha3/namespaces/a/virtualservices"),
+            Some((Kind::VirtualService, Some("a".into()), "v1alpha3"))
+        );
+        assert_eq!(
+            Kind::route("/apis/networking.istio.io/v2/virtualservices"),
+            None
+        );
+        assert!(discovery(&s, "/apis/networking.istio.io").is_none());
+        let groups = discovery(&s, "/apis").unwrap();
+        assert_eq!(groups["groups"].as_array().unwrap().len(), 1, "{groups}");
+        s.installed.insert(Kind::VirtualService);
+        s.installed.insert(Kind::GrpcRoute);
+        let g = discovery(&s, "/apis/networking.istio.io").unwrap();
+        assert_eq!(
+            g["preferredVersion"]["groupVersion"],
+            "networking.istio.io/v1"
+        );
+        let r = discovery(&s, "/apis/networking.istio.io/v1beta1").unwrap();
+        let names: Vec<&str> = r["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["virtualservices"], "destinationrules not installed");
+        assert!(discovery(&s, "/apis/gateway.networking.k8s.io/v1").is_some());
+        // A stored object is served in the version asked for, or as metadata only.
+        let obj = json!({"kind": "VirtualService", "apiVersion": "networking.istio.io/v1alpha3",
+                         "metadata": {"name": "x", "namespace": "a", "labels": {"k": "v"}},
+                         "spec": {"hosts": ["x"]}});
+        let q = |version, meta_only| Query {
+            kind: Kind::VirtualService,
+            namespace: None,
+            labels: Selector::default(),
+            fields: Selector::default(),
+            version,
+            meta_only,
+        };
+        let v1 = q("v1", false).serve(&obj, Some(7));
+        assert_eq!(v1["apiVersion"], "networking.istio.io/v1");
+        assert_eq!(v1["metadata"]["resourceVersion"], "7");
+        assert_eq!(v1["spec"]["hosts"][0], "x");
+        let meta = q("v1", true).serve(&obj, None);
+        assert_eq!(meta["kind"], "PartialObjectMetadata");
+        assert_eq!(meta["metadata"]["labels"]["k"], "v");
+        assert!(meta.get("spec").is_none());
+        assert!(
+            rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(1_709_251_199))
+                == "2024-02-29T23:59:59Z"
+        );
+    }
 }

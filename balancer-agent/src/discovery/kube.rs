@@ -1596,4 +1596,68 @@ mod tests {
         m.handle(Msg::Service(Change::InitDone));
         assert!(matches!(&m.updates()[..], [Update::Remove(n)] if n == "a.ns:80"));
     }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Arc::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn endpoints_carry_their_pods_labels_one_copy_per_label_set() {
+        let mut m = synced_model();
+        let v1 = [("app", "g"), ("version", "v1")];
+        for pod in ["g-1", "g-2"] {
+            m.handle(Msg::PodLabels(Change::Apply(
+                format!("default/{pod}"),
+                labels(&v1),
+            )));
+        }
+        m.handle(Msg::Service(Change::Apply(
+            "default/g".into(),
+            service(serde_json::json!({
+                "metadata": {"name": "g", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.9", "ports": [{"name": "grpc", "port": 80}]}
+            })),
+        )));
+        m.handle(Msg::Slice(Change::Apply(
+            "default/g-x".into(),
+            slice(serde_json::json!({
+                "metadata": {"name": "g-x", "namespace": "default",
+                             "labels": {SERVICE_NAME_LABEL: "g"}},
+                "addressType": "IPv4", "ports": [{"name": "grpc", "port": 8080}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "g-1"}},
+                    {"addresses": ["10.0.0.2"], "targetRef": {"kind": "Pod", "name": "g-2"}}]
+            })),
+        )));
+        let eps = |u: &[Update]| -> Vec<EndpointSpec> {
+            u.iter()
+                .find_map(|u| match u {
+                    Update::Upsert(s) => Some(s.endpoints.clone()),
+                    _ => None,
+                })
+                .expect("the service published")
+        };
+        let e = eps(&m.updates());
+        assert_eq!(e[0].labels["version"], "v1");
+        assert!(Arc::ptr_eq(&e[0].labels, &e[1].labels), "one shared copy");
+        // A pod relabelled: its Service is published again with the new labels.
+        m.handle(Msg::PodLabels(Change::Apply(
+            "default/g-2".into(),
+            labels(&[("app", "g"), ("version", "v2")]),
+        )));
+        let e = eps(&m.updates());
+        assert_eq!(e[1].labels["version"], "v2");
+        assert_eq!(e[0].labels["version"], "v1");
+        // A pod no slice lists changes nothing.
+        m.handle(Msg::PodLabels(Change::Apply(
+            "default/other".into(),
+            labels(&v1),
+        )));
+        assert!(m.updates().is_empty());
+    }
 }
