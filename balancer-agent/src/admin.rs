@@ -578,3 +578,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_waits_until_only_the_given_reasons_are_left() {
+        let r = Readiness::new(&["listeners not bound", "redirect off"]);
+        r.block("caches not synced");
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_for_only(&["redirect off"]).await }
+        });
+        r.resolve("listeners not bound");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "the caches still hold it");
+        r.resolve("caches not synced");
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("it ends once only the given reasons are left")
+            .unwrap();
+        assert_eq!(r.reasons(), ["redirect off"]);
+        r.resolve("redirect off");
+        assert!(r.reasons().is_empty());
+        // Already so: no wait.
+        r.wait_for_only(&[]).await;
+    }
+}

@@ -142,9 +142,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         anyhow::Ok(v)
     })?;
-    for (tcp, l) in listeners {
-        data_plane.spawn(proxy.clone().serve(tcp, l));
-    }
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|(tcp, l)| data_plane.spawn(proxy.clone().serve(tcp, l)))
+        .collect();
     readiness.resolve(LISTENERS_NOT_BOUND);
 
     if let Some(dp) = &datapath {
@@ -270,12 +271,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         // (relay::Drain): its calls finish, it reconnects, to the new agent.
         let _ = drain_tx.send(true);
         let deadline = tokio::time::Instant::now() + opts.drain_timeout;
-        while proxy.connections() > 0 && tokio::time::Instant::now() < deadline {
+        // The listeners first: what they accept as they close counts below.
+        for listener in accepting {
+            let _ = tokio::time::timeout_at(deadline, listener).await;
+        }
+        // Dispatched to a worker, whether or not its task has started yet.
+        let open = || proxy.worker_connections().iter().sum::<usize>();
+        while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if proxy.connections() > 0 {
+        if open() > 0 {
             warn!(
-                connections = proxy.connections(),
+                connections = open(),
                 "drain timeout reached; closing the remaining connections"
             );
         }
