@@ -12,7 +12,7 @@ use balancer_tests::{
     agent::{Agent, metric},
     greeter::{self, Handle, Options},
     harness::{agent, client, hello, hellos},
-    pb::{HelloRequest, greeter_client::GreeterClient},
+    pb::{HelloReply, HelloRequest, greeter_client::GreeterClient},
     wait_until,
 };
 use futures_util::StreamExt;
@@ -84,6 +84,26 @@ async fn run(c: &GreeterClient<Channel>, n: usize, concurrency: usize) -> Vec<Co
         all.extend(t.await.unwrap());
     }
     all
+}
+
+/// `n` calls the backend holds `sleep_ms` each, under way.
+fn hold(
+    c: &GreeterClient<Channel>,
+    n: usize,
+    sleep_ms: u32,
+) -> Vec<tokio::task::JoinHandle<Result<tonic::Response<HelloReply>, tonic::Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let held = HelloRequest {
+                    sleep_ms,
+                    ..hello(&format!("held-{i}"))
+                };
+                c.say_hello(held).await
+            })
+        })
+        .collect()
 }
 
 fn count(codes: &[Code], code: Code) -> usize {
@@ -339,7 +359,7 @@ fn timed(timeout: Duration, sleep_ms: u32) -> Request<HelloRequest> {
     r
 }
 
-fn received_timeout(r: &tonic::Response<balancer_tests::pb::HelloReply>) -> Duration {
+fn received_timeout(r: &tonic::Response<HelloReply>) -> Duration {
     let v = r.metadata().get("x-received-grpc-timeout").unwrap();
     let v = v.to_str().unwrap();
     let (n, unit) = v.split_at(v.len() - 1);
@@ -427,17 +447,7 @@ async fn a_circuit_breaker_trips_exactly_at_its_limit_and_recovers() {
 "#;
     let (agent, listen) = agent_with_routes(&b, routes).await;
     let c = client(listen).await;
-    let mut held = Vec::new();
-    for i in 0..5 {
-        let mut c = c.clone();
-        held.push(tokio::spawn(async move {
-            c.say_hello(HelloRequest {
-                sleep_ms: 1500,
-                ..hello(&format!("held-{i}"))
-            })
-            .await
-        }));
-    }
+    let held = hold(&c, 5, 1500);
     wait_until("five calls in flight", BOUND, || {
         b.iter()
             .map(|b| b.stats.in_flight.load(Relaxed))
@@ -530,4 +540,67 @@ async fn injected_aborts_and_delays_hit_their_share_of_calls() {
     // The backends never saw an aborted call.
     let served: u64 = b.iter().map(|b| b.stats.calls.load(Relaxed)).sum();
     assert_eq!(served as usize, n - aborted);
+}
+
+#[tokio::test]
+async fn a_services_outlier_detection_ejects_after_its_own_count_of_its_own_errors() {
+    // The node-wide default ejects after 7 failures in a row: 6 calls would all be tried.
+    let routes = "    outlier_detection: {consecutive_errors: 2, base_ejection_ms: 30000}\n";
+    let b = backends(&[failing(0), Options::default()]).await;
+    let (_agent, listen) = agent_with_routes(&b, routes).await;
+    let codes = run(&client(listen).await, 12, 1).await;
+    assert_eq!(
+        b[0].stats.calls.load(Relaxed),
+        2,
+        "ejected at its second failure"
+    );
+    assert_eq!(count(&codes, Code::Ok), 10);
+
+    // Gateway errors only: INTERNAL does not count, the endpoint keeps its share.
+    let routes = "    outlier_detection: {consecutive_errors: 2, errors: gateway}\n";
+    let internal = Options {
+        fail_code: Code::Internal as i32,
+        ..Options::default()
+    };
+    let b = backends(&[internal, Options::default()]).await;
+    let (_agent, listen) = agent_with_routes(&b, routes).await;
+    let codes = run(&client(listen).await, 12, 1).await;
+    assert_eq!(b[0].stats.calls.load(Relaxed), 6, "never ejected");
+    assert_eq!(count(&codes, Code::Internal), 6);
+}
+
+#[tokio::test]
+async fn a_services_pool_settings_bound_its_connections_and_their_calls() {
+    let two_streams = Options {
+        max_concurrent_streams: Some(2),
+        ..Options::default()
+    };
+    let b = backends(&[two_streams]).await;
+    let routes = "    connection_pool: {max_connections: 1, max_requests_per_connection: 4}\n";
+    let (agent, listen) = agent_with_routes(&b, routes).await;
+    let c = client(listen).await;
+    let held = hold(&c, 2, 1000);
+    wait_until("two calls in flight", BOUND, || {
+        b[0].stats.in_flight.load(Relaxed) == 2
+    })
+    .await;
+    // The one connection allowed is at the endpoint's stream limit: no second one opens.
+    let e = c.clone().say_hello(hello("third")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("stream limit"), "{e:?}");
+    assert_eq!(b[0].stats.connections.load(Relaxed), 1);
+    for h in held {
+        h.await
+            .unwrap()
+            .expect("the calls within the limit succeed");
+    }
+    // A connection carries 4 calls, then the next one opens.
+    let codes = run(&c, 12, 1).await;
+    assert_eq!(count(&codes, Code::Ok), 12);
+    let opened = b[0].stats.connections.load(Relaxed);
+    assert!(
+        (4..=5).contains(&opened),
+        "{opened} connections for 14 calls"
+    );
+    drop(agent);
 }

@@ -898,6 +898,25 @@ impl CallGuard {
         s.record(is_endpoint_failure(grpc_status), &self.failures);
     }
 
+    /// Outlier detection for this call follows `failures` (its service's own settings over the
+    /// node-wide ones).
+    pub fn set_failures(&mut self, failures: FailurePolicy) {
+        self.failures = failures;
+    }
+
+    /// How outlier detection treats this call.
+    pub fn failures(&self) -> FailurePolicy {
+        self.failures
+    }
+
+    /// [`CallGuard::answered`], the caller having decided whether the status counts against
+    /// the endpoint (`failed`: its service counts other statuses than [`is_endpoint_failure`]).
+    pub fn answered_as(&self, grpc_status: Option<&[u8]>, failed: bool) {
+        let s = &self.endpoint.stats;
+        s.answered(is_overload(grpc_status));
+        s.record(failed, &self.failures);
+    }
+
     /// The call failed on the endpoint without an answer (its connection broke).
     pub fn failed(&self) {
         let s = &self.endpoint.stats;

@@ -36,7 +36,7 @@ use prometheus::{IntCounterVec, Opts};
 use serde::{Serialize, Serializer};
 
 use super::{
-    grpc::{Code, Status},
+    grpc::Status,
     retry::{BudgetWindow, RetryBudget},
 };
 use crate::{balance::FailurePolicy, metrics::Metrics};
@@ -124,16 +124,11 @@ pub enum FailureCodes {
 }
 
 impl FailureCodes {
-    /// The statuses counted.
-    pub fn codes(self) -> &'static [Code] {
+    /// A `grpc-status` value counts as a failure of the endpoint.
+    pub fn is_failure(self, status: &[u8]) -> bool {
         match self {
-            Self::ServerErrors => &[
-                Code::Unknown,
-                Code::Internal,
-                Code::Unavailable,
-                Code::DataLoss,
-            ],
-            Self::GatewayErrors => &[Code::Unavailable],
+            Self::ServerErrors => crate::balance::is_endpoint_failure(Some(status)),
+            Self::GatewayErrors => status == b"14",
         }
     }
 }
@@ -509,7 +504,7 @@ pub fn from_config(r: &crate::config::RoutesConfig) -> Resilience {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::PoolConfig, state::Store};
+    use crate::{call::grpc::Code, config::PoolConfig, state::Store};
 
     fn registry() -> (Registry, Arc<Metrics>) {
         let metrics = Metrics::new(Store::new(PoolConfig::default()), 10);

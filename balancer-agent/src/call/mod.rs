@@ -152,6 +152,8 @@ pub struct Admitted {
     pub fault: fault::Injected,
     /// Counted in flight to its destination service (its circuit breaker).
     pub in_flight: Option<breaker::InFlight>,
+    /// Its destination service's own resilience settings (pool, outlier detection), if any.
+    pub resilience: Option<Box<route::Resilience>>,
 }
 
 /// A call the proxy answers itself, before it has an endpoint.
@@ -173,6 +175,7 @@ struct Guarded {
     retry: Option<Box<CallRetry>>,
     fault: fault::Injected,
     in_flight: Option<breaker::InFlight>,
+    resilience: Option<Box<route::Resilience>>,
 }
 
 impl Calls {
@@ -328,6 +331,7 @@ impl Calls {
             retry: guarded.retry,
             fault: guarded.fault,
             in_flight: guarded.in_flight,
+            resilience: guarded.resilience,
         })
     }
 
@@ -375,6 +379,7 @@ impl Calls {
         if let Some(p) = policy.filter(|p| !p.is_empty()) {
             let max = p.connection_pool.and_then(|c| c.max_requests);
             guarded.in_flight = Some(self.resilience.admit(dest.id, &dest.name, max)?);
+            guarded.resilience = Some(Box::new(*p));
         }
         Ok(guarded)
     }
@@ -447,6 +452,7 @@ impl Admitted {
             deadline: self.replay.deadline,
             retry,
             _in_flight: self.in_flight,
+            resilience: self.resilience,
             request_trailers: false,
             service: self.service,
             destination: self.destination,
@@ -540,6 +546,8 @@ pub struct Call {
     pub retry: Option<Box<CallRetry>>,
     /// Counted in flight to its destination service, until it ends.
     _in_flight: Option<breaker::InFlight>,
+    /// Its destination service's own resilience settings (pool, outlier detection), if any.
+    pub resilience: Option<Box<route::Resilience>>,
     /// The client ended its request with trailers (so it was not kept for a replay).
     request_trailers: bool,
 }
@@ -670,9 +678,10 @@ impl Call {
             .with_label_values(&[labels[0], labels[1], outcome.label()])
             .inc();
         match outcome {
-            Outcome::Status(_) => self
-                .guard
-                .answered(answer.and_then(|f| f.get(b"grpc-status"))),
+            Outcome::Status(_) => {
+                let status = answer.and_then(|f| f.get(b"grpc-status"));
+                answered(&self.guard, self.resilience.as_deref(), status);
+            }
             Outcome::Reset => self.guard.failed(),
             Outcome::TryTimeout => {}
         }
@@ -781,7 +790,7 @@ impl Call {
     pub fn finish(self: Box<Self>, end: End<'_>) {
         let status = match end {
             End::Status(s) => {
-                self.guard.answered(Some(s.as_bytes()));
+                answered(&self.guard, self.resilience.as_deref(), Some(s.as_bytes()));
                 s
             }
             End::Cancelled => "1",
@@ -833,6 +842,15 @@ impl Call {
     }
 }
 
+/// The endpoint of `guard` answered with `status`: recorded for outlier detection, by the
+/// statuses its service counts as failures (`resilience`), or the node-wide ones.
+fn answered(guard: &CallGuard, resilience: Option<&route::Resilience>, status: Option<&[u8]>) {
+    match resilience.and_then(|r| r.outlier_detection) {
+        Some(o) => guard.answered_as(status, status.is_some_and(|s| o.codes.is_failure(s))),
+        None => guard.answered(status),
+    }
+}
+
 /// Why an endpoint tried for a call did not take it.
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
@@ -860,6 +878,8 @@ pub struct Attempts {
     last_error: Option<AttemptError>,
     /// Endpoints of `tried` that earlier attempts (retries) tried.
     from: usize,
+    /// The destination service's own outlier detection, applied to each endpoint picked.
+    outlier: Option<route::OutlierDetection>,
     /// The call's key for a `ring-hash` destination.
     hash: Option<u64>,
 }
@@ -891,6 +911,13 @@ impl Attempts {
         self
     }
 
+    /// With the destination service's own outlier detection (over the node-wide one), if it
+    /// has one: the endpoints picked are judged by it.
+    pub fn judged_by(mut self, resilience: Option<&route::Resilience>) -> Self {
+        self.outlier = resilience.and_then(|r| r.outlier_detection);
+        self
+    }
+
     /// The next endpoint of `destination` to try, within [`MAX_ATTEMPTS`] (for this attempt);
     /// counted as tried.
     pub fn next(&mut self, destination: &Destination) -> Option<CallGuard> {
@@ -903,9 +930,12 @@ impl Attempts {
                 hash: self.hash,
             })
         };
-        let guard = pick(&self.tried)
+        let mut guard = pick(&self.tried)
             .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from - 1..]))?)
             .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from..]))?)?;
+        if let Some(o) = &self.outlier {
+            guard.set_failures(o.over(guard.failures()));
+        }
         self.tried.push(guard.endpoint().addr);
         Some(guard)
     }

@@ -38,7 +38,8 @@ use crate::{
     balance::CallGuard,
     call::{
         self, Admitted, AttemptError, Attempts, Call, Calls, End, Expiry, Replay, Target,
-        grpc::Status, registry::ConnInfo, retry::Outcome, route::Destination,
+        breaker::ConnectionPool, grpc::Status, registry::ConnInfo, retry::Outcome,
+        route::Destination,
     },
     config::Limits,
     wire::{
@@ -143,6 +144,14 @@ impl Routing {
         match self {
             Self::New(a) => &a.destination,
             Self::Replay(call) => &call.destination,
+        }
+    }
+
+    /// Its destination service's own resilience settings (pool, outlier detection).
+    fn resilience(&self) -> Option<&call::route::Resilience> {
+        match self {
+            Self::New(a) => a.resilience.as_deref(),
+            Self::Replay(call) => call.resilience.as_deref(),
         }
     }
 
@@ -746,11 +755,17 @@ impl Down {
     fn route(&mut self, sid: u32, mut call: Routing, last_error: Option<AttemptError>) {
         let service = call.destination().clone();
         let delay = call.delay(Instant::now());
+        let resilience = call.resilience().copied();
+        // A service with its own pool settings leases under them.
+        let pool = resilience
+            .and_then(|r| r.connection_pool)
+            .filter(ConnectionPool::pool_settings);
         let r = call.replay();
         let deadline = r.deadline;
         let mut attempts = Attempts::new(std::mem::take(&mut r.tried), last_error)
             .keyed(r.hash)
-            .since(r.attempts_from);
+            .since(r.attempts_from)
+            .judged_by(resilience.as_ref());
         // The usual case first, with no future to box: the endpoint picked has a pooled
         // connection with a free stream slot.
         let first = if delay.is_none() {
@@ -759,13 +774,20 @@ impl Down {
             None
         };
         if let Some(guard) = &first
-            && let Some(conn) = self.pools.lease_pooled(guard.endpoint())
+            && let Some(conn) = match pool {
+                None => self.pools.lease_pooled(guard.endpoint()),
+                p => self
+                    .pools
+                    .clone()
+                    .with_pool(p)
+                    .lease_pooled(guard.endpoint()),
+            }
         {
             let result = Ok((first.expect("picked"), conn));
             let tried = attempts.tried;
             return self.routed_with(call, Held::default(), Routed { sid, tried, result });
         }
-        let pools = self.pools.clone();
+        let pools = self.pools.clone().with_pool(pool);
         let delayed = delay.is_some();
         let mut routing: RouteFuture =
             Box::pin(route(pools, sid, service, attempts, first, deadline, delay));

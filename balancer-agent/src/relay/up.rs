@@ -19,6 +19,7 @@
 //! when the connection is lost, every call on it ends with UNAVAILABLE at once.
 
 use std::{
+    borrow::Cow,
     io,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -43,7 +44,7 @@ use super::{
 };
 use crate::{
     balance::Endpoint,
-    call::{AttemptError, End, grpc::Status, retry::Outcome},
+    call::{AttemptError, End, breaker::ConnectionPool, grpc::Status, retry::Outcome},
     config::PoolConfig,
     netns::Source,
     wire::{
@@ -108,22 +109,46 @@ struct SourceShard {
 pub struct Leases {
     pools: Arc<Pools>,
     source: Option<Arc<Source>>,
+    /// A service's own pool settings over the pools' (`call::breaker::ConnectionPool`).
+    over: Option<ConnectionPool>,
 }
 
 impl Leases {
     /// Leases from `pools` for connections from `source`.
     pub fn new(pools: Arc<Pools>, source: Option<Arc<Source>>) -> Self {
-        Self { pools, source }
+        Self {
+            pools,
+            source,
+            over: None,
+        }
+    }
+
+    /// These leases for a service with its own pool settings (connections per endpoint, calls
+    /// per connection, connect and idle timeouts, connection age) over the pools'.
+    pub fn with_pool(mut self, over: Option<ConnectionPool>) -> Self {
+        self.over = over.filter(ConnectionPool::pool_settings);
+        self
     }
 
     /// See [`Pools::lease_pooled`].
     pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-        self.pools.lease_pooled_from(ep, self.source.as_ref())
+        self.pools
+            .lease_pooled_from(ep, self.source.as_ref(), self.over.as_ref())
     }
 
     /// See [`Pools::lease`].
     pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
-        self.pools.lease_from(ep, self.source.as_ref()).await
+        self.pools
+            .lease_from(ep, self.source.as_ref(), self.over.as_ref())
+            .await
+    }
+}
+
+/// `cfg` with a service's own pool settings over it, if it has any.
+fn config_over<'a>(cfg: &'a PoolConfig, over: Option<&ConnectionPool>) -> Cow<'a, PoolConfig> {
+    match over {
+        Some(o) => Cow::Owned(o.over(cfg)),
+        None => Cow::Borrowed(cfg),
     }
 }
 
@@ -195,33 +220,39 @@ impl Pools {
 
     /// A pooled connection of `ep` with a free stream slot, if there is one now.
     pub fn lease_pooled(&self, ep: &Arc<Endpoint>) -> Option<Arc<Conn>> {
-        self.lease_pooled_from(ep, None)
+        self.lease_pooled_from(ep, None, None)
     }
 
     /// A pooled connection of `ep` from `source` (`None`: the node) with a free stream slot,
-    /// if there is one now.
+    /// if there is one now; `over`: the service's own pool settings.
     pub fn lease_pooled_from(
         &self,
         ep: &Arc<Endpoint>,
         source: Option<&Arc<Source>>,
+        over: Option<&ConnectionPool>,
     ) -> Option<Arc<Conn>> {
-        self.with_shard(ep, source, |s| s.try_lease(&self.cfg.load()))
+        self.with_shard(ep, source, |s| {
+            s.try_lease(&config_over(&self.cfg.load(), over))
+        })
     }
 
     /// A connection to `ep` with room for one more call: a pooled one, or a new one (up to
     /// `pool.max_connections_per_endpoint` in this worker's shard).
     pub async fn lease(&self, ep: &Arc<Endpoint>) -> Result<Arc<Conn>, LeaseError> {
-        self.lease_from(ep, None).await
+        self.lease_from(ep, None, None).await
     }
 
-    /// [`Pools::lease`] for connections from `source` (`None`: the node's address).
+    /// [`Pools::lease`] for connections from `source` (`None`: the node's address), `over`:
+    /// the service's own pool settings.
     pub async fn lease_from(
         &self,
         ep: &Arc<Endpoint>,
         source: Option<&Arc<Source>>,
+        over: Option<&ConnectionPool>,
     ) -> Result<Arc<Conn>, LeaseError> {
         let shard = self.with_shard(ep, source, Arc::clone);
-        let cfg = self.cfg.load_full();
+        let base = self.cfg.load_full();
+        let cfg = config_over(&base, over);
         let cfg = &*cfg;
         if let Some(c) = shard.try_lease(cfg) {
             return Ok(c);
