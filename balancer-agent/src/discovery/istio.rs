@@ -2,12 +2,13 @@
 //! `v1alpha3`: one schema), as users apply them, translated into the call layer's policy model
 //! (`call::route`).
 //!
-//! The structs hold the fields the agent uses, and keep a few it does not use yet (retries,
-//! faults, connection pools, outlier detection: the next part of traffic policy); every field is
-//! optional and unknown fields are ignored, so no object is refused for what it adds. What the
-//! agent cannot do and would change where a call goes or what it carries (a redirect, a direct
-//! response, a rewrite, a delegate, response header changes) refuses the object with a reason
-//! (`translate_http`), rather than being silently skipped.
+//! The structs hold the fields the agent uses (routes, subsets, balancing, and the resilience
+//! settings of `call::retry`, `call::fault` and `call::breaker`: retries, faults, connection
+//! pools, outlier detection); every field is optional and unknown fields are ignored, so no
+//! object is refused for what it adds. What the agent cannot do and would change where a call
+//! goes or what it carries (a redirect, a direct response, a rewrite, a delegate, response
+//! header changes) refuses the object with a reason (`translate_http`), rather than being
+//! silently skipped.
 //!
 //! Hosts are resolved by [`super::policy::Ctx`]; which `VirtualService` wins a host and how
 //! `DestinationRule`s merge is [`super::policy`]'s business.
@@ -19,9 +20,13 @@ use serde::Deserialize;
 
 use super::policy::{Ctx, ServiceRef, parse_duration, restrict_to_namespaces};
 use crate::{
-    call::route::{
-        Backend, HeaderMatch, HeaderMutations, Route, RouteAction, RouteMatch, RouteSource,
-        SourceMatch, StringMatch,
+    call::{
+        grpc::Code,
+        route::{
+            Backend, ConnectionPool, FailureCodes, FaultAbort, FaultDelay, FaultPolicy,
+            HeaderMatch, HeaderMutations, OutlierDetection, Percent, Resilience, RetryOn,
+            RetryPolicy, Route, RouteAction, RouteMatch, RouteSource, SourceMatch, StringMatch,
+        },
     },
     config::Policy,
 };
@@ -63,12 +68,12 @@ pub struct HttpRoute {
     pub route: Vec<HttpRouteDestination>,
     /// The request's timeout (`10s`, `1.5s`, `500ms`; `0s`: none).
     pub timeout: Option<String>,
-    /// Retries: kept for the next part of traffic policy, not applied yet.
+    /// Retries on gRPC statuses (`call::retry`).
     pub retries: Option<HttpRetry>,
     /// Header changes.
     pub headers: Option<Headers>,
-    /// Fault injection: kept for the next part of traffic policy, not applied yet.
-    pub fault: Option<serde_json::Value>,
+    /// Delays and aborts injected (`call::fault`).
+    pub fault: Option<HttpFault>,
     /// Mirroring (shadow traffic): accepted and not applied; it never changes a call's answer.
     pub mirror: Option<serde_json::Value>,
     /// More mirrors (accepted, not applied).
@@ -185,7 +190,7 @@ impl HeaderOperations {
     }
 }
 
-/// `retries` (kept as written for the next part of traffic policy).
+/// `retries`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct HttpRetry {
@@ -197,6 +202,147 @@ pub struct HttpRetry {
     pub retry_on: Option<String>,
     /// Retry in other localities.
     pub retry_remote_localities: Option<bool>,
+}
+
+impl HttpRetry {
+    /// As the call layer has it: `attempts` (0 or none: no retry), `perTryTimeout`, `retryOn`
+    /// (Istio's default when not set; HTTP-only conditions are ignored, unknown ones refused).
+    fn policy(&self, place: &str) -> Result<RetryPolicy, String> {
+        let attempts = self.attempts.unwrap_or(0);
+        Ok(RetryPolicy {
+            attempts: u32::try_from(attempts)
+                .map_err(|_| format!("{place}.attempts: {attempts} is negative"))?,
+            per_try_timeout: match &self.per_try_timeout {
+                Some(t) => {
+                    Some(parse_duration(t).map_err(|e| format!("{place}.perTryTimeout: {e}"))?)
+                        .filter(|d| !d.is_zero())
+                }
+                None => None,
+            },
+            retry_on: RetryOn::parse(
+                self.retry_on.as_deref().unwrap_or(RetryOn::ISTIO_DEFAULT),
+                true,
+            )
+            .map_err(|e| format!("{place}.retryOn: {e}"))?,
+        })
+    }
+}
+
+/// `fault`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HttpFault {
+    /// Calls held before they are routed.
+    pub delay: Option<FaultInjectionDelay>,
+    /// Calls answered by the proxy.
+    pub abort: Option<FaultInjectionAbort>,
+}
+
+/// `fault.delay`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FaultInjectionDelay {
+    /// How long.
+    pub fixed_delay: Option<String>,
+    /// For this share of calls (default: all).
+    pub percentage: Option<IstioPercent>,
+    /// The old integer share.
+    pub percent: Option<i64>,
+}
+
+/// `fault.abort`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FaultInjectionAbort {
+    /// The HTTP status: the gRPC status it maps to (gRPC's HTTP to gRPC mapping).
+    pub http_status: Option<i64>,
+    /// The gRPC status, by name (`UNAVAILABLE`).
+    pub grpc_status: Option<String>,
+    /// An HTTP/2 reset: refused, not supported.
+    pub http2_error: Option<String>,
+    /// For this share of calls (default: all).
+    pub percentage: Option<IstioPercent>,
+}
+
+/// `percentage: {value: 12.5}`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct IstioPercent {
+    /// Percent, 0 to 100.
+    pub value: f64,
+}
+
+fn share(
+    percentage: &Option<IstioPercent>,
+    percent: Option<i64>,
+    place: &str,
+) -> Result<Percent, String> {
+    let p = match (percentage, percent) {
+        (Some(p), _) => p.value,
+        (None, Some(p)) => p as f64,
+        (None, None) => return Ok(Percent::ALL),
+    };
+    Percent::new(p).ok_or_else(|| format!("{place}.percentage: {p} is not within 0-100"))
+}
+
+/// The gRPC status a proxy's HTTP status means to a gRPC client (gRPC's "HTTP to gRPC Status
+/// Code Mapping").
+fn grpc_code_of_http(status: i64) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502..=504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+impl HttpFault {
+    /// As the call layer has it.
+    fn policy(&self, place: &str) -> Result<FaultPolicy, String> {
+        let delay = match &self.delay {
+            Some(d) => {
+                let fixed = d
+                    .fixed_delay
+                    .as_deref()
+                    .ok_or_else(|| format!("{place}.delay.fixedDelay: missing"))?;
+                Some(FaultDelay {
+                    fixed: parse_duration(fixed)
+                        .map_err(|e| format!("{place}.delay.fixedDelay: {e}"))?,
+                    percent: share(&d.percentage, d.percent, &format!("{place}.delay"))?,
+                })
+            }
+            None => None,
+        };
+        let abort = match &self.abort {
+            Some(a) => {
+                let code = match (&a.grpc_status, a.http_status, &a.http2_error) {
+                    (Some(g), _, _) => Code::parse(g).ok_or_else(|| {
+                        format!("{place}.abort.grpcStatus: {g:?} is not a gRPC status")
+                    })?,
+                    (None, Some(h), _) if (200..=599).contains(&h) => grpc_code_of_http(h),
+                    (None, Some(h), _) => {
+                        return Err(format!(
+                            "{place}.abort.httpStatus: {h} is not an HTTP status (200-599)"
+                        ));
+                    }
+                    (None, None, Some(_)) => {
+                        return Err(format!("{place}.abort.http2Error: not supported"));
+                    }
+                    (None, None, None) => {
+                        return Err(format!("{place}.abort: no status"));
+                    }
+                };
+                Some(FaultAbort {
+                    code,
+                    percent: share(&a.percentage, None, &format!("{place}.abort"))?,
+                })
+            }
+            None => None,
+        };
+        Ok(FaultPolicy { delay, abort })
+    }
 }
 
 /// `spec` of a `DestinationRule`.
@@ -221,10 +367,10 @@ pub struct DestinationRule {
 pub struct TrafficPolicy {
     /// How endpoints are chosen.
     pub load_balancer: Option<LoadBalancerSettings>,
-    /// Connection limits (kept for the next part of traffic policy).
+    /// Circuit breaker and connection pool limits.
     pub connection_pool: Option<ConnectionPoolSettings>,
-    /// Ejection of failing endpoints (kept for the next part of traffic policy).
-    pub outlier_detection: Option<OutlierDetection>,
+    /// Ejection of failing endpoints.
+    pub outlier_detection: Option<IstioOutlierDetection>,
     /// TLS to the endpoints (kept, not applied).
     pub tls: Option<serde_json::Value>,
     /// Per service port.
@@ -239,10 +385,10 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     /// How endpoints are chosen on it.
     pub load_balancer: Option<LoadBalancerSettings>,
-    /// Connection limits (kept).
+    /// Connection limits on it.
     pub connection_pool: Option<ConnectionPoolSettings>,
-    /// Outlier detection (kept).
-    pub outlier_detection: Option<OutlierDetection>,
+    /// Outlier detection on it.
+    pub outlier_detection: Option<IstioOutlierDetection>,
 }
 
 /// `loadBalancer`.
@@ -272,7 +418,7 @@ impl LoadBalancerSettings {
     }
 }
 
-/// `connectionPool` (kept as written for the next part of traffic policy).
+/// `connectionPool`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ConnectionPoolSettings {
@@ -314,10 +460,10 @@ pub struct HttpSettings {
     pub max_concurrent_streams: Option<i64>,
 }
 
-/// `outlierDetection` (kept as written for the next part of traffic policy).
+/// `outlierDetection`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
-pub struct OutlierDetection {
+pub struct IstioOutlierDetection {
     /// Deprecated name of `consecutive5xxErrors`.
     pub consecutive_errors: Option<i64>,
     /// Consecutive 5xx (gRPC: UNAVAILABLE and such) before an ejection.
@@ -350,7 +496,8 @@ pub struct IstioSubset {
 }
 
 impl DestinationRule {
-    /// The problems that make it unusable on its own: an unnamed or twice-named subset.
+    /// The problems that make it unusable on its own: an unnamed or twice-named subset, a
+    /// resilience setting that does not read (a duration).
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.subsets.iter().enumerate() {
@@ -361,7 +508,41 @@ impl DestinationRule {
                 return Err(format!("subsets[{i}].name: {:?} is defined twice", s.name));
             }
         }
+        if let Some(tp) = &self.traffic_policy {
+            resilience(
+                tp.connection_pool.as_ref(),
+                tp.outlier_detection.as_ref(),
+                "trafficPolicy",
+            )?;
+            for (i, p) in tp.port_level_settings.iter().enumerate() {
+                resilience(
+                    p.connection_pool.as_ref(),
+                    p.outlier_detection.as_ref(),
+                    &format!("trafficPolicy.portLevelSettings[{i}]"),
+                )?;
+            }
+        }
         Ok(())
+    }
+
+    /// The circuit breaker and outlier detection it sets for calls on `port` (each of
+    /// `connectionPool` and `outlierDetection` from the port's settings when they have it).
+    /// A setting that does not read is left out ([`DestinationRule::validate`] refuses it).
+    pub fn resilience_for_port(&self, port: u16) -> Resilience {
+        let Some(tp) = &self.traffic_policy else {
+            return Resilience::default();
+        };
+        let at_port = tp
+            .port_level_settings
+            .iter()
+            .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(port));
+        let pool = at_port
+            .and_then(|p| p.connection_pool.as_ref())
+            .or(tp.connection_pool.as_ref());
+        let outlier = at_port
+            .and_then(|p| p.outlier_detection.as_ref())
+            .or(tp.outlier_detection.as_ref());
+        resilience(pool, outlier, "").unwrap_or_default()
     }
 
     /// The balancing policy it sets for calls on `port` (port-level settings first).
@@ -380,6 +561,80 @@ impl TrafficPolicy {
             .or(self.load_balancer.as_ref())
             .and_then(LoadBalancerSettings::policy)
     }
+}
+
+/// A count Istio writes as an int32 where 0 or less means "not set" (the default applies).
+fn count<T: TryFrom<i64>>(v: Option<i64>) -> Option<T> {
+    v.filter(|n| *n > 0).and_then(|n| T::try_from(n).ok())
+}
+
+fn duration(v: &Option<String>, place: &str) -> Result<Option<Duration>, String> {
+    v.as_deref()
+        .map(|d| parse_duration(d).map_err(|e| format!("{place}: {e}")))
+        .transpose()
+}
+
+/// `connectionPool` and `outlierDetection` as the call layer has them (`call::breaker`).
+fn resilience(
+    pool: Option<&ConnectionPoolSettings>,
+    outlier: Option<&IstioOutlierDetection>,
+    place: &str,
+) -> Result<Resilience, String> {
+    let connection_pool = match pool {
+        Some(p) => {
+            let (tcp, http) = (
+                p.tcp.clone().unwrap_or_default(),
+                p.http.clone().unwrap_or_default(),
+            );
+            let at = |f: &str| format!("{place}.connectionPool.{f}");
+            Some(ConnectionPool {
+                max_requests: count(http.http2_max_requests),
+                max_pending_requests: count(http.http1_max_pending_requests),
+                max_retries: count(http.max_retries),
+                max_connections: count(tcp.max_connections),
+                max_requests_per_connection: count(http.max_requests_per_connection),
+                connect_timeout: duration(&tcp.connect_timeout, &at("tcp.connectTimeout"))?,
+                idle_timeout: match duration(&http.idle_timeout, &at("http.idleTimeout"))? {
+                    Some(t) => Some(t),
+                    None => duration(&tcp.idle_timeout, &at("tcp.idleTimeout"))?,
+                },
+                max_connection_age: duration(
+                    &tcp.max_connection_duration,
+                    &at("tcp.maxConnectionDuration"),
+                )?,
+            })
+        }
+        None => None,
+    };
+    let outlier_detection = match outlier {
+        Some(o) => {
+            let at = |f: &str| format!("{place}.outlierDetection.{f}");
+            // One threshold and its statuses: 5xx (the server's errors) first, as Istio's
+            // default; gateway errors (UNAVAILABLE) when only they are set.
+            let (errors, codes) = match (
+                o.consecutive_5xx_errors.or(o.consecutive_errors),
+                o.consecutive_gateway_errors,
+            ) {
+                (Some(n), _) => (n, FailureCodes::ServerErrors),
+                (None, Some(n)) => (n, FailureCodes::GatewayErrors),
+                (None, None) => (5, FailureCodes::ServerErrors),
+            };
+            Some(OutlierDetection {
+                consecutive_errors: u32::try_from(errors.max(0)).unwrap_or(u32::MAX),
+                codes,
+                interval: duration(&o.interval, &at("interval"))?,
+                base_ejection: duration(&o.base_ejection_time, &at("baseEjectionTime"))?,
+                // Istio's default is 10%.
+                max_ejection_percent: o.max_ejection_percent.map_or(10, |p| p.clamp(0, 100)) as u32,
+            })
+        }
+        None => None,
+    };
+    Ok(Resilience {
+        connection_pool,
+        outlier_detection,
+        retry_budget: None,
+    })
 }
 
 impl IstioStringMatch {
@@ -597,6 +852,12 @@ fn translate_http(
         ..Default::default()
     };
     request_headers(&http.headers, place, &mut action.request_headers)?;
+    if let Some(r) = &http.retries {
+        action.retries = Some(r.policy(&format!("{place}.retries"))?);
+    }
+    if let Some(f) = &http.fault {
+        action.fault = Some(f.policy(&format!("{place}.fault"))?);
+    }
     let single = http.route.len() == 1;
     for (k, d) in http.route.iter().enumerate() {
         let dplace = format!("{place}.route[{k}]");

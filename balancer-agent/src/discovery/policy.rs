@@ -788,16 +788,18 @@ impl Translator {
                     }
                     None => {}
                 }
-                let load_balancer = rules
-                    .get(&svc)
-                    .and_then(|r| r.traffic.as_ref())
-                    .and_then(|dr| dr.policy_for_port(port));
-                if routes.is_empty() && load_balancer.is_none() {
+                let traffic = rules.get(&svc).and_then(|r| r.traffic.as_ref());
+                let load_balancer = traffic.and_then(|dr| dr.policy_for_port(port));
+                let resilience = traffic
+                    .map(|dr| dr.resilience_for_port(port))
+                    .unwrap_or_default();
+                if routes.is_empty() && load_balancer.is_none() && resilience.is_empty() {
                     continue;
                 }
                 unique_names(&mut routes);
                 let mut policy = ServicePolicy::new(store, routes);
                 policy.load_balancer = load_balancer;
+                policy.resilience = resilience;
                 services.push(policy);
             }
         }
@@ -914,7 +916,10 @@ fn unique_names(routes: &mut [Route]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{call::route::StringMatch, config::Policy};
+    use crate::{
+        call::route::{Percent, StringMatch},
+        config::Policy,
+    };
 
     /// The cluster of a test: Services and policy objects as users write them.
     struct Cluster {
@@ -1087,6 +1092,23 @@ mod tests {
             Some(StringMatch::Exact("production".into()))
         );
         assert_eq!(prod.action.timeout, Some(Duration::from_secs(15)));
+        let retries = prod.action.retries.as_ref().unwrap();
+        assert_eq!(retries.attempts, 3);
+        assert_eq!(retries.per_try_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(
+            retries.retry_on,
+            crate::call::route::RetryOn::parse(
+                "cancelled,deadline-exceeded,internal,resource-exhausted",
+                false
+            )
+            .unwrap()
+        );
+        assert!(testing.action.retries.is_none());
+        // The connection pool is the service's circuit breaker.
+        let pool = p.resilience.connection_pool.unwrap();
+        assert_eq!(pool.max_requests, Some(1000));
+        assert_eq!(pool.max_requests_per_connection, Some(100));
+        assert_eq!(pool.max_pending_requests, None);
         assert_eq!(
             testing.matches[0].path,
             Some(StringMatch::Prefix("/payment.PaymentService/".into()))
@@ -1103,17 +1125,6 @@ mod tests {
             .collect();
         assert_eq!(weights, [("v1".into(), 80), ("v2".into(), 20)]);
         assert!(rollout.matches.is_empty());
-        // The connection pool is kept for what comes next, not refused.
-        let dr = c.dr["default/payment-service"].spec.as_ref().unwrap();
-        let pool = dr.traffic_policy.as_ref().unwrap().connection_pool.as_ref();
-        assert_eq!(
-            pool.unwrap()
-                .http
-                .as_ref()
-                .unwrap()
-                .max_requests_per_connection,
-            Some(100)
-        );
     }
 
     /// A cluster with seed 002, and a translator that put it in force.
@@ -1414,6 +1425,60 @@ mod tests {
                 set.rejected
             );
         }
+    }
+
+    #[test]
+    fn faults_and_outlier_detection_as_istio_writes_them() {
+        let mut c = Cluster::new();
+        c.apply(
+            "kind: VirtualService\nmetadata: {name: grpc-fault}\n\
+             spec: {hosts: [grpc-service], http: [{\
+               fault: {delay: {percentage: {value: 10.0}, fixedDelay: 1s},\
+                       abort: {percentage: {value: 5.0}, grpcStatus: UNAVAILABLE}},\
+               route: [{destination: {host: grpc-service}}]}]}",
+        );
+        c.apply(
+            "kind: DestinationRule\nmetadata: {name: grpc-service}\n\
+             spec: {host: grpc-service, trafficPolicy: {outlierDetection: {\
+               consecutiveErrors: 5, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100}}}",
+        );
+        let set = c.accepted();
+        let p = policy(&set, "grpc-service.default:50051");
+        let fault = p.routes[0].action.fault.unwrap();
+        assert_eq!(fault.delay.unwrap().fixed, Duration::from_secs(1));
+        assert_eq!(fault.delay.unwrap().percent, Percent::new(10.0).unwrap());
+        assert_eq!(
+            fault.abort.unwrap().code,
+            crate::call::grpc::Code::Unavailable
+        );
+        let o = p.resilience.outlier_detection.unwrap();
+        assert_eq!(o.consecutive_errors, 5);
+        assert_eq!(o.base_ejection, Some(Duration::from_secs(30)));
+        assert_eq!(o.max_ejection_percent, 100);
+        // Seed 004's own fault example aborts with httpStatus 14, which is no HTTP status.
+        c.apply(
+            "kind: VirtualService\nmetadata: {name: grpc-fault}\n\
+             spec: {hosts: [grpc-service], http: [{fault: {abort: {httpStatus: 14}},\
+               route: [{destination: {host: grpc-service}}]}]}",
+        );
+        let set = c.translate(&mut Translator::default());
+        assert_eq!(
+            set.rejected[0].reason,
+            "http[0].fault.abort.httpStatus: 14 is not an HTTP status (200-599)"
+        );
+        // A duration that does not read refuses the rule.
+        c.apply(
+            "kind: DestinationRule\nmetadata: {name: grpc-service}\n\
+             spec: {host: grpc-service, trafficPolicy: {outlierDetection: {interval: soon}}}",
+        );
+        let set = c.translate(&mut Translator::default());
+        assert!(
+            set.rejected.iter().any(|r| r.reason.starts_with(
+                "trafficPolicy.outlierDetection.interval: \"soon\" is not a duration"
+            )),
+            "{:#?}",
+            set.rejected
+        );
     }
 
     #[test]
