@@ -1,12 +1,21 @@
 //! An in-process Kubernetes API server for the discovery tests and the benchmark: plain HTTP
-//! (hyper 1), speaking the API server's list and watch protocol for the four resources the
-//! agent watches (namespaces, services, pods in `v1`; endpointslices in `discovery.k8s.io/v1`),
-//! so that the real kube-rs client inside the real agent runs against it.
+//! (hyper 1), speaking the API server's list and watch protocol for the resources the agent
+//! watches (namespaces, services, pods in `v1`; endpointslices in `discovery.k8s.io/v1`; and,
+//! once their CRDs are installed, Istio's virtualservices and destinationrules in
+//! `networking.istio.io` `v1`/`v1beta1`/`v1alpha3` and grpcroutes in
+//! `gateway.networking.k8s.io` `v1`/`v1alpha2`), so that the real kube-rs client inside the
+//! real agent runs against it.
 //!
 //! What it implements, as the API server does:
+//! - discovery: `/api`, `/api/v1`, `/apis`, `/apis/GROUP`, `/apis/GROUP/VERSION`, listing what
+//!   is served; a custom resource's group and paths answer 404 until [`ApiServer::install`], and
+//!   again after [`ApiServer::uninstall`] (which deletes its objects and ends its watches);
+//! - custom resources are stored as written and served in whichever of their versions is asked
+//!   (one schema, no conversion webhook); `creationTimestamp` is set at creation;
 //! - every write bumps one resourceVersion counter; objects carry theirs;
-//! - lists: typed lists (items without `kind`/`apiVersion`), `limit`/`continue` pages served from
-//!   the snapshot of the first page, label and field selectors;
+//! - lists: typed lists (items without `kind`/`apiVersion`; custom resources' items with them),
+//!   `limit`/`continue` pages served from the snapshot of the first page, label and field
+//!   selectors; `Accept: ...;as=PartialObjectMetadata` lists and watches serve metadata only;
 //! - watches: from a resourceVersion, replaying what the client missed, then live; chunked
 //!   `application/json`, one event per line; `ADDED`/`MODIFIED`/`DELETED`, `DELETED` with the
 //!   old object at the new resourceVersion when an object stops matching the selectors;
