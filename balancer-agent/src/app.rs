@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub reload_interval: Duration,
     /// How long a drain may take on SIGTERM before the agent exits anyway.
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long to keep serving while no other agent on the node redirects, for
+    /// one being started to take over.
+    pub handover_wait: Duration,
     /// Kubernetes discovery, when enabled.
     pub kubernetes: Option<KubernetesOptions>,
     /// Data-plane workers (0: one per CPU this process may use).
@@ -251,9 +254,16 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("draining");
         readiness.block("draining");
         if let Some(dp) = &datapath {
-            // New connections go to the agent beside this one if there is one (a rollout
-            // starts the new agent and waits until it is ready before it stops this one), else
-            // around the proxy, to their Services (fail open).
+            // New connections go to the agent beside this one if there is one, else around
+            // the proxy, to their Services (fail open). A rollout starts the new agent and
+            // waits until it is ready before it stops this one; but a pod deleted by hand gets
+            // SIGTERM as its replacement is created (with maxSurge the DaemonSet controller
+            // does not wait for a terminating pod to be gone): this one serves on until the
+            // replacement redirects, for at most --handover-wait-ms.
+            let until = tokio::time::Instant::now() + opts.handover_wait;
+            while dp.others_serving() == 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let successors = dp.others_serving();
             dp.release();
             info!(

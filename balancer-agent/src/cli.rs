@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// How long to drain on SIGTERM before exiting anyway, in milliseconds.
     #[arg(long, default_value_t = 25_000)]
     pub drain_timeout_ms: u64,
+    /// On SIGTERM, keep serving for up to this long, in milliseconds, while no other agent on
+    /// the node redirects to itself: one being started (a replacement for a pod deleted by
+    /// hand) takes over without a gap. The drain starts as soon as one does. With no other
+    /// agent coming (the DaemonSet deleted), this only delays the exit.
+    #[arg(long, default_value_t = 0)]
+    pub handover_wait_ms: u64,
     /// Discover services, endpoints and opted-in pods from the Kubernetes API, with the
     /// in-cluster configuration (the pod's service account) unless --kubeconfig is given.
     /// Services of the configuration file are served beside them.
@@ -136,6 +142,7 @@ fn run(args: RunArgs) -> ExitCode {
         config: args.config,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        handover_wait: Duration::from_millis(args.handover_wait_ms),
         workers: args.workers,
         admin_socket: args.admin_socket,
         tcp_migrate_req: args.tcp_migrate_req,

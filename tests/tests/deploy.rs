@@ -523,11 +523,19 @@ fn daemonset_is_wired_to_the_agent_and_its_configuration() {
     let pin_parent = config.datapath.pin_path.as_ref().unwrap().parent().unwrap();
     assert_eq!(host_path_of(pin_parent.to_str().unwrap()), "/sys/fs/bpf");
 
-    // Draining ends before the kubelet's SIGKILL.
+    // Waiting for a replacement and draining end before the kubelet's SIGKILL. The wait is
+    // on: with maxSurge a pod deleted by hand gets its replacement at once, while it drains.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let stop = run.handover_wait_ms + run.drain_timeout_ms;
     assert!(
-        Duration::from_secs(grace) >= Duration::from_millis(run.drain_timeout_ms + 5_000),
-        "terminationGracePeriodSeconds {grace} leaves too little time after a drain of {} ms",
+        run.handover_wait_ms > 0,
+        "the agent waits for its replacement"
+    );
+    assert!(
+        Duration::from_secs(grace) >= Duration::from_millis(stop + 5_000),
+        "terminationGracePeriodSeconds {grace} leaves too little time after a wait of {} ms \
+         and a drain of {} ms",
+        run.handover_wait_ms,
         run.drain_timeout_ms
     );
 

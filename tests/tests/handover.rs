@@ -56,9 +56,22 @@ fn vip(s: &Scenario, last: u8) -> SocketAddr {
 /// Starts an agent in the node, in a cgroup of its own named `name`, with the configuration
 /// `config(admin address)`, and waits until it is ready.
 async fn start_agent(s: &Scenario, name: &str, config: impl FnOnce(SocketAddr) -> String) -> Agent {
+    start_agent_with(s, name, config, &[]).await
+}
+
+/// [`start_agent`] with more arguments for `balancer-agent run`.
+async fn start_agent_with(
+    s: &Scenario,
+    name: &str,
+    config: impl FnOnce(SocketAddr) -> String,
+    args: &[&str],
+) -> Agent {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cg = s.node.cgroup.child(name).expect("agent cgroup");
-    let agent = Agent::start_in_cgroup(&config(admin), admin, cg.path()).await;
+    let agent = Agent::start_in_cgroup_with(&config(admin), admin, cg.path(), |c| {
+        c.args(args);
+    })
+    .await;
     // The cgroup goes with the node's tree (after the agent's process).
     std::mem::forget(cg);
     agent
@@ -215,6 +228,14 @@ fn sequential(phase: &Value) -> BTreeMap<String, u64> {
     serde_json::from_value(phase["sequential"].clone()).expect("calls per backend")
 }
 
+/// The sum of a count (`ok`, `failed`) over phases.
+fn sum(phases: &[Value], key: &str) -> u64 {
+    phases
+        .iter()
+        .map(|p| p[key].as_u64().expect("a count"))
+        .sum()
+}
+
 /// What `balancer-pod call` says each backend served.
 fn counts(out: &Value) -> BTreeMap<String, u64> {
     serde_json::from_value(out["counts"].clone()).expect("calls per backend")
@@ -298,8 +319,7 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
     let channel_phases = channels.finish().await;
     let grpcio_phases = grpcio.finish().await;
 
-    let total: u64 = phases.iter().map(|p| p["ok"].as_u64().unwrap()).sum();
-    let failed: u64 = phases.iter().map(|p| p["failed"].as_u64().unwrap()).sum();
+    let (total, failed) = (sum(&phases, "ok"), sum(&phases, "failed"));
     println!(
         "handover: {total} calls, {failed} failed; the old agent drained in {drained_in:?}; \
          sequential calls before {:?}, after {:?}",
@@ -307,14 +327,8 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
         sequential(&phases[1])
     );
     assert_eq!(failed, 0, "calls failed across the handover: {phases:?}");
-    let grpcio_ok: u64 = grpcio_phases
-        .iter()
-        .map(|p| p["ok"].as_u64().unwrap())
-        .sum();
-    let grpcio_failed: u64 = grpcio_phases
-        .iter()
-        .map(|p| p["failed"].as_u64().unwrap())
-        .sum();
+    let grpcio_ok = sum(&grpcio_phases, "ok");
+    let grpcio_failed = sum(&grpcio_phases, "failed");
     println!("grpcio: {grpcio_ok} calls, {grpcio_failed} failed");
     assert_eq!(grpcio_failed, 0, "grpcio calls failed: {grpcio_phases:?}");
     assert_eq!(
@@ -326,14 +340,8 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
     // call was open on it (at most the 4 x 4 + 1 that can be waiting), without sending them:
     // it cancels them, or h2 refuses to open their stream after the GOAWAY. Every other call
     // succeeds.
-    let channel_failed: u64 = channel_phases
-        .iter()
-        .map(|p| p["failed"].as_u64().unwrap())
-        .sum();
-    let channel_ok: u64 = channel_phases
-        .iter()
-        .map(|p| p["ok"].as_u64().unwrap())
-        .sum();
+    let channel_failed = sum(&channel_phases, "failed");
+    let channel_ok = sum(&channel_phases, "ok");
     println!("tonic Channel: {channel_ok} calls, {channel_failed} failed: {channel_phases:?}");
     assert!(channel_failed <= 17, "{channel_phases:?}");
     for p in &channel_phases {
@@ -364,6 +372,64 @@ async fn root_a_new_agent_takes_over_from_the_old_one_without_failing_a_call() {
     // The old agent left the pins to the new one, which still serves new connections.
     assert!(std::path::Path::new(&s.pin_path()).exists());
     assert_eq!(counts(&s.call("client", vip, 30).await).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_an_agent_stopped_before_its_replacement_serves_waits_for_it() {
+    require_root!();
+    let s = Scenario::new(3).await.unwrap();
+    let vip = vip(&s, 22);
+    let bypassed = kube_proxy(vip, s.backends[0].1).await;
+    // As the DaemonSet runs it: on SIGTERM, wait up to 15 s for another agent to redirect.
+    let wait = ["--handover-wait-ms", "15000"];
+    let config = |a| s.agent_config(vip, a, "auto");
+    let mut old = start_agent_with(&s, "agent-old", config, &wait).await;
+    let mut load = Load::start(&s, "client", vip, 4, "pooled").await;
+    let mut grpcio = Load::start(&s, "client", vip, 2, "grpcio").await;
+    load.wait_calls("calls through the old agent", 300).await;
+    grpcio
+        .wait_calls("grpcio calls through the old agent", 100)
+        .await;
+
+    // A pod deleted by hand: SIGTERM first, its replacement started at the same time.
+    old.sigterm();
+    let stopped = Instant::now();
+    let new = start_agent_with(&s, "agent-new", config, &wait).await;
+    let replaced_in = stopped.elapsed();
+    assert!(
+        old.exited().is_none(),
+        "the old agent served until its replacement was ready ({replaced_in:?})"
+    );
+    load.wait_calls("calls while the new agent takes over", 300)
+        .await;
+    let status = old.wait_exit(BOUND).await.expect("the old agent exits");
+    assert!(status.success(), "{status}");
+    let client_ip = s.node.pod("client").ip;
+    wait_until("the 8 connections on the new agent", BOUND, || {
+        connections_from(&new, client_ip) == 8
+    })
+    .await;
+    load.mark().await;
+    grpcio.mark().await;
+    load.wait_calls("calls through the new agent", 300).await;
+    grpcio
+        .wait_calls("grpcio calls through the new agent", 100)
+        .await;
+    let phases = load.finish().await;
+    let grpcio_phases = grpcio.finish().await;
+    let failed = sum(&phases, "failed") + sum(&grpcio_phases, "failed");
+    println!(
+        "replaced by hand: the new agent ready {replaced_in:?} after SIGTERM; {failed} failed \
+         calls: {phases:?} {grpcio_phases:?}"
+    );
+    assert_eq!(failed, 0, "{phases:?} {grpcio_phases:?}");
+    assert_eq!(
+        bypassed.load(Relaxed),
+        0,
+        "a connection went around the agents"
+    );
+    assert_eq!(new.bpf_counter("connect4_agent_down"), 0);
+    assert_eq!(sequential(&phases[1]).len(), 3, "{phases:?}");
 }
 
 /// The request HEADERS of a SayHello call on stream `sid`.
