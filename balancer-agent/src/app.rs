@@ -187,6 +187,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             let opts = opts.clone();
             let readiness = readiness.clone();
             let (calls, pools) = (proxy.calls.clone(), proxy.pools.clone());
+            let (identities_proxy, identities_rx) = (proxy.clone(), admin.opted_in.clone());
             move || {
                 let end = match control_plane(|| {
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -205,6 +206,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
                         // Active health checks, once per node for every client.
                         tokio::spawn(crate::health::run(store.clone()));
                         if let Some((kopts, kconfig)) = kube {
+                            tokio::spawn(pod_identities(identities_proxy, identities_rx));
                             let (store, metrics) = (store.clone(), metrics.clone());
                             let router = calls.router.clone();
                             tokio::spawn(async move {
@@ -442,6 +444,22 @@ async fn redirect_when_ready(
         other_agents = dp.others_serving(),
         "datapath redirecting to this agent; ready"
     );
+}
+
+/// Keeps the proxy's map of this node's pods by address equal to the opted-in pods that
+/// Kubernetes discovery publishes: a connection from one of them carries its namespace and
+/// labels to the call layer.
+async fn pod_identities(
+    proxy: Arc<Proxy>,
+    mut pods: watch::Receiver<Arc<discovery::pods::OptedIn>>,
+) {
+    loop {
+        let identities = pods.borrow_and_update().identities();
+        proxy.set_identities(identities);
+        if pods.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Runs the control plane; an error ends the agent.

@@ -637,3 +637,102 @@ async fn without_the_crds_the_agent_runs_and_says_what_it_watches() {
         "no request loop against the removed kinds"
     );
 }
+
+/// Routes on the caller: a VirtualService whose first rule matches `sourceNamespace` and
+/// `sourceLabels` takes the calls of the pod of this node that makes them (known by its
+/// address: the test's client connects from 127.0.0.1, the Pod object's `podIP`), and the calls
+/// of any other caller go on to the next rule.
+#[tokio::test]
+async fn a_source_match_takes_the_calls_of_the_pod_it_names() {
+    let mut cluster = Cluster::new(true).await;
+    let pods = greeter_b(&mut cluster).await;
+    // The caller: a pod of this node in an opted-in namespace, at the client's address.
+    let caller = |labels: &[(&str, &str)]| {
+        let mut p = pod(
+            "frontend",
+            "web-1",
+            "00000000-0000-4000-8000-0000000000f1",
+            NODE,
+            labels,
+            false,
+        );
+        p["status"]["podIP"] = "127.0.0.1".into();
+        p["status"]["podIPs"] = serde_json::json!([{"ip": "127.0.0.1"}]);
+        p
+    };
+    cluster.api.apply_all([
+        balancer_tests::apiserver::objects::namespace(
+            "frontend",
+            &[("balancer.dev/enabled", "true")],
+        ),
+        caller(&[("app", "web")]),
+    ]);
+    cluster.kubectl_apply(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: greeter-b-by-caller
+spec:
+  hosts: [greeter-b]
+  http:
+  - name: web
+    match:
+    - sourceNamespace: frontend
+      sourceLabels:
+        app: web
+    route:
+    - destination:
+        host: greeter-b
+        subset: v2
+  - name: others
+    route:
+    - destination:
+        host: greeter-b
+        subset: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: greeter-b
+spec:
+  host: greeter-b
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"#,
+    );
+    let env = start(cluster).await;
+    wait_until("greeter-b's 3 endpoints and both routes", WAIT, || {
+        env.ready_endpoints("greeter-b.default:50051") == 3
+            && env.route_names("greeter-b.default:50051").len() == 2
+    })
+    .await;
+    wait_until("the caller pod known", WAIT, || {
+        env.agent
+            .json("/api/opted_in")
+            .to_string()
+            .contains("web-1")
+    })
+    .await;
+    let web = tally(&env.channel("greeter-b:50051").await, 40, SAY_HELLO, &[]).await;
+    assert_eq!(served_by(&web, &pods, "v2"), 40, "web's calls: {web:?}");
+
+    // The same pod relabelled is another caller: once the agent has seen the change, its next
+    // connection takes the other rule.
+    env.cluster.api.apply(caller(&[("app", "batch")]));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let other = loop {
+        let t = tally(&env.channel("greeter-b:50051").await, 20, SAY_HELLO, &[]).await;
+        if served_by(&t, &pods, "v1") == 20 || tokio::time::Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(served_by(&other, &pods, "v1"), 20, "{other:?}");
+    assert_eq!(served_by(&other, &pods, "v2"), 0, "{other:?}");
+}

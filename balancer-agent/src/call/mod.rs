@@ -265,9 +265,9 @@ impl Calls {
             });
         }
         let table = self.router.table();
-        // The client pod is not known at accept yet: routes with a source condition take none
-        // of these calls.
-        let request = route::Request::new(fields, None);
+        // The client pod, when known (a pod of this node): otherwise routes with a source
+        // condition take none of its calls.
+        let request = route::Request::new(fields, conn.source.as_deref());
         // The route, then what it and its destination's policy add (faults, circuit
         // breaker, retries).
         let routed = table.decide(&service, &request).and_then(|d| {

@@ -16,7 +16,7 @@ use foldhash::{HashMap, HashMapExt};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::Target;
+use super::{Target, route::SourceIdentity};
 
 /// A client connection.
 #[derive(Debug)]
@@ -29,6 +29,9 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// What selects its service.
     pub target: String,
+    /// The client pod, when the agent knows it (a pod of this node): route and authorization
+    /// rules on the caller match it.
+    pub source: Option<Arc<SourceIdentity>>,
     /// When it was accepted.
     pub opened: SystemTime,
     /// Calls it has made.
@@ -154,12 +157,24 @@ impl Registry {
         local: SocketAddr,
         target: &Target,
     ) -> Arc<ConnInfo> {
+        self.open_connection_from(peer, local, target, None)
+    }
+
+    /// [`Registry::open_connection`] for a connection whose client pod is known.
+    pub fn open_connection_from(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        target: &Target,
+        source: Option<Arc<SourceIdentity>>,
+    ) -> Arc<ConnInfo> {
         let id = self.next.fetch_add(1, Relaxed) + 1;
         let info = Arc::new(ConnInfo {
             id,
             peer,
             local,
             target: target.describe(),
+            source,
             opened: SystemTime::now(),
             calls_total: AtomicU64::new(0),
             calls: Mutex::new(HashMap::new()),

@@ -66,7 +66,7 @@ use super::{
     policy::{self, Decoded, PolicyKind, ServiceRef, Translator},
 };
 use crate::{
-    call::route::{PolicySet, Router},
+    call::route::{PolicySet, Router, SourceIdentity},
     config::{Balancing, HealthCheck, Policy, TrafficDistribution},
     metrics::Metrics,
     state::{EndpointSpec, Labels, ServiceSpec, Source, Store, Update},
@@ -928,6 +928,11 @@ impl Cgroups {
                     uid: p.uid.clone(),
                     cgroup_id: found.as_ref().map(|f| f.1),
                     cgroup: found.map(|f| f.0),
+                    ips: p.ips.clone(),
+                    identity: Arc::new(SourceIdentity {
+                        namespace: p.namespace.clone(),
+                        labels: p.labels.clone(),
+                    }),
                 },
             );
         }

@@ -22,10 +22,14 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Serialize;
+
+use crate::call::route::SourceIdentity;
 
 /// The namespace label that opts a namespace's pods in (value `true`), and the pod label that
 /// opts one pod out (value `false`).
@@ -54,6 +58,10 @@ pub struct PodInfo {
     pub istio: bool,
     /// It has ended (`Succeeded` or `Failed`): its cgroup is gone.
     pub finished: bool,
+    /// `status.podIPs`: how the agent knows a client connection's pod.
+    pub ips: Vec<IpAddr>,
+    /// Its labels (route rules on the caller match them).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodInfo {
@@ -97,6 +105,23 @@ impl PodInfo {
             finished: status
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+            ips: status
+                .into_iter()
+                .flat_map(|s| {
+                    s.pod_ips
+                        .iter()
+                        .flatten()
+                        .map(|p| p.ip.as_str())
+                        .chain(s.pod_ip.as_deref())
+                })
+                .filter_map(|ip| ip.parse().ok())
+                .fold(Vec::new(), |mut ips, ip| {
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                    ips
+                }),
+            labels: labels.cloned().unwrap_or_default().into_iter().collect(),
         }
     }
 
@@ -117,6 +142,11 @@ pub struct OptedInPod {
     pub cgroup: Option<PathBuf>,
     /// Its cgroup id (the directory's inode), when found.
     pub cgroup_id: Option<u64>,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// Its namespace and labels: who it is to route and authorization rules.
+    #[serde(skip)]
+    pub identity: Arc<SourceIdentity>,
 }
 
 /// The opted-in pods of this node, as discovery last computed them.
@@ -132,6 +162,15 @@ impl OptedIn {
     /// The cgroup ids to put in the datapath's opted-in map.
     pub fn cgroup_ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.pods.values().filter_map(|p| p.cgroup_id)
+    }
+
+    /// Who each address of these pods is: the proxy knows a client connection's pod by its
+    /// peer address.
+    pub fn identities(&self) -> foldhash::HashMap<IpAddr, Arc<SourceIdentity>> {
+        self.pods
+            .values()
+            .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.identity.clone())))
+            .collect()
     }
 }
 

@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -32,7 +33,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    call::{Calls, Target},
+    call::{Calls, Target, route::SourceIdentity},
     netns::{Netns, Source},
     relay::{ConnectionEnded, up::Pools},
     workers::Workers,
@@ -68,6 +69,8 @@ pub struct Proxy {
     pub orig_dst: Option<Arc<dyn OrigDstLookup>>,
     /// The client pods whose addresses the connections to endpoints carry, when on.
     sources: Option<Sources>,
+    /// Who the pods of this node are, by address (from Kubernetes discovery).
+    identities: ArcSwap<foldhash::HashMap<IpAddr, Arc<SourceIdentity>>>,
     /// The workers that serve accepted connections.
     workers: Arc<Workers>,
     connections: AtomicUsize,
@@ -127,6 +130,7 @@ impl Proxy {
             pools,
             orig_dst,
             sources,
+            identities: ArcSwap::default(),
             workers,
             connections: AtomicUsize::new(0),
             drain,
@@ -136,6 +140,12 @@ impl Proxy {
     /// Calls in flight.
     pub fn active_calls(&self) -> usize {
         self.calls.active()
+    }
+
+    /// Puts in force who the pods of this node are, by address: the connections accepted from
+    /// then on from one of them carry its namespace and labels to the call layer.
+    pub fn set_identities(&self, identities: foldhash::HashMap<IpAddr, Arc<SourceIdentity>>) {
+        self.identities.store(Arc::new(identities));
     }
 
     /// Client connections open.
@@ -212,7 +222,15 @@ impl Proxy {
         };
         self.connections.fetch_add(1, Relaxed);
         self.calls.metrics.client_connections.inc();
-        let info = self.calls.registry.open_connection(peer, local, &target);
+        let identity = self
+            .identities
+            .load()
+            .get(&peer.ip().to_canonical())
+            .cloned();
+        let info = self
+            .calls
+            .registry
+            .open_connection_from(peer, local, &target, identity);
         let detect_timeout = self.calls.limits().protocol_detect_timeout;
         let result = match detect_h2(&stream, detect_timeout).await {
             Ok(true) => {
