@@ -256,6 +256,26 @@ mod tests {
     }
 
     #[test]
+    fn codes_read_by_name_number_and_status_value() {
+        assert_eq!(Code::parse("UNAVAILABLE"), Some(Code::Unavailable));
+        assert_eq!(
+            Code::parse("resource_exhausted"),
+            Some(Code::ResourceExhausted)
+        );
+        assert_eq!(Code::parse("16"), Some(Code::Unauthenticated));
+        assert_eq!(Code::parse("17"), None);
+        assert_eq!(Code::parse("NOPE"), None);
+        assert_eq!(Code::from_status(b"14"), Some(Code::Unavailable));
+        for bad in [&b""[..], b"-1", b"017", b"x", b"99"] {
+            assert_eq!(Code::from_status(bad), None, "{bad:?}");
+        }
+        for c in Code::ALL {
+            assert_eq!(Code::parse(c.name()), Some(c));
+            assert_eq!(Code::from_u32(c as u32), Some(c));
+        }
+    }
+
+    #[test]
     fn messages_are_percent_encoded() {
         assert_eq!(
             percent_encode("endpoint 10.0.0.1:80: connection refused 100%"),

@@ -573,3 +573,236 @@ mod tests {
         assert_eq!(granted, 10, "only the floor without calls");
     }
 }
+
+/// The rule of `Call::retry` and what admission adds to a call (faults, circuit breaker,
+/// retries), on the call layer alone with a paused clock.
+#[cfg(test)]
+mod call_tests {
+    use std::{net::SocketAddr, sync::Arc};
+
+    use super::*;
+    use crate::{
+        call::{Attempts, Calls, End, Target, registry::ConnInfo, route::PolicySet},
+        config::{Config, Limits, Policy, PoolConfig},
+        metrics::Metrics,
+        state::{EndpointSpec, ServiceSpec, Source, Store, Update},
+        wire::message::Fields,
+    };
+
+    const TARGET: Target = Target::Authority { default: None };
+
+    /// Calls to service `greeter` over 3 endpoints, with the file's `routes` entry `routes`.
+    fn calls(routes: &str) -> Arc<Calls> {
+        let store = Store::new(PoolConfig::default());
+        store.apply(Update::Reset(vec![ServiceSpec {
+            name: "greeter".into(),
+            authorities: vec!["greeter".into()],
+            vips: vec![],
+            policy: Policy::RoundRobin,
+            endpoints: (1..=3)
+                .map(|i| EndpointSpec::ready(SocketAddr::from(([10, 0, 0, i], 50051))))
+                .collect(),
+            balancing: Default::default(),
+        }]));
+        let metrics = Metrics::new(store.clone(), 10);
+        let calls = Calls::new(store, metrics, Limits::default());
+        let yaml = format!(
+            "listeners: [{{address: 127.0.0.1:15001}}]\nroutes:\n  - service: greeter\n{routes}"
+        );
+        let config = Config::from_yaml(&yaml, "test").unwrap();
+        calls
+            .router
+            .set(Source::File, PolicySet::from_config(&config.routes));
+        calls
+    }
+
+    fn conn(calls: &Calls) -> Arc<ConnInfo> {
+        let peer = "10.1.0.5:40000".parse().unwrap();
+        calls.registry.open_connection(peer, peer, &TARGET)
+    }
+
+    fn request() -> Fields {
+        let mut f = Fields::default();
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/helloworld.Greeter/SayHello"),
+            (":authority", "greeter"),
+        ] {
+            f.push(n.as_bytes(), v.as_bytes());
+        }
+        f
+    }
+
+    fn answer(status: &str, extra: &[(&str, &str)]) -> Fields {
+        let mut f = Fields::default();
+        f.push(b":status", b"200");
+        f.push(b"grpc-status", status.as_bytes());
+        for (n, v) in extra {
+            f.push(n.as_bytes(), v.as_bytes());
+        }
+        f
+    }
+
+    /// A call admitted and sent to its first endpoint.
+    fn sent(calls: &Arc<Calls>) -> Box<crate::call::Call> {
+        let admitted = calls
+            .admit(&TARGET, &conn(calls), &request(), true)
+            .unwrap();
+        let guard = Attempts::default().next(&admitted.destination).unwrap();
+        admitted.sent(calls.clone(), guard)
+    }
+
+    fn sample(calls: &Calls, name: &str, label: &str) -> f64 {
+        calls
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    const RETRY_2: &str = "    rules:\n      - name: r\n        backends: [{}]\n        retries: {attempts: 2, retry_on: unavailable}\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trailers_only_failure_is_retried_on_another_endpoint_until_attempts_run_out() {
+        let calls = calls(RETRY_2);
+        let mut call = sent(&calls);
+        let first = call.guard.endpoint().addr;
+        let now = Instant::now();
+        // A status the policy does not name passes to the client; OK too.
+        assert!(!call.retry_answer(&answer("13", &[]), now));
+        assert!(!call.retry_answer(&answer("0", &[]), now));
+        assert!(call.retry_answer(&answer("14", &[]), now));
+        let at = call.retry_at().unwrap();
+        assert!(at >= now && at <= now + BACKOFF_BASE, "{at:?}");
+        let replay = call.replay.as_ref().unwrap();
+        assert_eq!(
+            replay.fields.get(b"grpc-previous-rpc-attempts"),
+            Some(&b"1"[..])
+        );
+        // The next attempt goes to an endpoint not tried yet.
+        let mut attempts = Attempts::new(replay.tried.clone(), None).since(replay.attempts_from);
+        let guard = attempts.next(&call.destination).unwrap();
+        assert_ne!(guard.endpoint().addr, first);
+        call.resent(guard);
+        assert!(call.retry_answer(&answer("14", &[]), Instant::now()));
+        assert_eq!(
+            call.replay
+                .as_ref()
+                .unwrap()
+                .fields
+                .get(b"grpc-previous-rpc-attempts"),
+            Some(&b"2"[..]),
+            "one header, the count of attempts before"
+        );
+        // Two retries made: the third failure ends the call as it is.
+        assert!(!call.retry_answer(&answer("14", &[]), Instant::now()));
+        call.finish(End::Status("14"));
+        assert_eq!(
+            sample(&calls, "balancer_call_retries_total", "unavailable"),
+            2.0
+        );
+        let exhausted = r#"reason="attempts_exhausted""#;
+        assert_eq!(
+            sample(&calls, "balancer_calls_not_retried_total", exhausted),
+            1.0
+        );
+        assert_eq!(calls.active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushback_sets_the_wait_or_stops_the_retries() {
+        let calls = calls(RETRY_2);
+        let mut call = sent(&calls);
+        let now = Instant::now();
+        let pushback = answer("14", &[("grpc-retry-pushback-ms", "750")]);
+        assert!(call.retry_answer(&pushback, now));
+        assert_eq!(call.retry_at(), Some(now + Duration::from_millis(750)));
+        let mut call = sent(&calls);
+        let refused = answer("14", &[("grpc-retry-pushback-ms", "-5")]);
+        assert!(!call.retry_answer(&refused, now));
+        assert_eq!(
+            sample(&calls, "balancer_calls_not_retried_total", "pushback"),
+            1.0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_not_held_or_already_answered_is_not_retried() {
+        let calls = calls(RETRY_2);
+        let now = Instant::now();
+        let mut large = sent(&calls);
+        large.request_data(&vec![0; crate::call::REPLAY_LIMIT + 1], false);
+        assert!(!large.retry(Outcome::Status(Code::Unavailable), None, now));
+        let mut trailers = sent(&calls);
+        trailers.request_trailers();
+        assert!(!trailers.retry(Outcome::Status(Code::Unavailable), None, now));
+        let mut started = sent(&calls);
+        assert!(started.responded());
+        started.finish(End::Status("14"));
+        for reason in ["request_too_large", "request_trailers", "response_started"] {
+            let label = format!("reason=\"{reason}\"");
+            let n = sample(&calls, "balancer_calls_not_retried_total", &label);
+            assert_eq!(n, 1.0, "{reason}");
+        }
+        // A reset is retried only when the policy names it.
+        assert!(!large.retry(Outcome::Reset, None, now));
+        large.finish(End::Reset);
+        trailers.finish(End::Reset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_try_timeout_expires_the_attempt_before_the_call() {
+        let routes = "    rules:\n      - name: r\n        backends: [{}]\n        timeout_ms: 1000\n        retries: {attempts: 1, per_try_timeout_ms: 300, retry_on: deadline-exceeded}\n";
+        let calls = calls(routes);
+        let call = sent(&calls);
+        let start = Instant::now();
+        assert_eq!(
+            call.attempt_deadline(),
+            Some(start + Duration::from_millis(300))
+        );
+        tokio::time::advance(Duration::from_millis(301)).await;
+        assert_eq!(call.expiry(Instant::now()), crate::call::Expiry::Attempt);
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert_eq!(call.expiry(Instant::now()), crate::call::Expiry::Call);
+        call.finish(End::Status("4"));
+        // The proxy's own DEADLINE_EXCEEDED at the deadline is not counted as not retried.
+        assert_eq!(
+            sample(&calls, "balancer_calls_not_retried_total", "reason"),
+            0.0
+        );
+    }
+
+    #[tokio::test]
+    async fn admission_draws_faults_and_counts_calls_against_the_breaker() {
+        let routes = "    connection_pool: {max_requests: 2}\n    rules:\n      - name: chaos\n        backends: [{}]\n        fault: {abort: {grpc_status: PERMISSION_DENIED, percent: 100}}\n";
+        let calls = calls(routes);
+        let conn = conn(&calls);
+        let refused = calls.admit(&TARGET, &conn, &request(), true).unwrap_err();
+        assert_eq!(refused.status.code, Code::PermissionDenied);
+        assert!(refused.status.message.contains("route chaos"));
+        calls.refused(&refused);
+        assert_eq!(
+            sample(&calls, "balancer_faults_injected_total", "abort"),
+            1.0
+        );
+
+        let routes = "    connection_pool: {max_requests: 2}\n    rules:\n      - name: slow\n        backends: [{}]\n        fault: {delay: {fixed_delay_ms: 50}}\n";
+        let calls = self::calls(routes);
+        let conn = self::conn(&calls);
+        let a = calls.admit(&TARGET, &conn, &request(), true).unwrap();
+        assert_eq!(a.fault.delay, Some(Duration::from_millis(50)));
+        let b = calls.admit(&TARGET, &conn, &request(), true).unwrap();
+        let over = calls.admit(&TARGET, &conn, &request(), true).unwrap_err();
+        assert_eq!(over.status.code, Code::ResourceExhausted);
+        assert!(over.status.message.contains("max_requests"));
+        calls.refused(&over);
+        a.cancelled(&calls);
+        let c = calls.admit(&TARGET, &conn, &request(), true).unwrap();
+        b.cancelled(&calls);
+        c.cancelled(&calls);
+        assert_eq!(calls.active(), 0);
+    }
+}

@@ -309,3 +309,73 @@ pub(super) fn service_problems(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn every_problem_of_the_resilience_settings_is_listed_with_its_place() {
+        let bad = r#"
+listeners:
+  - address: 127.0.0.1:15001
+routes:
+  - service: a
+    connection_pool: {max_requests: 0, connect_timeout_ms: 0}
+    outlier_detection: {errors: some, max_ejection_percent: 101}
+    retry_budget: {percent: 120, ttl_ms: 10}
+    rules:
+      - name: r
+        backends: [{}]
+        timeout_ms: 100
+        retries: {attempts: 2, per_try_timeout_ms: 200, retry_on: "unavailable,sometimes"}
+        fault: {delay: {fixed_delay_ms: 0, percent: 101}, abort: {grpc_status: NOPE}}
+      - name: empty
+        backends: [{}]
+        fault: {}
+"#;
+        let e = Config::from_yaml(bad, "bad.yaml").unwrap_err();
+        let want = [
+            "routes[0].connection_pool.max_requests: must be at least 1 (leave it out for no limit)",
+            "routes[0].connection_pool.connect_timeout_ms: must be at least 1",
+            r#"routes[0].outlier_detection.errors: "some" is not one of server, gateway"#,
+            "routes[0].outlier_detection.max_ejection_percent: 101 is above 100",
+            "routes[0].retry_budget.percent: 120 is outside 0..=100",
+            "routes[0].retry_budget.ttl_ms: 10 is below 1000",
+            r#"routes[0].rules[0].retries.retry_on: unknown condition(s) ["sometimes"]; known: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable, unknown, connect-failure, refused-stream, reset, 5xx, gateway-error"#,
+            "routes[0].rules[0].retries.per_try_timeout_ms: 200 is above the rule's timeout_ms 100",
+            "routes[0].rules[0].fault.delay.percent: 101 is outside 0..=100",
+            "routes[0].rules[0].fault.delay.fixed_delay_ms: must be at least 1",
+            r#"routes[0].rules[0].fault.abort.grpc_status: "NOPE" is not a gRPC status name (UNAVAILABLE) or number (0-16)"#,
+            "routes[0].rules[1].fault: needs a delay, an abort, or both",
+        ];
+        for w in want {
+            assert!(
+                e.problems.iter().any(|p| p == w),
+                "missing {w:?} in {:#?}",
+                e.problems
+            );
+        }
+        assert_eq!(e.problems.len(), want.len(), "{:#?}", e.problems);
+    }
+
+    #[test]
+    fn resilience_settings_round_trip_through_the_dump() {
+        let good = r#"
+listeners:
+  - address: 127.0.0.1:15001
+routes:
+  - service: a
+    connection_pool: {max_requests: 100, max_retries: 3, idle_timeout_ms: 5000}
+    outlier_detection: {consecutive_errors: 3, errors: gateway, base_ejection_ms: 30000}
+    retry_budget: {percent: 25, min_retries_per_second: 5}
+    rules:
+      - backends: [{}]
+        retries: {attempts: 3, per_try_timeout_ms: 2000, retry_on: "cancelled,deadline-exceeded"}
+        fault: {delay: {fixed_delay_ms: 100, percent: 50}, abort: {grpc_status: "14", percent: 0.5}}
+"#;
+        let c = Config::from_yaml(good, "good.yaml").unwrap();
+        let dump = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(Config::from_yaml(&dump, "dump").unwrap(), c);
+    }
+}
