@@ -19,9 +19,9 @@
 //! - [`Policy::RoundRobin`]: each endpoint in turn.
 //! - [`Policy::RingHash`]: consistent hashing of a request header ([`ring`]).
 //!
-//! Before the policy, locality ([`Settings`]): the endpoints are ranked in tiers (this node,
-//! this zone, the failover zones, the rest, as `trafficDistribution` or `localityLbSetting`
-//! say), and a call goes to the first tier whose endpoints that take calls are enough for it:
+//! Before the policy, locality ([`Settings`]): the endpoints are ranked in disjoint tiers
+//! (this node, the rest of this zone, the failover zones, the rest, as `trafficDistribution`
+//! or `localityLbSetting` say), and a call goes to the first tier whose endpoints that take calls are enough for it:
 //! a tier with `h` of its `t` endpoints taking calls takes `min(1, 1.4 h / t)` of the calls
 //! (Envoy's overprovisioning factor), the rest spill to the next tier. Never a dead end: when
 //! no tier has an endpoint that takes calls, any endpoint does.
@@ -835,11 +835,27 @@ fn tiers(ready: &[Arc<Endpoint>], settings: &Settings) -> Vec<Tier> {
             }
         }
     }
+    // Disjoint tiers, as Envoy's priorities: a tier holds the endpoints no nearer tier holds,
+    // so the node's endpoints being down does not count against its zone's others.
+    let mut taken = vec![false; ready.len()];
+    for tier in &mut out {
+        for g in &mut tier.groups {
+            g.members.retain(|i| !taken[*i as usize]);
+        }
+        for i in tier.groups.iter().flat_map(|g| &g.members) {
+            taken[*i as usize] = true;
+        }
+    }
     out.retain(|t| t.groups.iter().any(|g| !g.members.is_empty()));
     if out.is_empty() {
         return vec![all()];
     }
-    out.push(all());
+    let rest: Vec<u32> = (0..ready.len() as u32)
+        .filter(|i| !taken[*i as usize])
+        .collect();
+    if !rest.is_empty() {
+        out.push(one(rest, "any other".into()));
+    }
     out
 }
 
@@ -935,6 +951,9 @@ impl Drop for CallGuard {
         s.in_flight.fetch_sub(1, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod locality_tests;
 
 #[cfg(test)]
 mod tests {
