@@ -388,10 +388,7 @@ impl Admin {
 impl Admin {
     /// `/api/explain?to=DEST&method=/pkg.Svc/Method&header=name:value...`: the call layer's
     /// decision for such a call.
-    fn explain(
-        &self,
-        query: Option<&str>,
-    ) -> Result<crate::call::route::explain::Explanation, (StatusCode, String)> {
+    fn explain(&self, query: Option<&str>) -> Result<serde_json::Value, (StatusCode, String)> {
         use crate::call::route::explain;
         let bad = |why: String| (StatusCode::BAD_REQUEST, why);
         let to = query_value(query, "to").ok_or_else(|| bad("to= is needed".into()))?;
@@ -405,12 +402,21 @@ impl Admin {
             )
         })?;
         let fields = explain::request_fields(&to, &method, &headers).map_err(bad)?;
-        Ok(self
+        let decision = self
             .proxy
             .calls
             .router
             .table()
-            .explain(service, &fields, None))
+            .explain(service, &fields, None);
+        let mut v = serde_json::to_value(decision).expect("serializable");
+        // Then the balancer: why each endpoint gets the share it gets.
+        v["picks"] = service
+            .balancer
+            .explain()
+            .into_iter()
+            .map(|(address, why)| serde_json::json!({"address": address.to_string(), "why": why}))
+            .collect();
+        Ok(v)
     }
 }
 

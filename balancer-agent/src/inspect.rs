@@ -460,6 +460,15 @@ fn render_explain(v: &Value) -> String {
     for b in v["backends"].as_array().into_iter().flatten() {
         out += &format!("  {}\n", backend_line(b));
     }
+    let picks = v["picks"].as_array().into_iter().flatten();
+    let picks: Vec<_> = picks.map(|p| [s(&p["address"]), s(&p["why"])]).collect();
+    if !picks.is_empty() {
+        out += "which endpoint (why each gets its share):\n";
+        let width = picks.iter().map(|[a, _]| a.len()).max().unwrap_or(0);
+        for [address, why] in picks {
+            out += &format!("  {address:width$}  {why}\n");
+        }
+    }
     let others = v["others"].as_array().map_or(0, Vec::len);
     if others > 0 {
         out += "other routes:\n";

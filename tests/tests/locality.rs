@@ -204,6 +204,37 @@ async fn prefer_same_node_keeps_calls_on_the_node_and_fails_over_with_no_failed_
     let local = counts.get("backend-2").copied().unwrap_or_default();
     assert!((240..=320).contains(&local), "70% of 400 local: {counts:?}");
 
+    // inspect explain says why: out, first choice on the node, the zone's only for the spill.
+    let out = std::process::Command::new(balancer_tests::agent::agent_bin())
+        .args(["inspect", "--admin", &agent.admin.to_string(), "explain"])
+        .args([
+            "--to",
+            "greeter",
+            "--method",
+            "/helloworld.Greeter/SayHello",
+        ])
+        .output()
+        .expect("running inspect");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "{out:?}");
+    for (e, why) in [
+        (0, "out: its health check says NOT_SERVING"),
+        (1, "locality: this node (node-1), first choice"),
+        (2, "tier 1: only what nearer tiers cannot take"),
+        (3, "tier 2: only what nearer tiers cannot take"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&b[e].addr.to_string()))
+            .unwrap_or_default();
+        assert!(
+            line.contains(why),
+            "{why:?} for backend-{} in\n{text}",
+            e + 1
+        );
+    }
+
     // Both local endpoints NOT_SERVING: every call to the zone's endpoint, none failing.
     control(&b[1]).set_serving(false);
     balancer_tests::wait_until("backend-2 seen NOT_SERVING", BOUND, || {
