@@ -150,6 +150,8 @@ fn decay(elapsed: Duration, tau: Duration) -> f64 {
 /// Latencies closer than this are equal whatever their jitter says (timer and scheduling
 /// noise), ns.
 pub const TIE_FLOOR_NS: f64 = 50_000.0;
+/// Latencies observed on each endpoint before a difference between them counts.
+pub const MIN_SAMPLES: u32 = 4;
 /// Latencies within this fraction of the smaller one are equal.
 pub const TIE_RELATIVE: f64 = 0.2;
 
@@ -157,6 +159,11 @@ impl Reading {
     /// Whether the latencies of `self` and `other` differ by more than their jitter and the
     /// noise floor: a measured difference.
     pub fn latency_differs(&self, other: &Reading) -> bool {
+        // A reading of a call or two is the connection's first calls (cold paths on both
+        // ends), not the endpoint's latency: no difference until both have enough.
+        if self.samples.min(other.samples) < MIN_SAMPLES {
+            return false;
+        }
         let band = (self.jitter_ns + other.jitter_ns)
             .max(TIE_RELATIVE * self.latency_ns.min(other.latency_ns))
             .max(TIE_FLOOR_NS);
@@ -170,6 +177,27 @@ mod tests {
 
     fn ms(v: f64) -> Duration {
         Duration::from_secs_f64(v / 1000.0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_call_is_no_difference_until_enough_calls_are_seen() {
+        let now = Instant::now();
+        let (mut a, mut b) = (Estimate::new(now), Estimate::new(now));
+        a.observe(ms(5.0), now);
+        b.observe(ms(0.3), now);
+        assert!(!a.read(now).latency_differs(&b.read(now)));
+        for _ in 1..MIN_SAMPLES {
+            a.observe(ms(0.3), now);
+            b.observe(ms(0.3), now);
+        }
+        // The first call still weighs in; its jitter keeps the two even.
+        assert!(!a.read(now).latency_differs(&b.read(now)));
+        // A lasting difference shows once both have enough calls.
+        for _ in 0..20 {
+            a.observe(ms(3.0), now);
+            b.observe(ms(0.3), now);
+        }
+        assert!(a.read(now).latency_differs(&b.read(now)));
     }
 
     #[tokio::test(start_paused = true)]

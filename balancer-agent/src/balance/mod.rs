@@ -1043,11 +1043,14 @@ mod tests {
             eps.clone(),
             backoff(Duration::from_secs(1)),
         );
-        // Teach the balancer that endpoint 0 answers in 50ms and the others in 1ms.
-        for (i, e) in eps.iter().enumerate() {
-            let mut g = guard(e);
-            tokio::time::advance(Duration::from_millis(if i == 0 { 50 } else { 1 })).await;
-            g.first_byte();
+        // Teach the balancer that endpoint 0 answers in 50ms and the others in 1ms (enough
+        // calls each for a difference to count).
+        for _ in 0..estimate::MIN_SAMPLES {
+            for (i, e) in eps.iter().enumerate() {
+                let mut g = guard(e);
+                tokio::time::advance(Duration::from_millis(if i == 0 { 50 } else { 1 })).await;
+                g.first_byte();
+            }
         }
         let counts = shares(&b, 1000);
         // With two random choices the slowest endpoint can only win when drawn against itself,
