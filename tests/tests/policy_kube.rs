@@ -736,3 +736,47 @@ spec:
     assert_eq!(served_by(&other, &pods, "v1"), 20, "{other:?}");
     assert_eq!(served_by(&other, &pods, "v2"), 0, "{other:?}");
 }
+
+/// A DestinationRule's `consistentHash.httpHeaderName` (seed 004's session affinity): calls
+/// with one key land on one pod, and the keys spread over the pods.
+#[tokio::test]
+async fn a_destination_rules_consistent_hash_keeps_a_key_on_one_pod() {
+    let mut cluster = Cluster::new(true).await;
+    let pods = greeter_b(&mut cluster).await;
+    cluster.kubectl_apply(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: greeter-b
+spec:
+  host: greeter-b
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+"#,
+    );
+    let env = start(cluster).await;
+    wait_until("greeter-b's 3 endpoints and its policy", WAIT, || {
+        env.ready_endpoints("greeter-b.default:50051") == 3
+            && env.routes()["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["service"] == "greeter-b.default:50051"))
+    })
+    .await;
+    let ch = env.channel("greeter-b:50051").await;
+    let mut owners = std::collections::BTreeSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let t = tally(&ch, 10, SAY_HELLO, &[("x-user", user)]).await;
+        assert_eq!(t.len(), 1, "{user}'s 10 calls on one pod: {t:?}");
+        owners.extend(t.into_keys());
+    }
+    assert!(
+        owners.len() >= 2,
+        "8 keys spread over the 3 pods: {owners:?} of {:?}",
+        pods.iter().map(|p| &p.name).collect::<Vec<_>>()
+    );
+}

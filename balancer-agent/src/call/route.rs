@@ -340,6 +340,9 @@ pub struct ServicePolicy {
     /// How calls to all its endpoints are balanced, when not as the store says (Istio's
     /// `DestinationRule` `trafficPolicy.loadBalancer`).
     pub load_balancer: Option<Policy>,
+    /// Consistent hashing and locality weights a source sets for the service's endpoints and
+    /// its subsets (Istio's `loadBalancer.consistentHash`, `localityLbSetting`).
+    pub balancing: BalancingOverride,
     /// Who may call it (issue 16).
     pub authorization: Option<AuthorizationPolicy>,
     /// Its circuit breaker, outlier detection and retry budget (Istio `DestinationRule`
@@ -354,6 +357,7 @@ impl ServicePolicy {
             service: service.into(),
             routes,
             load_balancer: None,
+            balancing: BalancingOverride::default(),
             authorization: None,
             resilience: Resilience::default(),
         }
@@ -902,9 +906,11 @@ impl Table {
         }
         // Calls to a service without a subset go where its own policy says (its balancing).
         let mut defaults: HashMap<&str, Destination> = HashMap::new();
+        let mut overrides: HashMap<&str, &BalancingOverride> = HashMap::new();
         for (_, p) in &policies {
             if let Some(s) = snapshot.by_name(&p.service) {
-                defaults.insert(p.service.as_str(), default_destination(s, p.load_balancer));
+                defaults.insert(p.service.as_str(), default_destination(s, p));
+                overrides.insert(p.service.as_str(), &p.balancing);
             }
         }
         for (source, p) in policies {
@@ -915,7 +921,7 @@ impl Table {
             let routes = p
                 .routes
                 .iter()
-                .map(|r| resolve(r, snapshot, &defaults))
+                .map(|r| resolve(r, snapshot, &defaults, &overrides))
                 .collect();
             table.services.insert(
                 service.id,
@@ -931,15 +937,24 @@ impl Table {
     }
 }
 
-/// All of `service`'s endpoints, balanced by `policy` when it says otherwise than the store.
-fn default_destination(service: &Arc<Service>, policy: Option<Policy>) -> Destination {
-    let set = policy.filter(|p| *p != service.balancer.policy()).map(|p| {
+/// All of `service`'s endpoints, balanced as `policy` says when it says otherwise than the
+/// store (a policy, a hash header, locality weights).
+fn default_destination(service: &Arc<Service>, policy: &ServicePolicy) -> Destination {
+    let o = &policy.balancing;
+    // Istio's `consistentHash` and `simple` exclude each other: a hash header means ring-hash.
+    let chosen = if o.hash_header.is_some() {
+        Some(Policy::RingHash)
+    } else {
+        policy.load_balancer
+    };
+    let differs = chosen.is_some_and(|p| p != service.balancer.policy());
+    let set = (differs || !o.is_empty()).then(|| {
         Arc::new(EndpointSet {
             subset: None,
             balancer: Balancer::new(
-                p,
+                chosen.unwrap_or(service.balancer.policy()),
                 service.balancer.ready().to_vec(),
-                service.balancer.failures(),
+                o.applied_to(service.balancer.settings()),
             ),
         })
     });
@@ -949,11 +964,40 @@ fn default_destination(service: &Arc<Service>, policy: Option<Policy>) -> Destin
     }
 }
 
+/// Balancing a source sets over the store's for a service (Istio `DestinationRule`
+/// `trafficPolicy.loadBalancer`); what is not set keeps the service's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BalancingOverride {
+    /// Ring-hash on this request header (`consistentHash.httpHeaderName`).
+    pub hash_header: Option<String>,
+    /// Locality weights and failover (`localityLbSetting`).
+    pub locality_lb: Option<crate::config::LocalityLb>,
+}
+
+impl BalancingOverride {
+    /// Whether it sets nothing.
+    pub fn is_empty(&self) -> bool {
+        self.hash_header.is_none() && self.locality_lb.is_none()
+    }
+
+    /// `settings` with what this sets.
+    fn applied_to(&self, mut settings: crate::balance::Settings) -> crate::balance::Settings {
+        if let Some(h) = &self.hash_header {
+            settings.balancing.hash_header = Some(h.to_ascii_lowercase());
+        }
+        if let Some(l) = &self.locality_lb {
+            settings.balancing.locality_lb = l.clone();
+        }
+        settings
+    }
+}
+
 /// `route`'s backends against `snapshot`.
 fn resolve(
     route: &Route,
     snapshot: &Snapshot,
     defaults: &HashMap<&str, Destination>,
+    overrides: &HashMap<&str, &BalancingOverride>,
 ) -> RouteEntry {
     let mut until = 0u32;
     let backends = route
@@ -968,7 +1012,11 @@ fn resolve(
                     .get(b.service.as_str())
                     .cloned()
                     .unwrap_or_else(|| Destination::service(s.clone()))),
-                (Some(s), Some(subset)) => Ok(subset_destination(s, subset)),
+                (Some(s), Some(subset)) => Ok(subset_destination(
+                    s,
+                    subset,
+                    overrides.get(b.service.as_str()).copied(),
+                )),
             };
             Resolved { until, destination }
         })
@@ -980,8 +1028,14 @@ fn resolve(
     }
 }
 
-/// The endpoints of `service` in `subset`: ready, not terminating, with each of its labels.
-fn subset_destination(service: &Arc<Service>, subset: &Subset) -> Destination {
+/// The endpoints of `service` in `subset`: ready, not terminating, with each of its labels,
+/// balanced with the service's settings (hash header, locality, warm-up) and what its policy
+/// sets over them.
+fn subset_destination(
+    service: &Arc<Service>,
+    subset: &Subset,
+    o: Option<&BalancingOverride>,
+) -> Destination {
     let ready = service
         .endpoints
         .iter()
@@ -994,12 +1048,21 @@ fn subset_destination(service: &Arc<Service>, subset: &Subset) -> Destination {
         })
         .map(|e| e.endpoint.clone())
         .collect();
-    let policy = subset.policy.unwrap_or(service.balancer.policy());
+    let hashed = o.is_some_and(|o| o.hash_header.is_some());
+    let policy = match subset.policy {
+        Some(p) => p,
+        None if hashed => Policy::RingHash,
+        None => service.balancer.policy(),
+    };
+    let settings = match o {
+        Some(o) => o.applied_to(service.balancer.settings()),
+        None => service.balancer.settings(),
+    };
     Destination {
         service: service.clone(),
         set: Some(Arc::new(EndpointSet {
             subset: Some(subset.name.as_str().into()),
-            balancer: Balancer::new(policy, ready, service.balancer.failures()),
+            balancer: Balancer::new(policy, ready, settings),
         })),
     }
 }

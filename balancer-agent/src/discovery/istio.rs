@@ -23,12 +23,13 @@ use crate::{
     call::{
         grpc::Code,
         route::{
-            Backend, ConnectionPool, FailureCodes, FaultAbort, FaultDelay, FaultPolicy,
-            HeaderMatch, HeaderMutations, OutlierDetection, Percent, Resilience, RetryOn,
-            RetryPolicy, Route, RouteAction, RouteMatch, RouteSource, SourceMatch, StringMatch,
+            Backend, BalancingOverride, ConnectionPool, FailureCodes, FaultAbort, FaultDelay,
+            FaultPolicy, HeaderMatch, HeaderMutations, OutlierDetection, Percent, Resilience,
+            RetryOn, RetryPolicy, Route, RouteAction, RouteMatch, RouteSource, SourceMatch,
+            StringMatch,
         },
     },
-    config::Policy,
+    config::{Distribute, Failover, LocalityLb, Policy},
 };
 
 /// The `gateways` value that names the sidecars (here: the agent).
@@ -397,10 +398,111 @@ pub struct PortTrafficPolicy {
 pub struct LoadBalancerSettings {
     /// `ROUND_ROBIN`, `LEAST_REQUEST` (`LEAST_CONN`), `RANDOM`, `PASSTHROUGH`, `UNSPECIFIED`.
     pub simple: Option<String>,
-    /// Consistent hashing (not applied: the balancer keeps its policy).
-    pub consistent_hash: Option<serde_json::Value>,
-    /// Locality weights (not applied).
-    pub locality_lb_setting: Option<serde_json::Value>,
+    /// Consistent hashing: `httpHeaderName` is applied (ring-hash on that header); the other
+    /// keys (cookie, source IP, query parameter) are not, and keep the service's policy.
+    pub consistent_hash: Option<ConsistentHash>,
+    /// Locality weights and failover, applied over zones.
+    pub locality_lb_setting: Option<LocalityLbSetting>,
+}
+
+/// `loadBalancer.consistentHash`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// Hash this request header.
+    pub http_header_name: Option<String>,
+}
+
+/// `loadBalancer.localityLbSetting`. Istio names localities `region/zone/subzone`; the agent
+/// knows endpoints by zone (the EndpointSlice's), so an entry applies by its zone part, and
+/// an entry that names a region only (`us-west`, a region-level `failover`) is not applied.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LocalityLbSetting {
+    /// `false` turns it off.
+    pub enabled: Option<bool>,
+    /// `from` locality to weights over `to` localities.
+    pub distribute: Vec<LocalityDistribute>,
+    /// Where a locality's calls go when it has no endpoint.
+    pub failover: Vec<LocalityFailover>,
+}
+
+/// A `distribute` entry.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LocalityDistribute {
+    /// The calling locality.
+    pub from: String,
+    /// Localities and their weights.
+    pub to: BTreeMap<String, u32>,
+}
+
+/// A `failover` entry.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LocalityFailover {
+    /// The locality that fails over.
+    pub from: String,
+    /// Where to.
+    pub to: String,
+}
+
+/// The zone of an Istio locality (`region/zone/subzone`, `*` anywhere): its zone part, `*`
+/// for `*`; `None` for a region alone.
+fn zone_of(locality: &str) -> Option<String> {
+    let mut parts = locality.split('/');
+    let region = parts.next()?;
+    match parts.next() {
+        Some(zone) if !zone.is_empty() => Some(zone.to_string()),
+        _ if region == "*" => Some("*".into()),
+        _ => None,
+    }
+}
+
+impl LoadBalancerSettings {
+    /// What it sets over the service's balancing: the hash header, the locality weights.
+    pub fn overrides(&self) -> BalancingOverride {
+        let locality_lb = self
+            .locality_lb_setting
+            .as_ref()
+            .filter(|l| l.enabled != Some(false))
+            .map(|l| LocalityLb {
+                distribute: l
+                    .distribute
+                    .iter()
+                    .filter_map(|d| {
+                        Some(Distribute {
+                            from: zone_of(&d.from)?,
+                            to: d
+                                .to
+                                .iter()
+                                .filter_map(|(to, w)| Some((zone_of(to)?, *w)))
+                                .collect(),
+                        })
+                    })
+                    .filter(|d| !d.to.is_empty())
+                    .collect(),
+                failover: l
+                    .failover
+                    .iter()
+                    .filter_map(|f| {
+                        Some(Failover {
+                            from: zone_of(&f.from)?,
+                            to: zone_of(&f.to)?,
+                        })
+                    })
+                    .collect(),
+            })
+            .filter(|l| !(l.distribute.is_empty() && l.failover.is_empty()));
+        BalancingOverride {
+            hash_header: self
+                .consistent_hash
+                .as_ref()
+                .and_then(|c| c.http_header_name.clone())
+                .filter(|h| !h.is_empty()),
+            locality_lb,
+        }
+    }
 }
 
 impl LoadBalancerSettings {
@@ -548,6 +650,21 @@ impl DestinationRule {
     /// The balancing policy it sets for calls on `port` (port-level settings first).
     pub fn policy_for_port(&self, port: u16) -> Option<Policy> {
         self.traffic_policy.as_ref()?.policy_for_port(port)
+    }
+
+    /// The hash header and locality weights it sets for calls on `port` (port-level settings
+    /// first).
+    pub fn balancing_for_port(&self, port: u16) -> BalancingOverride {
+        let Some(tp) = self.traffic_policy.as_ref() else {
+            return BalancingOverride::default();
+        };
+        tp.port_level_settings
+            .iter()
+            .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(port))
+            .and_then(|p| p.load_balancer.as_ref())
+            .or(tp.load_balancer.as_ref())
+            .map(LoadBalancerSettings::overrides)
+            .unwrap_or_default()
     }
 }
 
@@ -983,6 +1100,54 @@ mod tests {
             serde_json::from_value(serde_json::json!({"queryParams": {"a": {"exact": "b"}}}))
                 .unwrap();
         assert!(translate_match(&m, "m", 1).is_err());
+    }
+
+    #[test]
+    fn consistent_hash_and_seed_004s_locality_weights_are_applied_over_zones() {
+        let dr: DestinationRule = serde_json::from_value(serde_json::json!({
+            "host": "g",
+            "trafficPolicy": {
+                "loadBalancer": {
+                    "consistentHash": {"httpHeaderName": "x-user"},
+                    // Seed 004's, as written.
+                    "localityLbSetting": {"enabled": true, "distribute": [{
+                        "from": "us-west/zone1/*",
+                        "to": {"us-west/zone1/*": 80, "us-west/zone2/*": 20}
+                    }], "failover": [
+                        {"from": "us-west/zone1", "to": "us-west/zone3"},
+                        {"from": "us-west", "to": "us-east"}
+                    ]}
+                },
+                "portLevelSettings": [{"port": {"number": 9000},
+                                       "loadBalancer": {"simple": "ROUND_ROBIN"}}]
+            }
+        }))
+        .unwrap();
+        let o = dr.balancing_for_port(50051);
+        assert_eq!(o.hash_header.as_deref(), Some("x-user"));
+        let l = o.locality_lb.expect("locality weights");
+        assert_eq!(
+            l.distribute,
+            [Distribute {
+                from: "zone1".into(),
+                to: BTreeMap::from([("zone1".into(), 80), ("zone2".into(), 20)]),
+            }]
+        );
+        // The region-level entry names no zone: not applied.
+        assert_eq!(
+            l.failover,
+            [Failover {
+                from: "zone1".into(),
+                to: "zone3".into(),
+            }]
+        );
+        // The port's own settings replace the top level's.
+        assert!(dr.balancing_for_port(9000).is_empty());
+        let off: LoadBalancerSettings = serde_json::from_value(serde_json::json!({
+            "localityLbSetting": {"enabled": false, "distribute": [{"from": "*", "to": {"*": 1}}]}
+        }))
+        .unwrap();
+        assert!(off.overrides().is_empty());
     }
 
     #[test]

@@ -790,15 +790,23 @@ impl Translator {
                 }
                 let traffic = rules.get(&svc).and_then(|r| r.traffic.as_ref());
                 let load_balancer = traffic.and_then(|dr| dr.policy_for_port(port));
+                let balancing = traffic
+                    .map(|dr| dr.balancing_for_port(port))
+                    .unwrap_or_default();
                 let resilience = traffic
                     .map(|dr| dr.resilience_for_port(port))
                     .unwrap_or_default();
-                if routes.is_empty() && load_balancer.is_none() && resilience.is_empty() {
+                if routes.is_empty()
+                    && load_balancer.is_none()
+                    && balancing.is_empty()
+                    && resilience.is_empty()
+                {
                     continue;
                 }
                 unique_names(&mut routes);
                 let mut policy = ServicePolicy::new(store, routes);
                 policy.load_balancer = load_balancer;
+                policy.balancing = balancing;
                 policy.resilience = resilience;
                 services.push(policy);
             }
