@@ -25,12 +25,13 @@
 use std::{
     fmt,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering::Relaxed},
     },
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use foldhash::{HashMap, HashMapExt};
 use prometheus::{IntCounterVec, Opts};
 use serde::{Serialize, Serializer};
@@ -349,7 +350,10 @@ impl Drop for Pending {
 
 /// Every service's counters, and the metrics of retries, faults and overflows.
 pub struct Registry {
-    states: RwLock<HashMap<u32, Arc<ServiceState>>>,
+    /// By service id; copied on write (a service's first call with a policy), read without a
+    /// lock by every call that needs its service's counters.
+    states: ArcSwap<HashMap<u32, Arc<ServiceState>>>,
+    adding: Mutex<()>,
     overflows: IntCounterVec,
     /// Retries made: `balancer_call_retries_total{service,route,condition}`.
     pub retries: IntCounterVec,
@@ -375,7 +379,8 @@ impl Registry {
             v
         };
         Self {
-            states: RwLock::new(HashMap::new()),
+            states: ArcSwap::from_pointee(HashMap::new()),
+            adding: Mutex::new(()),
             overflows: vec(
                 "balancer_circuit_breaker_overflows_total",
                 "Calls failed at once, or not retried, because their service was at a circuit \
@@ -405,29 +410,24 @@ impl Registry {
 
     /// The counters of service `id`.
     pub fn state(&self, id: u32) -> Arc<ServiceState> {
-        if let Some(s) = self
-            .states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-        {
-            return s.clone();
+        self.with_state(id, Arc::clone)
+    }
+
+    /// `f` of the counters of service `id` (made on first use), without taking a reference.
+    pub fn with_state<T>(&self, id: u32, f: impl FnOnce(&Arc<ServiceState>) -> T) -> T {
+        if let Some(s) = self.states.load().get(&id) {
+            return f(s);
         }
-        self.states
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default()
-            .clone()
+        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = HashMap::clone(&self.states.load());
+        let s = states.entry(id).or_default().clone();
+        self.states.store(Arc::new(states));
+        f(&s)
     }
 
     /// The counters of service `id`, if it has any.
     pub fn existing(&self, id: u32) -> Option<Arc<ServiceState>> {
-        self.states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+        self.states.load().get(&id).cloned()
     }
 
     /// Counts an overflow of `limit` of `service`.

@@ -146,10 +146,10 @@ pub struct Admitted {
     /// comes).
     pub replay: Box<Replay>,
     /// Its route's retries under way.
-    pub retry: Option<Box<CallRetry>>,
-    /// The faults drawn for it: sent on after `delay`, or answered with `abort` (after the
-    /// delay).
-    pub fault: fault::Injected,
+    pub retry: Option<retry::RetryPolicy>,
+    /// The faults drawn for it, if any: sent on after `delay`, or answered with `abort` (after
+    /// the delay).
+    pub fault: Option<Box<fault::Injected>>,
     /// Counted in flight to its destination service (its circuit breaker).
     pub in_flight: Option<breaker::InFlight>,
     /// Its destination service's own resilience settings (pool, outlier detection), if any.
@@ -172,7 +172,7 @@ pub struct Refused {
 /// What [`Calls::guard`] adds to an admitted call.
 #[derive(Default)]
 struct Guarded {
-    retry: Option<Box<CallRetry>>,
+    retry: Option<retry::RetryPolicy>,
     fault: fault::Injected,
     in_flight: Option<breaker::InFlight>,
     resilience: Option<Box<route::Resilience>>,
@@ -329,7 +329,7 @@ impl Calls {
             registration,
             replay,
             retry: guarded.retry,
-            fault: guarded.fault,
+            fault: (!guarded.fault.is_none()).then(|| Box::new(guarded.fault)),
             in_flight: guarded.in_flight,
             resilience: guarded.resilience,
         })
@@ -370,10 +370,10 @@ impl Calls {
                 }
             }
             if let Some(p) = action.retries.filter(|p| p.attempts > 0) {
-                let state = self.resilience.state(dest.id);
                 let budget = policy.map(|p| p.budget()).unwrap_or_default();
-                state.budget.deposit(now, &budget);
-                guarded.retry = Some(Box::new(CallRetry::new(p, state)));
+                self.resilience
+                    .with_state(dest.id, |s| s.budget.deposit(now, &budget));
+                guarded.retry = Some(p);
             }
         }
         if let Some(p) = policy.filter(|p| !p.is_empty()) {
@@ -442,11 +442,12 @@ impl Admitted {
         self.registration
             .routed(&self.service.name, guard.endpoint().addr);
         guard.sent();
-        let now = Instant::now();
-        let mut retry = self.retry;
-        if let Some(r) = retry.as_mut() {
-            r.attempt_sent(now);
-        }
+        let retry = self.retry.map(|p| {
+            let mut r = CallRetry::new(p, self.destination.service.id);
+            // The first attempt's time counts from the call's start (no clock read per call).
+            r.attempt_sent(|| self.start);
+            r
+        });
         Box::new(Call {
             calls,
             deadline: self.replay.deadline,
@@ -543,7 +544,7 @@ pub struct Call {
     /// Its deadline: the client's `grpc-timeout` or its route's timeout, the sooner.
     pub deadline: Option<Instant>,
     /// Its route's retries under way.
-    pub retry: Option<Box<CallRetry>>,
+    pub retry: Option<CallRetry>,
     /// Counted in flight to its destination service, until it ends.
     _in_flight: Option<breaker::InFlight>,
     /// Its destination service's own resilience settings (pool, outlier detection), if any.
@@ -592,7 +593,7 @@ impl Call {
         guard.sent();
         self.guard = guard;
         if let Some(r) = self.retry.as_mut() {
-            r.attempt_sent(Instant::now());
+            r.attempt_sent(Instant::now);
         }
     }
 
@@ -648,7 +649,7 @@ impl Call {
     /// the call back to its client connection to be routed again. If not, why is counted
     /// (when the policy covers the outcome) and the call ends as it is.
     pub fn retry(&mut self, outcome: Outcome, answer: Option<&Fields>, now: Instant) -> bool {
-        let Some(r) = self.retry.as_deref() else {
+        let Some(r) = &self.retry else {
             return false;
         };
         if !r.policy.retry_on.covers(outcome) {
@@ -656,7 +657,7 @@ impl Call {
         }
         let decision = self.may_retry(answer, now);
         let labels = [&*self.service.name, self.route.as_deref().unwrap_or("")];
-        let r = self.retry.as_deref_mut().expect("checked");
+        let r = self.retry.as_mut().expect("checked");
         let at = match decision {
             Ok(at) => at,
             Err(why) => {
@@ -711,7 +712,7 @@ impl Call {
                 NoRetry::RequestTooLarge
             });
         }
-        let r = self.retry.as_deref_mut().expect("a policy");
+        let r = self.retry.as_mut().expect("a policy");
         if r.retries >= r.policy.attempts {
             return Err(NoRetry::AttemptsExhausted);
         }
@@ -728,13 +729,14 @@ impl Call {
             .service(&self.destination.service)
             .map(|s| s.policy.resilience)
             .unwrap_or_default();
-        if !r.hold_retry(policy.max_retries()) {
+        let state = self.calls.resilience.state(r.service);
+        if !r.hold_retry(state.clone(), policy.max_retries()) {
             self.calls
                 .resilience
                 .overflowed(&self.destination.service.name, breaker::Limit::MaxRetries);
             return Err(NoRetry::MaxRetries);
         }
-        if !r.service.budget.withdraw(now, &policy.budget()) {
+        if !state.budget.withdraw(now, &policy.budget()) {
             return Err(NoRetry::BudgetExhausted);
         }
         Ok(at)
@@ -819,7 +821,7 @@ impl Call {
     /// not retried for that reason. The proxy's own DEADLINE_EXCEEDED at the call's deadline
     /// is not such a failure.
     fn count_not_retried(&self, end: End<'_>) {
-        let Some(r) = self.retry.as_deref().filter(|r| !r.settled) else {
+        let Some(r) = self.retry.as_ref().filter(|r| !r.settled) else {
             return;
         };
         let outcome = match end {
@@ -827,8 +829,10 @@ impl Call {
             End::Reset | End::Lost => Some(Outcome::Reset),
             End::Cancelled => None,
         };
-        let expired = self.deadline.is_some_and(|d| d <= Instant::now());
-        if self.responded && !expired && outcome.is_some_and(|o| r.policy.retry_on.covers(o)) {
+        if self.responded
+            && outcome.is_some_and(|o| r.policy.retry_on.covers(o))
+            && self.deadline.is_none_or(|d| d > Instant::now())
+        {
             self.calls
                 .resilience
                 .not_retried

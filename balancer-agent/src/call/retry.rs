@@ -29,7 +29,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -317,99 +320,104 @@ impl fmt::Display for RetryBudget {
 /// Buckets a budget's window is counted in.
 const BUCKETS: usize = 10;
 
-/// Calls and retries counted over a sliding window, for a [`RetryBudget`].
+/// Calls and retries counted over a sliding window of [`BUCKETS`] buckets, for a
+/// [`RetryBudget`]. Counting a call is two atomic operations and no lock (it happens for every
+/// call of a route with retries); a bucket is emptied by the first count of its next turn, and
+/// the window read (only when a retry is asked for) skips buckets of an earlier turn. Races at
+/// a bucket's turn may lose a count: a budget needs no more precision than that.
 #[derive(Debug)]
 pub struct BudgetWindow {
-    inner: Mutex<Buckets>,
-}
-
-#[derive(Debug)]
-struct Buckets {
-    /// (calls, retries) per bucket.
-    counts: [(u64, u64); BUCKETS],
-    /// Bucket of `counts[current]`, counted from `epoch` in bucket widths.
-    current: usize,
-    tick: u64,
+    /// Calls per bucket.
+    calls: [AtomicU64; BUCKETS],
+    /// Retries per bucket.
+    retries: [AtomicU64; BUCKETS],
+    /// The tick each bucket counts (ticks: bucket widths since `epoch`).
+    ticks: [AtomicU64; BUCKETS],
     epoch: Instant,
 }
 
 impl Default for BudgetWindow {
     fn default() -> Self {
         Self {
-            inner: Mutex::new(Buckets {
-                counts: [(0, 0); BUCKETS],
-                current: 0,
-                tick: 0,
-                epoch: Instant::now(),
-            }),
+            calls: Default::default(),
+            retries: Default::default(),
+            ticks: Default::default(),
+            epoch: Instant::now(),
         }
-    }
-}
-
-impl Buckets {
-    /// Moves the window to `now` (buckets of `width`): the buckets that left it are emptied.
-    fn advance(&mut self, now: Instant, width: Duration) {
-        let width = width.as_nanos().max(1);
-        let tick = (now.saturating_duration_since(self.epoch).as_nanos() / width) as u64;
-        let steps = tick.saturating_sub(self.tick).min(BUCKETS as u64) as usize;
-        for _ in 0..steps {
-            self.current = (self.current + 1) % BUCKETS;
-            self.counts[self.current] = (0, 0);
-        }
-        self.tick = tick.max(self.tick);
-    }
-
-    fn totals(&self) -> (u64, u64) {
-        self.counts
-            .iter()
-            .fold((0, 0), |(c, r), (bc, br)| (c + bc, r + br))
     }
 }
 
 impl BudgetWindow {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The tick of `now` for buckets of `budget`, and its bucket (emptied if it held an
+    /// earlier turn).
+    fn bucket(&self, now: Instant, budget: &RetryBudget) -> (u64, usize) {
+        let tick = self.tick(now, budget);
+        let i = (tick % BUCKETS as u64) as usize;
+        let seen = self.ticks[i].load(Relaxed);
+        if seen != tick
+            && self.ticks[i]
+                .compare_exchange(seen, tick, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.calls[i].store(0, Relaxed);
+            self.retries[i].store(0, Relaxed);
+        }
+        (tick, i)
     }
 
     /// A call was admitted to a route with retries: it adds to what may be retried.
     pub fn deposit(&self, now: Instant, budget: &RetryBudget) {
-        let mut b = self.lock();
-        b.advance(now, budget.ttl / BUCKETS as u32);
-        let i = b.current;
-        b.counts[i].0 += 1;
+        let (_, i) = self.bucket(now, budget);
+        self.calls[i].fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget, if it has room.
     pub fn withdraw(&self, now: Instant, budget: &RetryBudget) -> bool {
-        let mut b = self.lock();
-        b.advance(now, budget.ttl / BUCKETS as u32);
-        let (calls, retries) = b.totals();
+        let (tick, i) = self.bucket(now, budget);
+        let (calls, retries) = self.counted(tick);
         let allowed = calls * u64::from(budget.ratio_permille) / 1000
             + u64::from(budget.min_per_second) * budget.ttl.as_secs().max(1);
         if retries >= allowed {
             return false;
         }
-        let i = b.current;
-        b.counts[i].1 += 1;
+        self.retries[i].fetch_add(1, Relaxed);
         true
+    }
+
+    /// Calls and retries of the window that ends with `tick`.
+    fn counted(&self, tick: u64) -> (u64, u64) {
+        let mut totals = (0, 0);
+        for i in 0..BUCKETS {
+            let t = self.ticks[i].load(Relaxed);
+            if t <= tick && tick - t < BUCKETS as u64 {
+                totals.0 += self.calls[i].load(Relaxed);
+                totals.1 += self.retries[i].load(Relaxed);
+            }
+        }
+        totals
     }
 
     /// Calls and retries in the window now.
     pub fn totals(&self, now: Instant, budget: &RetryBudget) -> (u64, u64) {
-        let mut b = self.lock();
-        b.advance(now, budget.ttl / BUCKETS as u32);
-        b.totals()
+        self.counted(self.tick(now, budget))
+    }
+
+    /// Bucket widths of `budget` from `epoch` to `now`.
+    fn tick(&self, now: Instant, budget: &RetryBudget) -> u64 {
+        let ms = |d: Duration| d.as_secs() * 1000 + u64::from(d.subsec_millis());
+        let width = (ms(budget.ttl) / BUCKETS as u64).max(1);
+        ms(now.saturating_duration_since(self.epoch)) / width
     }
 }
 
-/// A call's retries under way: its policy, what it made of it so far, and its service's
-/// counters (budget, retries in flight).
+/// A call's retries under way: its policy and what it made of it so far. Small and without
+/// a lock or a reference count until a retry is asked for: most calls never need one.
 #[derive(Debug)]
 pub struct CallRetry {
     /// The route's policy.
     pub policy: RetryPolicy,
-    /// The service's budget, its window and its breaker's retries in flight.
-    pub service: Arc<super::breaker::ServiceState>,
+    /// The id of the service whose budget and breaker it draws on (its destination).
+    pub service: u32,
     /// Retries made.
     pub retries: u32,
     /// When the attempt in flight times out (`per_try_timeout`).
@@ -418,13 +426,13 @@ pub struct CallRetry {
     pub retry_at: Option<Instant>,
     /// A failure was counted as not retried (or retried): nothing more to count at its end.
     pub settled: bool,
-    /// The call holds one of its service's retries in flight.
-    holds_retry: bool,
+    /// The service's counters while the call holds one of its retries in flight.
+    holds: Option<Arc<super::breaker::ServiceState>>,
 }
 
 impl CallRetry {
-    /// A call with `policy`, to a service whose counters are `service`.
-    pub fn new(policy: RetryPolicy, service: Arc<super::breaker::ServiceState>) -> Self {
+    /// A call with `policy`, to service `service` (its id).
+    pub fn new(policy: RetryPolicy, service: u32) -> Self {
         Self {
             policy,
             service,
@@ -432,34 +440,38 @@ impl CallRetry {
             try_deadline: None,
             retry_at: None,
             settled: false,
-            holds_retry: false,
+            holds: None,
         }
     }
 
-    /// An attempt leaves now: its own timeout starts.
-    pub fn attempt_sent(&mut self, now: Instant) {
-        self.try_deadline = self.policy.per_try_timeout.map(|t| now + t);
+    /// An attempt leaves: its own timeout starts (`now` is read only for a policy with one).
+    pub fn attempt_sent(&mut self, now: impl FnOnce() -> Instant) {
+        self.try_deadline = self.policy.per_try_timeout.map(|t| now() + t);
         self.retry_at = None;
     }
 
-    /// Holds one of the service's retries in flight if fewer than `max` are (`None`: no
-    /// limit). A call holds at most one, until it ends.
-    pub fn hold_retry(&mut self, max: Option<u32>) -> bool {
-        if self.holds_retry {
+    /// Holds one of `service`'s retries in flight if fewer than `max` are (`None`: no limit).
+    /// A call holds at most one, until it ends.
+    pub fn hold_retry(
+        &mut self,
+        service: Arc<super::breaker::ServiceState>,
+        max: Option<u32>,
+    ) -> bool {
+        if self.holds.is_some() {
             return true;
         }
-        if !self.service.acquire_retry(max) {
+        if !service.acquire_retry(max) {
             return false;
         }
-        self.holds_retry = true;
+        self.holds = Some(service);
         true
     }
 }
 
 impl Drop for CallRetry {
     fn drop(&mut self) {
-        if self.holds_retry {
-            self.service.release_retry();
+        if let Some(s) = &self.holds {
+            s.release_retry();
         }
     }
 }
@@ -793,7 +805,10 @@ mod call_tests {
         let calls = self::calls(routes);
         let conn = self::conn(&calls);
         let a = calls.admit(&TARGET, &conn, &request(), true).unwrap();
-        assert_eq!(a.fault.delay, Some(Duration::from_millis(50)));
+        assert_eq!(
+            a.fault.as_ref().unwrap().delay,
+            Some(Duration::from_millis(50))
+        );
         let b = calls.admit(&TARGET, &conn, &request(), true).unwrap();
         let over = calls.admit(&TARGET, &conn, &request(), true).unwrap_err();
         assert_eq!(over.status.code, Code::ResourceExhausted);

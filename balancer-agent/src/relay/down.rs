@@ -159,12 +159,12 @@ impl Routing {
     /// set a retry's backoff).
     fn delay(&mut self, now: Instant) -> Option<Delay> {
         let until = match self {
-            Self::New(a) => a.fault.delay.map(|d| a.start + d),
+            Self::New(a) => a.fault.as_ref().and_then(|f| f.delay).map(|d| a.start + d),
             Self::Replay(call) => call.retry_at(),
         }
         .filter(|t| *t > now)?;
         let abort = match self {
-            Self::New(a) => a.fault.abort.take(),
+            Self::New(a) => a.fault.as_mut().and_then(|f| f.abort.take()),
             Self::Replay(_) => None,
         };
         Some(Delay { until, abort })
