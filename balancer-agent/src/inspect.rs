@@ -396,6 +396,62 @@ fn backend_line(b: &Value) -> String {
     line + &format!(", {}: {eps}", s(&b["policy"]))
 }
 
+/// A route's retries and faults, one line each (`call::retry`, `call::fault`).
+fn policy_lines(r: &Value, indent: &str) -> String {
+    let mut out = String::new();
+    let t = &r["retries"];
+    if !t.is_null() {
+        out += &format!(
+            "{indent}retries: {} attempt(s) on {}",
+            s(&t["attempts"]),
+            s(&t["retry_on"])
+        );
+        if !t["per_try_timeout"].is_null() {
+            out += &format!(", {} per try", s(&t["per_try_timeout"]));
+        }
+        out += "\n";
+    }
+    let f = &r["fault"];
+    let mut faults = Vec::new();
+    if !f["delay"].is_null() {
+        let d = &f["delay"];
+        faults.push(format!("delay {} on {}%", s(&d["fixed"]), s(&d["percent"])));
+    }
+    if !f["abort"].is_null() {
+        let a = &f["abort"];
+        faults.push(format!("abort {} on {}%", s(&a["code"]), s(&a["percent"])));
+    }
+    if !faults.is_empty() {
+        out += &format!("{indent}fault:   {}\n", faults.join(", "));
+    }
+    out
+}
+
+/// A service's circuit breaker, outlier detection and retry budget (`call::breaker`): the
+/// settings it has, one line each.
+fn resilience_lines(r: &Value, indent: &str) -> String {
+    let set = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| format!("{k} {}", s(v)))
+            .collect()
+    };
+    let mut out = String::new();
+    for (key, what) in [
+        ("connection_pool", "circuit breaker"),
+        ("outlier_detection", "outlier detection"),
+        ("retry_budget", "retry budget"),
+    ] {
+        let fields = set(&r[key]);
+        if !fields.is_empty() {
+            out += &format!("{indent}{what}: {}\n", fields.join(", "));
+        }
+    }
+    out
+}
+
 fn render_routes(v: &Value) -> String {
     let mut out = String::new();
     for svc in v["services"].as_array().into_iter().flatten() {
@@ -411,6 +467,7 @@ fn render_routes(v: &Value) -> String {
             out += &format!(", load balancer {}", s(&svc["load_balancer"]));
         }
         out += "\n";
+        out += &resilience_lines(&svc["resilience"], "  ");
         for (i, r) in svc["routes"].as_array().into_iter().flatten().enumerate() {
             out += &format!("  {}. {}  [{}]\n", i + 1, s(&r["name"]), s(&r["source"]));
             let matches = r["matches"].as_array().map_or(0, Vec::len);
@@ -426,6 +483,7 @@ fn render_routes(v: &Value) -> String {
             if !r["timeout_ms"].is_null() {
                 out += &format!("     timeout: {} ms\n", s(&r["timeout_ms"]));
             }
+            out += &policy_lines(r, "     ");
         }
         out += "  otherwise: every endpoint of the service\n\n";
     }
@@ -455,7 +513,9 @@ fn render_explain(v: &Value) -> String {
         if !r["timeout_ms"].is_null() {
             out += &format!("  timeout: {} ms\n", s(&r["timeout_ms"]));
         }
+        out += &policy_lines(r, "  ");
     }
+    out += &resilience_lines(&v["resilience"], "");
     out += "backends:\n";
     for b in v["backends"].as_array().into_iter().flatten() {
         out += &format!("  {}\n", backend_line(b));

@@ -604,3 +604,60 @@ async fn a_services_pool_settings_bound_its_connections_and_their_calls() {
     );
     drop(agent);
 }
+
+/// Runs `balancer-agent inspect ARGS` against `agent`: its standard output.
+fn inspect(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(balancer_tests::agent::agent_bin())
+        .args(["inspect", "--admin", &agent.admin.to_string()])
+        .args(args)
+        .output()
+        .expect("running inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn inspect_shows_retries_faults_and_the_circuit_breaker_per_service_and_route() {
+    let b = backends(&[Options::default()]).await;
+    let routes = r#"    connection_pool: {max_requests: 100, max_retries: 3}
+    outlier_detection: {consecutive_errors: 5, base_ejection_ms: 30000}
+    retry_budget: {percent: 20, min_retries_per_second: 10}
+    rules:
+      - name: retried
+        backends: [{}]
+        timeout_ms: 10000
+        retries: {attempts: 3, per_try_timeout_ms: 2000, retry_on: "cancelled,deadline-exceeded,internal,resource-exhausted"}
+        fault: {delay: {fixed_delay_ms: 100, percent: 50}, abort: {grpc_status: UNAVAILABLE, percent: 25}}
+"#;
+    let (agent, _listen) = agent_with_routes(&b, routes).await;
+    let text = inspect(&agent, &["routes"]);
+    for needle in [
+        "circuit breaker: max_requests 100, max_retries 3",
+        "outlier detection: base_ejection 30000ms, codes server_errors, consecutive_errors 5",
+        "retry budget: min_per_second 10, ratio_permille 200, ttl 10000ms",
+        "retries: 3 attempt(s) on cancelled,deadline-exceeded,internal,resource-exhausted, 2000ms per try",
+        "fault:   delay 100ms on 50.00%, abort UNAVAILABLE on 25.00%",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in\n{text}");
+    }
+    let args = [
+        "explain",
+        "--to",
+        "greeter.default.svc.cluster.local",
+        "--method",
+        "/helloworld.Greeter/SayHello",
+    ];
+    let text = inspect(&agent, &args);
+    for needle in [
+        "decision: route retried (file) takes the call",
+        "  timeout: 10000 ms",
+        "  retries: 3 attempt(s) on cancelled,deadline-exceeded,internal,resource-exhausted, 2000ms per try",
+        "circuit breaker: max_requests 100, max_retries 3",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in\n{text}");
+    }
+}

@@ -89,6 +89,10 @@ pub struct RouteView {
     pub timeout_ms: Option<u128>,
     /// Its header changes.
     pub request_headers: super::HeaderMutations,
+    /// Its retries (`call::retry`).
+    pub retries: Option<super::RetryPolicy>,
+    /// The faults it injects (`call::fault`).
+    pub fault: Option<super::FaultPolicy>,
 }
 
 /// A service's policy as `inspect routes` shows it.
@@ -104,6 +108,9 @@ pub struct ServiceRoutesView {
     pub routes: Vec<RouteView>,
     /// The policy names a service the store does not have: nothing is routed by it yet.
     pub unresolved: bool,
+    /// Its circuit breaker, outlier detection and retry budget, when its policy sets any
+    /// (`call::breaker`).
+    pub resilience: Option<super::Resilience>,
 }
 
 /// A refused policy as `inspect routes` shows it.
@@ -182,7 +189,14 @@ fn route_view(entry: &RouteEntry) -> RouteView {
         backends: backend_views(entry),
         timeout_ms: r.action.timeout.map(|t| t.as_millis()),
         request_headers: r.action.request_headers.clone(),
+        retries: r.action.retries,
+        fault: r.action.fault,
     }
+}
+
+/// A service policy's resilience settings, when it sets any.
+fn resilience(p: &super::ServicePolicy) -> Option<super::Resilience> {
+    (!p.resilience.is_empty()).then_some(p.resilience)
 }
 
 fn service_view(s: &ServiceRoutes) -> ServiceRoutesView {
@@ -192,6 +206,7 @@ fn service_view(s: &ServiceRoutes) -> ServiceRoutesView {
         load_balancer: s.policy.load_balancer.map(|p| p.as_str()),
         routes: s.routes.iter().map(route_view).collect(),
         unresolved: false,
+        resilience: resilience(&s.policy),
     }
 }
 
@@ -220,9 +235,12 @@ impl Table {
                             backends: Vec::new(),
                             timeout_ms: r.action.timeout.map(|t| t.as_millis()),
                             request_headers: r.action.request_headers.clone(),
+                            retries: r.action.retries,
+                            fault: r.action.fault,
                         })
                         .collect(),
                     unresolved: true,
+                    resilience: resilience(p),
                 });
             }
         }
@@ -294,6 +312,7 @@ impl Table {
         };
         Explanation {
             service: service.name.to_string(),
+            resilience: policy.and_then(|p| resilience(&p.policy)),
             policy_from: policy.map(|p| format!("{:?}", p.from)),
             outcome,
             route,
@@ -321,6 +340,8 @@ pub struct Explanation {
     pub service: String,
     /// Which source's policy applies to it, if any.
     pub policy_from: Option<String>,
+    /// Its circuit breaker, outlier detection and retry budget, when its policy sets any.
+    pub resilience: Option<super::Resilience>,
     /// The decision, in a sentence.
     pub outcome: String,
     /// The route that takes the call.
