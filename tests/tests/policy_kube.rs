@@ -269,25 +269,36 @@ async fn call(
     path: &'static str,
     headers: &[(&'static str, &str)],
 ) -> Result<String, Status> {
+    let hello = HelloRequest {
+        name: "policy".into(),
+        ..Default::default()
+    };
+    let reply = call_with(ch, path, headers, hello).await?;
+    Ok(reply.into_inner().backend)
+}
+
+/// One unary call of `path` with `headers` and the request `hello` (its knobs: a failure, a
+/// sleep); the reply with its metadata.
+async fn call_with(
+    ch: &Channel,
+    path: &'static str,
+    headers: &[(&'static str, &str)],
+    hello: HelloRequest,
+) -> Result<tonic::Response<HelloReply>, Status> {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut req = Request::new(HelloRequest {
-        name: "policy".into(),
-        ..Default::default()
-    });
+    let mut req = Request::new(hello);
     for (k, v) in headers {
         req.metadata_mut().insert(*k, v.parse().unwrap());
     }
-    let reply: tonic::Response<HelloReply> = grpc
-        .unary(
-            req,
-            http::uri::PathAndQuery::from_static(path),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await?;
-    Ok(reply.into_inner().backend)
+    grpc.unary(
+        req,
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
 }
 
 /// `n` calls; how many each pod served. Every call must succeed.
@@ -779,4 +790,183 @@ spec:
         "8 keys spread over the 3 pods: {owners:?} of {:?}",
         pods.iter().map(|p| &p.name).collect::<Vec<_>>()
     );
+}
+
+/// Seed 004's "Timeouts and Retries" VirtualService (`grpc-timeouts`, verbatim) and its
+/// `grpc-lb` DestinationRule with the article's circuit breaking (`outlierDetection`) under the
+/// same `trafficPolicy`, as the article lays them out.
+const SEED_004_TIMEOUTS: &str = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: grpc-timeouts
+spec:
+  hosts:
+  - grpc-service
+  http:
+  - route:
+    - destination:
+        host: grpc-service
+    timeout: 10s  # Overall request timeout
+    retries:
+      attempts: 3
+      perTryTimeout: 2s
+      retryOn: "cancelled,deadline-exceeded,internal,resource-exhausted"
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: grpc-lb
+spec:
+  host: grpc-service
+  trafficPolicy:
+    loadBalancer:
+      simple: LEAST_CONN  # Better than ROUND_ROBIN for gRPC
+    connectionPool:
+      http:
+        http2MaxRequests: 1000  # Max concurrent HTTP/2 requests
+        maxRequestsPerConnection: 100  # Force connection cycling
+    outlierDetection:
+      consecutiveErrors: 5
+      interval: 30s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 100
+"#;
+
+/// The agent's samples of `name` with `labels`, summed.
+fn sample(env: &Env, name: &str, labels: &[&str]) -> f64 {
+    metric(&env.agent.metrics(), name, labels)
+}
+
+/// Seed 004's retries, timeouts, connection pool and outlier detection applied unchanged
+/// behave as written: `retryOn` names what is retried (INTERNAL three more times, UNAVAILABLE
+/// not), `timeout` bounds what the endpoint is told, `perTryTimeout` cuts each attempt,
+/// `consecutiveErrors: 5` ejects an endpoint at its fifth failure in a row (the node-wide
+/// default would wait for 7), and `inspect routes` shows the DestinationRule's settings.
+#[tokio::test]
+async fn seed_004_retries_timeouts_and_circuit_breaking_behave_as_written() {
+    let mut cluster = Cluster::new(true).await;
+    payment_pods(&mut cluster).await;
+    cluster
+        .service(
+            "grpc-service",
+            "10.96.0.40",
+            &[
+                ("grpc-service-a", &[("app", "grpc-service")]),
+                ("grpc-service-b", &[("app", "grpc-service")]),
+            ],
+        )
+        .await;
+    let env = start(cluster).await;
+    env.cluster.kubectl_apply(SEED_004);
+    env.cluster.kubectl_apply(SEED_004_TIMEOUTS);
+    wait_until("both policies in force", WAIT, || {
+        env.route_names("payment-service.default:50051").len() == 3
+            && env.route_names("grpc-service.default:50051").len() == 1
+            && env.ready_endpoints("grpc-service.default:50051") == 2
+    })
+    .await;
+    let payment = "service=\"payment-service.default:50051\"";
+    let grpc = "service=\"grpc-service.default:50051\"";
+
+    // The production route: 3 retries of INTERNAL, none of UNAVAILABLE.
+    let ch = env.channel("payment-service:50051").await;
+    let prod = [("x-environment", "production")];
+    let failing = |code: tonic::Code| HelloRequest {
+        fail_code: code as i32,
+        ..Default::default()
+    };
+    let e = call_with(&ch, PROCESS, &prod, failing(tonic::Code::Internal))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Internal);
+    let retries = |svc: &str, condition: &str| {
+        let condition = format!("condition=\"{condition}\"");
+        sample(&env, "balancer_call_retries_total", &[svc, &condition])
+    };
+    assert_eq!(retries(payment, "internal"), 3.0);
+    let e = call_with(&ch, PROCESS, &prod, failing(tonic::Code::Unavailable))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert_eq!(retries(payment, "unavailable"), 0.0, "not in retryOn");
+    // `timeout: 15s`: the endpoint is told at most that.
+    let ok = call_with(&ch, PROCESS, &prod, HelloRequest::default())
+        .await
+        .unwrap();
+    let told = ok.metadata().get("x-received-grpc-timeout").unwrap();
+    let told = told.to_str().unwrap();
+    assert!(told.ends_with('m') || told.ends_with('u'), "{told}");
+    let ms: f64 = told[..told.len() - 1].parse().unwrap();
+    let ms = if told.ends_with('u') { ms / 1000.0 } else { ms };
+    assert!(ms <= 15_000.0 && ms > 14_000.0, "told {told}");
+
+    // grpc-service: `perTryTimeout: 2s` cuts each attempt of a 3 s call; the client's 5 s
+    // deadline (sooner than the route's 10 s) ends the third attempt.
+    let ch = env.channel("grpc-service:50051").await;
+    let started = std::time::Instant::now();
+    let mut slow = Request::new(HelloRequest {
+        sleep_ms: 3000,
+        ..Default::default()
+    });
+    slow.set_timeout(Duration::from_secs(5));
+    let mut client = balancer_tests::pb::greeter_client::GreeterClient::new(ch.clone());
+    let e = client.say_hello(slow).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(4900) && took < Duration::from_secs(7),
+        "{took:?}"
+    );
+    assert_eq!(retries(grpc, "per_try_timeout"), 2.0);
+
+    // `consecutiveErrors: 5`: each failing call makes 4 attempts over the two pods (2 each);
+    // after 2 calls each pod failed 4 times in a row, after 3 calls 6: ejected at the 5th.
+    let eps = |env: &Env| -> Vec<String> {
+        env.agent
+            .json("/api/endpoints?service=grpc-service.default:50051")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["health"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for i in 0..3 {
+        let e = client
+            .say_hello(failing(tonic::Code::Internal))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
+        if i == 1 {
+            assert_eq!(eps(&env), ["ready", "ready"], "4 failures each: not yet");
+        }
+    }
+    assert_eq!(eps(&env), ["ejected", "ejected"]);
+    // Ejected for `baseEjectionTime: 30s`: still out a while later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(eps(&env), ["ejected", "ejected"]);
+
+    // What inspect shows of the DestinationRules.
+    let routes = env.routes();
+    let svc = routes["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "grpc-service.default:50051")
+        .unwrap();
+    let r = &svc["resilience"];
+    assert_eq!(r["connection_pool"]["max_requests"], 1000, "{routes}");
+    assert_eq!(r["connection_pool"]["max_requests_per_connection"], 100);
+    assert_eq!(r["outlier_detection"]["consecutive_errors"], 5);
+    assert_eq!(r["outlier_detection"]["base_ejection"], "30000ms");
+    let route = &svc["routes"][0];
+    assert_eq!(route["timeout_ms"], 10_000);
+    assert_eq!(route["retries"]["attempts"], 3);
+    assert_eq!(route["retries"]["per_try_timeout"], "2000ms");
 }
