@@ -215,6 +215,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
             "nginx": version("nginx", &["-v"]),
             "haproxy": version("haproxy", &["-v"]),
             "scenario": if opts.routes { "routes: 3 method routes, 6 header routes, then an 80/20 split (tests/src/bench/routes.rs)" } else { "one upstream of four backends" },
+            "health_checks": if opts.placement.health_checks { "on: agent grpc.health.v1 Watch, haproxy check inter 1s, nginx none (open source)" } else { "off" },
         },
         "results": results,
         "ratios": report.ratios,
@@ -460,8 +461,14 @@ impl<'a> Report<'a> {
         let opt =
             |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
         s.push_str(&format!(
-            "\n== balancer-bench: unary SayHello, 4 greeter backends; proxies on CPUs {} with {} worker(s) each\n\n",
-            opts.placement.proxy_cpus, opts.placement.workers
+            "\n== balancer-bench: unary SayHello, 4 greeter backends; proxies on CPUs {} with {} worker(s) each{}\n\n",
+            opts.placement.proxy_cpus,
+            opts.placement.workers,
+            if opts.placement.health_checks {
+                "; active health checks on (agent: grpc.health.v1 Watch; haproxy: check inter 1s; nginx: none in open source)"
+            } else {
+                ""
+            }
         ));
         s.push_str(&format!(
             "{:<11} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}\n",

@@ -23,6 +23,10 @@ pub struct Placement {
     pub proxy_cpus: String,
     /// Worker threads (agent, haproxy) or worker processes (nginx).
     pub workers: usize,
+    /// Every proxy that can checks its backends actively: the agent with `grpc.health.v1`
+    /// (`Watch`, one stream per backend), haproxy with its own `check` every second; nginx
+    /// (open source) has no active checks and runs as it is.
+    pub health_checks: bool,
 }
 
 /// The most streams a backend accepts on one connection: high, so that no proxy (nor the
@@ -63,9 +67,13 @@ async fn serve_backend(listener: TcpListener, name: String) {
         })
     });
     let stats = Arc::new(greeter::Stats::default());
+    // Always there (it costs nothing unless asked): the agent's health checks ask it.
+    let health =
+        crate::health_pb::health_server::HealthServer::new(greeter::HealthControl::new(true));
     let _ = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(BACKEND_STREAMS))
         .add_service(greeter::service(&name, stats))
+        .add_service(health)
         .serve_with_incoming(incoming)
         .await;
 }
@@ -193,7 +201,12 @@ pub fn start_agent(
     let config = format!(
         "listeners:\n  - address: {addr}\n    default_service: greeter\n\
          admin:\n  address: {admin}\n\
-         services:\n  - name: greeter\n    authorities: [greeter.bench]\n    policy: p2c-ewma\n    endpoints:\n{endpoints}{routes}"
+         services:\n  - name: greeter\n    authorities: [greeter.bench]\n    policy: p2c-ewma\n{health}    endpoints:\n{endpoints}{routes}",
+        health = if placement.health_checks {
+            "    health_check:\n      interval_ms: 1000\n"
+        } else {
+            ""
+        },
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, config)?;
@@ -360,6 +373,18 @@ frontend grpc
 {rest}"#,
         workers = placement.workers,
     );
+    // Its own active checks: a TCP connect to each server every second.
+    let config = if placement.health_checks {
+        config
+            .lines()
+            .map(|l| match l.trim_start().starts_with("server ") {
+                true => format!("{l} check inter 1s\n"),
+                false => format!("{l}\n"),
+            })
+            .collect()
+    } else {
+        config
+    };
     let path = dir.0.join("haproxy.cfg");
     std::fs::write(&path, config)?;
     let mut cmd = pinned(placement, Path::new("haproxy"), &dir.0)?;

@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let placement = Placement {
         proxy_cpus: "0-1".into(),
         workers: 1,
+        health_checks: false,
     };
     let backends: Vec<SocketAddr> = s.backends.iter().map(|b| b.1).collect();
     for (name, start) in [

@@ -50,6 +50,10 @@ struct Args {
     /// 80/20 split by subset), each in its own configuration language.
     #[arg(long)]
     routes: bool,
+    /// Every proxy that can checks its backends actively (the agent: grpc.health.v1 `Watch`;
+    /// haproxy: `check` every second; nginx has none in open source).
+    #[arg(long)]
+    health_checks: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         placement: bench::peers::Placement {
             proxy_cpus,
             workers: a.workers,
+            health_checks: a.health_checks,
         },
         client_cpus,
     })
