@@ -567,6 +567,27 @@ async fn a_services_outlier_detection_ejects_after_its_own_count_of_its_own_erro
     let codes = run(&client(listen).await, 12, 1).await;
     assert_eq!(b[0].stats.calls.load(Relaxed), 6, "never ejected");
     assert_eq!(count(&codes, Code::Internal), 6);
+
+    // Both endpoints fail, at most half may be out: one is ejected, the other keeps its calls.
+    let routes = "    outlier_detection: {consecutive_errors: 2, max_ejection_percent: 50}\n";
+    let b = backends(&[failing(0), failing(0)]).await;
+    let (agent, listen) = agent_with_routes(&b, routes).await;
+    let codes = run(&client(listen).await, 12, 1).await;
+    assert_eq!(count(&codes, Code::Unavailable), 12);
+    let health: Vec<_> = agent
+        .json("/api/endpoints")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["health"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        health.iter().filter(|h| *h == "ejected").count(),
+        1,
+        "{health:?}"
+    );
+    let calls: Vec<_> = b.iter().map(|b| b.stats.calls.load(Relaxed)).collect();
+    assert!(calls.contains(&2) && calls.contains(&10), "{calls:?}");
 }
 
 #[tokio::test]

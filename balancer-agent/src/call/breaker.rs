@@ -148,7 +148,9 @@ pub struct OutlierDetection {
     /// How long the first ejection lasts; each one in a row doubles it.
     #[serde(serialize_with = "millis_opt")]
     pub base_ejection: Option<Duration>,
-    /// At most this share of the service's endpoints ejected at once, percent.
+    /// At most this share of the service's endpoints ejected at once, percent: a failure
+    /// that would eject one more ejects none (Envoy's rule: with Istio's default of 10%, a
+    /// service of fewer than ten endpoints has none ejected).
     pub max_ejection_percent: u32,
 }
 

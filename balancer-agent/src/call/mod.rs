@@ -938,7 +938,17 @@ impl Attempts {
             .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from - 1..]))?)
             .or_else(|| (self.from > 0).then(|| pick(&self.tried[self.from..]))?)?;
         if let Some(o) = &self.outlier {
-            guard.set_failures(o.over(guard.failures()));
+            let mut failures = o.over(guard.failures());
+            if o.max_ejection_percent < 100 {
+                // At most that share of the destination's endpoints ejected at once, as Envoy
+                // counts it: a failure that would eject one more ejects none.
+                let ready = destination.balancer().ready();
+                let ejected = ready.iter().filter(|e| e.stats.ejected()).count();
+                if (ejected + 1) * 100 > ready.len() * o.max_ejection_percent as usize {
+                    failures.consecutive_failures = 0;
+                }
+            }
+            guard.set_failures(failures);
         }
         self.tried.push(guard.endpoint().addr);
         Some(guard)
