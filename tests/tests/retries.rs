@@ -123,8 +123,9 @@ async fn three_retries_on_unavailable_mask_endpoints_that_fail_a_fifth_of_calls(
     eprintln!("{ok}/2000 succeeded; the backends failed {failed_by_backends} attempts");
     assert!(
         ok >= 1990,
-        "{ok} of 2000 succeeded: {:?}",
-        codes.iter().filter(|c| **c != Code::Ok).collect::<Vec<_>>()
+        "{ok} of 2000 succeeded: {:?}\n{}",
+        codes.iter().filter(|c| **c != Code::Ok).collect::<Vec<_>>(),
+        agent.metrics()
     );
     // The backends did fail about a fifth of what they got, and every failure they answered
     // was retried but for the calls that failed four times.
@@ -681,4 +682,63 @@ async fn inspect_shows_retries_faults_and_the_circuit_breaker_per_service_and_ro
     ] {
         assert!(text.contains(needle), "{needle:?} not in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn retries_in_flight_and_calls_waiting_for_a_connection_are_bounded_per_service() {
+    // Both backends fail every call after 300 ms: four calls fail together, and only one may
+    // retry at a time (max_retries: 1); the others fail as they are.
+    let slow_failing = Options {
+        delay_ms: 300,
+        ..failing(0)
+    };
+    let b = backends(&[slow_failing.clone(), slow_failing]).await;
+    let routes = format!("    connection_pool: {{max_retries: 1}}\n{RETRY_3}");
+    let (agent, listen) = agent_with_routes(&b, &routes).await;
+    let codes = run(&client(listen).await, 4, 4).await;
+    assert_eq!(count(&codes, Code::Unavailable), 4);
+    let max_retries = [r#"reason="max_retries""#];
+    assert_metric(
+        &agent,
+        "balancer_calls_not_retried_total",
+        &max_retries,
+        3.0,
+    );
+    assert_metric(&agent, "balancer_call_retries_total", &[], 3.0);
+    let limit = [r#"limit="max_retries""#];
+    assert_metric(
+        &agent,
+        "balancer_circuit_breaker_overflows_total",
+        &limit,
+        3.0,
+    );
+    drop((agent, b));
+
+    // An endpoint that never answers the handshake: a call waits for its connection (up to
+    // the connect timeout); with max_pending_requests: 1, a second call fails at once.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = mute.local_addr().unwrap();
+    let routes = "    connection_pool: {max_pending_requests: 1, connect_timeout_ms: 3000}\n";
+    let extra = format!("routes:\n  - service: greeter\n{routes}");
+    let (agent, listen) = balancer_tests::harness::agent("round-robin", &[addr], &extra).await;
+    let c = client(listen).await;
+    let waiting = hold(&c, 1, 0);
+    wait_until("one call waiting for its connection", BOUND, || {
+        metric(&agent.metrics(), "balancer_active_calls", &[]) == 1.0
+    })
+    .await;
+    let started = Instant::now();
+    let e = c.clone().say_hello(hello("second")).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(500), "at once");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_pending_requests"), "{e:?}");
+    let first = waiting
+        .into_iter()
+        .next()
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable, "{first:?}");
+    drop(mute);
 }

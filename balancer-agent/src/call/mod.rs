@@ -629,6 +629,16 @@ impl Call {
         self.retry.as_ref().and_then(|r| r.retry_at)
     }
 
+    /// The endpoint answered trailers-only with a failure (`fields`) at `now`, once the call's
+    /// deadline passed: the endpoint ended the call at the deadline it was told (tonic says
+    /// CANCELLED then). The client gets the proxy's DEADLINE_EXCEEDED instead, as when the
+    /// proxy's own timer runs first.
+    pub fn late_answer(&self, fields: &Fields, now: Instant) -> Option<Status> {
+        let failed = fields.get(b"grpc-status").is_some_and(|s| s != b"0");
+        (failed && !self.responded && self.deadline.is_some_and(|d| d <= now))
+            .then(|| deadline_status(&self.service.name, "on a call to"))
+    }
+
     /// The endpoint answered trailers-only with `fields` (a gRPC status before any message):
     /// whether the call is tried again (see [`Call::retry`]). Nothing of the answer reached
     /// the client yet.

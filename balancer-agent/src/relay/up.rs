@@ -759,17 +759,37 @@ impl Up {
         };
         let link = s.link.clone();
         // A trailers-only answer (a gRPC status before any message) reaches the client only
-        // once the call layer decided not to try the call again.
+        // once the call layer decided not to try the call again; one that comes once the
+        // call's deadline passed (the endpoint timed out with it) is the proxy's
+        // DEADLINE_EXCEEDED, whichever timer ran first.
+        let now = Instant::now();
+        let late = end
+            .then(|| {
+                s.call
+                    .as_ref()
+                    .and_then(|c| c.late_answer(&self.fields, now))
+            })
+            .flatten();
         if end
             && let Some(c) = s.call.as_mut()
             && !c.responded
-            && c.retry_answer(&self.fields, Instant::now())
+            && (late.is_some() || c.retry_answer(&self.fields, now))
         {
             let call = s.call.take().expect("checked");
             st.received_end(sid, &mut self.credits);
             drop(st);
-            apply(&mut self.credits);
-            hand_back(link, call);
+            match (late, link) {
+                (Some(status), Some(l)) => {
+                    fail_stream(&mut l.conn.lock(), l.sid, &status, &mut self.credits);
+                    apply(&mut self.credits);
+                    call.finish(End::Status("4"));
+                }
+                (Some(_), None) => call.finish(End::Status("4")),
+                (None, link) => {
+                    apply(&mut self.credits);
+                    hand_back(link, call);
+                }
+            }
             return Ok(());
         }
         let mut first = false;
