@@ -165,6 +165,18 @@ fn bench(no_criterion: bool) -> anyhow::Result<()> {
             "--out",
         ])
         .arg(root().join("target/bench/routes.json")))?;
+    // Retries configured and never needed: what configuring them costs each proxy.
+    run(Command::new(target.join("balancer-bench"))
+        .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))
+        .args([
+            "--retries",
+            "--concurrency",
+            "1,100",
+            "--rounds",
+            "2",
+            "--out",
+        ])
+        .arg(root().join("target/bench/retries.json")))?;
     // Active health checks on: the agent's grpc.health.v1 Watch beside haproxy's own checks.
     run(Command::new(target.join("balancer-bench"))
         .env("BALANCER_AGENT_BIN", target.join("balancer-agent"))

@@ -215,6 +215,7 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
             "nginx": version("nginx", &["-v"]),
             "haproxy": version("haproxy", &["-v"]),
             "scenario": if opts.routes { "routes: 3 method routes, 6 header routes, then an 80/20 split (tests/src/bench/routes.rs)" } else { "one upstream of four backends" },
+            "retries": opts.placement.retries,
             "health_checks": if opts.placement.health_checks { "on: agent grpc.health.v1 Watch, haproxy check inter 1s, nginx none (open source)" } else { "off" },
         },
         "results": results,
@@ -464,10 +465,10 @@ impl<'a> Report<'a> {
             "\n== balancer-bench: unary SayHello, 4 greeter backends; proxies on CPUs {} with {} worker(s) each{}\n\n",
             opts.placement.proxy_cpus,
             opts.placement.workers,
-            if opts.placement.health_checks {
-                "; active health checks on (agent: grpc.health.v1 Watch; haproxy: check inter 1s; nginx: none in open source)"
-            } else {
-                ""
+            match (opts.placement.health_checks, opts.placement.retries) {
+                (true, _) => "; active health checks on (agent: grpc.health.v1 Watch; haproxy: check inter 1s; nginx: none in open source)",
+                (false, true) => "; retries configured, none needed (agent: 3 on UNAVAILABLE; haproxy: retries 3, retry-on; nginx: grpc_next_upstream, 4 tries)",
+                (false, false) => "",
             }
         ));
         s.push_str(&format!(

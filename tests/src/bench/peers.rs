@@ -27,6 +27,10 @@ pub struct Placement {
     /// (`Watch`, one stream per backend), haproxy with its own `check` every second; nginx
     /// (open source) has no active checks and runs as it is.
     pub health_checks: bool,
+    /// Every proxy has retries configured, never needed (the backends do not fail): the agent
+    /// a route with 3 retries on UNAVAILABLE, haproxy `retries 3` with `retry-on`, nginx
+    /// `grpc_next_upstream` with 4 tries. Without the routes scenario only.
+    pub retries: bool,
 }
 
 /// The most streams a backend accepts on one connection: high, so that no proxy (nor the
@@ -208,6 +212,12 @@ pub fn start_agent(
             ""
         },
     );
+    let config = if placement.retries && routes.is_empty() {
+        config
+            + "routes:\n  - service: greeter\n    rules:\n      - name: retried\n        backends: [{}]\n        retries: {attempts: 3, retry_on: unavailable}\n"
+    } else {
+        config
+    };
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, config)?;
     let bin = crate::agent::agent_bin();
@@ -270,7 +280,11 @@ fn nginx_at(
             .collect();
         (
             format!("    upstream greeter {{\n{servers}{keepalive}    }}\n"),
-            "        location / {\n            grpc_pass grpc://greeter;\n        }\n".into(),
+            if placement.retries {
+                "        location / {\n            grpc_pass grpc://greeter;\n            grpc_next_upstream error timeout http_503;\n            grpc_next_upstream_tries 4;\n        }\n".into()
+            } else {
+                "        location / {\n            grpc_pass grpc://greeter;\n        }\n".into()
+            },
         )
     };
     let d = dir.0.display();
@@ -354,7 +368,14 @@ fn haproxy_at(
             .enumerate()
             .map(|(i, b)| format!("    server b{} {b} proto h2\n", i + 1))
             .collect();
-        format!("    default_backend greeter\n\nbackend greeter\n    balance roundrobin\n{servers}")
+        let retries = if placement.retries {
+            "    retries 3\n    retry-on conn-failure empty-response response-timeout 503\n"
+        } else {
+            ""
+        };
+        format!(
+            "    default_backend greeter\n\nbackend greeter\n    balance roundrobin\n{retries}{servers}"
+        )
     };
     let config = format!(
         r#"global

@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         proxy_cpus: "0-1".into(),
         workers: 1,
         health_checks: false,
+        retries: false,
     };
     let backends: Vec<SocketAddr> = s.backends.iter().map(|b| b.1).collect();
     for (name, start) in [

@@ -54,6 +54,10 @@ struct Args {
     /// haproxy: `check` every second; nginx has none in open source).
     #[arg(long)]
     health_checks: bool,
+    /// Every proxy has retries configured that no call needs (the agent: a route with 3
+    /// retries on UNAVAILABLE; haproxy: `retries 3`, `retry-on`; nginx: `grpc_next_upstream`).
+    #[arg(long)]
+    retries: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             proxy_cpus,
             workers: a.workers,
             health_checks: a.health_checks,
+            retries: a.retries,
         },
         client_cpus,
     })
