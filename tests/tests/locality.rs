@@ -292,7 +292,10 @@ async fn prefer_same_zone_keeps_calls_in_the_zone_and_fails_over_with_no_failed_
     .await;
     let counts = split(&mut c, 200).await;
     println!("PreferSameZone, the zone's endpoints out: {counts:?}");
-    only(&counts, &["backend-3", "backend-4"], Some((70, 130)));
+    // Every call in the other zone, on both of its endpoints. How evenly is the default
+    // policy's business (tests/tests/endpoints.rs): these two carried the background calls
+    // through the failover and may differ by a measured latency on a loaded machine.
+    only(&counts, &["backend-3", "backend-4"], Some((30, 170)));
 
     // Back in the zone once its endpoint serves again.
     control(&b[0]).set_serving(true);
