@@ -344,15 +344,22 @@ async fn greeter_b(cluster: &mut Cluster) -> Vec<PodBackend> {
         .await
 }
 
-#[tokio::test]
-async fn seed_002_subset_v1_takes_every_call() {
-    let mut cluster = Cluster::new(true).await;
+/// The agent over a cluster (with the policy CRDs or without) holding greeter-b's three pods,
+/// once it has their endpoints.
+async fn greeter_b_env(with_crds: bool) -> (Env, Vec<PodBackend>) {
+    let mut cluster = Cluster::new(with_crds).await;
     let pods = greeter_b(&mut cluster).await;
     let env = start(cluster).await;
     wait_until("greeter-b's 3 endpoints", WAIT, || {
         env.ready_endpoints("greeter-b.default:50051") == 3
     })
     .await;
+    (env, pods)
+}
+
+#[tokio::test]
+async fn seed_002_subset_v1_takes_every_call() {
+    let (env, pods) = greeter_b_env(true).await;
     // greeter-a dials `greeter-b:50051`, as in the article.
     let ch = env.channel("greeter-b:50051").await;
     let before = tally(&ch, 60, SAY_HELLO, &[]).await;
@@ -500,9 +507,7 @@ async fn the_same_split_as_a_grpc_route_gives_the_same_result() {
 
 #[tokio::test]
 async fn an_unknown_subset_is_refused_and_the_last_good_policy_keeps_serving() {
-    let mut cluster = Cluster::new(true).await;
-    let pods = greeter_b(&mut cluster).await;
-    let env = start(cluster).await;
+    let (env, pods) = greeter_b_env(true).await;
     env.cluster.kubectl_apply(SEED_002);
     wait_until("seed 002 in force", WAIT, || {
         env.route_names("greeter-b.default:50051") == ["greeter-b/http[0]"]
@@ -577,13 +582,7 @@ async fn an_unknown_subset_is_refused_and_the_last_good_policy_keeps_serving() {
 
 #[tokio::test]
 async fn without_the_crds_the_agent_runs_and_says_what_it_watches() {
-    let mut cluster = Cluster::new(false).await;
-    let pods = greeter_b(&mut cluster).await;
-    let env = start(cluster).await;
-    wait_until("greeter-b's endpoints", WAIT, || {
-        env.ready_endpoints("greeter-b.default:50051") == 3
-    })
-    .await;
+    let (env, pods) = greeter_b_env(false).await;
     let ch = env.channel("greeter-b:50051").await;
     let t = tally(&ch, 60, SAY_HELLO, &[]).await;
     assert_eq!(t.values().sum::<usize>(), 60);
